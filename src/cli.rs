@@ -1,0 +1,90 @@
+//! The command line: one subcommand per protocol, options shared by all of them.
+//!
+//! Every option also reads an environment variable (`LMP_…`), so xinetd `env =` lines and
+//! systemd `EnvironmentFile=` work without long command lines. Passwords are never options.
+
+use crate::logging::LogTarget;
+use crate::net::Timeouts;
+use crate::tls::TlsOptions;
+use clap::builder::FalseyValueParser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "legacy-mail-proxy", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Where log lines go. stdout is the client's socket and never gets logs; under xinetd
+    /// stderr is the socket too, so use `stderr` only under systemd or by hand.
+    #[arg(long, global = true, env = "LMP_LOG", value_enum, default_value = "syslog")]
+    pub log: LogTarget,
+
+    /// Least severe level logged: error, warn, info, debug or trace.
+    #[arg(long, global = true, env = "LMP_LOG_LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Serve one POP3 client on stdin/stdout from a mailbox read over IMAP.
+    Pop3(crate::pop3::Args),
+    /// Serve one SMTP client on stdin/stdout, relaying through an SMTP submission server.
+    Smtp(crate::smtp::Args),
+}
+
+/// Backend TLS and timeout options, shared by every subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackendOptions {
+    /// PEM file with the CA certificate(s) that signed the backend's certificate. When given,
+    /// only these CAs are trusted (not the system's).
+    #[arg(long, env = "LMP_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Accept any backend certificate and host name. Anyone between the proxy and the
+    /// backend can then read passwords and mail. For lab use only.
+    #[arg(long, env = "LMP_DANGER_ACCEPT_INVALID_CERTS", value_parser = FalseyValueParser::new(), default_value = "false")]
+    pub danger_accept_invalid_certs: bool,
+
+    /// Seconds to wait for the backend's TCP connection.
+    #[arg(long, env = "LMP_CONNECT_TIMEOUT", default_value = "15", value_name = "SECONDS")]
+    pub connect_timeout: u64,
+
+    /// Seconds to wait for any single backend read or write.
+    #[arg(long, env = "LMP_BACKEND_TIMEOUT", default_value = "120", value_name = "SECONDS")]
+    pub backend_timeout: u64,
+}
+
+impl BackendOptions {
+    pub fn tls(&self) -> TlsOptions {
+        TlsOptions {
+            ca_file: self.ca_file.clone(),
+            danger_accept_invalid_certs: self.danger_accept_invalid_certs,
+        }
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(self.connect_timeout.max(1)),
+            io: Duration::from_secs(self.backend_timeout.max(1)),
+        }
+    }
+}
+
+/// A setting of the Python legacy-email-proxy, honoured when ours is not given.
+pub fn legacy_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// A boolean setting of the Python legacy-email-proxy (`true`/`false`, `1`/`0`, `yes`/`no`).
+pub fn legacy_env_flag(name: &str) -> anyhow::Result<Option<bool>> {
+    match legacy_env(name) {
+        None => Ok(None),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Some(true)),
+            "0" | "false" | "no" | "off" => Ok(Some(false)),
+            _ => anyhow::bail!("{name}={v} is not a boolean (use true or false)"),
+        },
+    }
+}

@@ -1,0 +1,108 @@
+//! The client's side of the connection: stdin with idle ticks, and the peer's address.
+//!
+//! Under inetd and systemd `Accept=yes`, stdin is a socket; in the demo and in tests it is a
+//! pipe. A socket read timeout would not work on a pipe, so one thread does the blocking
+//! reads and the session waits on a channel with a timeout. Each timeout surfaces as an
+//! `ErrorKind::TimedOut` read error: the session's cue to keep the backend alive and to
+//! check its idle limit (RFC 1939 §3 autologout, RFC 5321 §4.5.3.2).
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
+use std::time::Duration;
+
+/// A reader over stdin whose reads fail with `TimedOut` after `tick` without data.
+pub struct TickingStdin {
+    chunks: Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+    tick: Duration,
+    eof: bool,
+}
+
+impl TickingStdin {
+    pub fn new(tick: Duration) -> Self {
+        // A small bound keeps memory flat when the client sends faster than we relay.
+        let (tx, rx) = sync_channel(4);
+        std::thread::spawn(move || {
+            let mut stdin = io::stdin().lock();
+            loop {
+                let mut buf = vec![0u8; 64 * 1024];
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(buf)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        break;
+                    }
+                }
+            }
+        });
+        TickingStdin {
+            chunks: rx,
+            current: Vec::new(),
+            pos: 0,
+            tick,
+            eof: false,
+        }
+    }
+}
+
+impl Read for TickingStdin {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.current.len() {
+            if self.eof {
+                return Ok(0);
+            }
+            match self.chunks.recv_timeout(self.tick) {
+                Ok(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(RecvTimeoutError::Timeout) => return Err(io::ErrorKind::TimedOut.into()),
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.eof = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// The client's address: the peer of the socket on stdin, else `REMOTE_ADDR` (set by
+/// systemd `Accept=yes` and by xinetd's `REMOTE_HOST` logging), else "local" for a pipe.
+pub fn client_address() -> String {
+    if let Some(addr) = stdin_peer() {
+        return addr.to_string();
+    }
+    for var in ["REMOTE_ADDR", "REMOTE_HOST"] {
+        if let Ok(v) = std::env::var(var) {
+            if !v.is_empty() {
+                return v;
+            }
+        }
+    }
+    "local".to_string()
+}
+
+fn stdin_peer() -> Option<SocketAddr> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: fd 0 is open for the whole process; the TcpStream is turned back into a raw
+    // fd before it can be dropped, so fd 0 is never closed here. On a pipe, getpeername
+    // fails with ENOTSOCK and we simply get None.
+    let socket = unsafe { TcpStream::from_raw_fd(0) };
+    let peer = socket.peer_addr().ok();
+    let _ = socket.into_raw_fd();
+    peer
+}

@@ -1,0 +1,17 @@
+//! legacy-mail-proxy: lets POP3 and SMTP-only clients use modern IMAP and submission servers.
+//!
+//! One process serves one client on stdin/stdout, the way inetd spawns it. Each protocol is a
+//! core generic over `BufRead + Write` (driven by byte transcripts in tests) plus a backend
+//! behind a small trait.
+
+pub mod base64;
+pub mod cli;
+pub mod input;
+pub mod lines;
+pub mod lock;
+pub mod logging;
+pub mod net;
+pub mod pop3;
+pub mod secret;
+pub mod smtp;
+pub mod tls;

@@ -1,0 +1,87 @@
+//! RFC 1939 §8 exclusive access: one session per maildrop, across processes.
+//!
+//! Each session is its own process, so the lock is an advisory `flock` on a file named
+//! after the account. The kernel releases it when the process exits, however it exits, so a
+//! crash never leaves a stale lock. All instances must share one lock directory: under
+//! systemd `Accept=yes` a per-instance `RuntimeDirectory` or `PrivateTmp` would give each
+//! connection its own and break this.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::Path;
+
+/// Holds the lock until dropped.
+#[derive(Debug)]
+pub struct MailboxLock {
+    _file: File,
+}
+
+#[derive(Debug)]
+pub enum LockError {
+    /// Another process holds it.
+    Held,
+    /// The lock file could not be created or locked.
+    Io(std::io::Error),
+}
+
+/// Takes the lock for `key` in `dir` without waiting.
+pub fn acquire(dir: &Path, key: &str) -> Result<MailboxLock, LockError> {
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(LockError::Io)?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(file_name(key)))
+        .map_err(LockError::Io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(MailboxLock { _file: file }),
+        Err(TryLockError::WouldBlock) => Err(LockError::Held),
+        Err(TryLockError::Error(e)) => Err(LockError::Io(e)),
+    }
+}
+
+/// A readable, collision-free file name: safe bytes kept, every other byte as `%XX`.
+fn file_name(key: &str) -> String {
+    let mut name = String::with_capacity(key.len() + 5);
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.@".contains(&b) {
+            name.push(b as char);
+        } else {
+            name.push_str(&format!("%{b:02X}"));
+        }
+    }
+    name.push_str(".lock");
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_on_the_same_key_is_refused_until_the_first_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("lmp-lock-{}", std::process::id()));
+        let first = acquire(&dir, "imap.example:993/alice").unwrap();
+        assert!(matches!(
+            acquire(&dir, "imap.example:993/alice"),
+            Err(LockError::Held)
+        ));
+        let other = acquire(&dir, "imap.example:993/bob").unwrap();
+        drop(first);
+        let again = acquire(&dir, "imap.example:993/alice").unwrap();
+        drop((other, again));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn file_names_cannot_escape_the_directory_or_collide() {
+        assert_eq!(file_name("h:1/../x"), "h%3A1%2F..%2Fx.lock");
+        assert_ne!(file_name("a/b"), file_name("a%2Fb"));
+    }
+}

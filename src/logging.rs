@@ -1,0 +1,63 @@
+//! Where log lines go: syslog (facility mail), stderr, or nowhere.
+//!
+//! stdout is the client's socket, and under xinetd so is stderr, so stderr is used only when
+//! asked for (systemd sends it to the journal with `StandardError=journal`). When syslog is
+//! unreachable the proxy stays silent rather than falling back to the socket.
+
+use log::LevelFilter;
+
+pub const IDENT: &str = "legacy-mail-proxy";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogTarget {
+    Syslog,
+    Stderr,
+    Off,
+}
+
+pub fn init(target: LogTarget, level: LevelFilter) {
+    match target {
+        LogTarget::Off => {}
+        LogTarget::Syslog => {
+            let formatter = syslog::Formatter3164 {
+                facility: syslog::Facility::LOG_MAIL,
+                hostname: None,
+                process: IDENT.into(),
+                pid: std::process::id(),
+            };
+            // Only the local socket: `syslog::init` would fall back to the network.
+            if let Ok(logger) = syslog::unix(formatter) {
+                if log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger))).is_ok() {
+                    log::set_max_level(level);
+                }
+            }
+        }
+        LogTarget::Stderr => {
+            if log::set_boxed_logger(Box::new(StderrLogger)).is_ok() {
+                log::set_max_level(level);
+            }
+        }
+    }
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+    fn log(&self, record: &log::Record) {
+        use std::io::Write;
+        if self.enabled(record.metadata()) {
+            // One write per line so lines from concurrent processes do not interleave.
+            let line = format!(
+                "{IDENT}[{}]: {}: {}\n",
+                std::process::id(),
+                record.level(),
+                record.args()
+            );
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+    fn flush(&self) {}
+}

@@ -1,0 +1,34 @@
+//! Entry point: parse options, start logging, hand stdin/stdout to the chosen protocol.
+
+use clap::Parser;
+use legacy_mail_proxy::cli::{Cli, Command};
+use legacy_mail_proxy::{logging, pop3, smtp};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // Under inetd stdout and stderr are the client's socket: a usage error there
+            // would be sent to a mail client. Show it only to a person at a terminal.
+            if std::io::stderr().is_terminal() {
+                let _ = e.print();
+            } else {
+                logging::init(logging::LogTarget::Syslog, log::LevelFilter::Error);
+                log::error!("bad command line: {}", e.render());
+            }
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(cli.log, cli.log_level);
+    match cli.command {
+        Command::Pop3(args) => pop3::serve(args),
+        Command::Smtp(args) => smtp::serve(args),
+    }
+}

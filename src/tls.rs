@@ -1,0 +1,44 @@
+//! Building the TLS client configuration shared by every backend connection.
+//!
+//! Certificates are always verified against the system roots, or only against `--ca-file`
+//! when one is given (a private CA should not widen trust to every public CA, nor the
+//! reverse). Turning verification off takes an option whose name says what it does.
+
+use anyhow::Context;
+use native_tls::{Certificate, TlsConnector};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM file with one or more CA certificates to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate and any host name. Only for lab use.
+    pub danger_accept_invalid_certs: bool,
+}
+
+impl TlsOptions {
+    pub fn connector(&self) -> anyhow::Result<TlsConnector> {
+        let mut builder = TlsConnector::builder();
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read CA file {}", path.display()))?;
+            // `from_pem` would read only the first certificate of a bundle.
+            let certs = Certificate::stack_from_pem(&pem)
+                .with_context(|| format!("CA file {} is not PEM", path.display()))?;
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "CA file {} has no certificate",
+                path.display()
+            );
+            for cert in certs {
+                builder.add_root_certificate(cert);
+            }
+            builder.disable_built_in_roots(true);
+        }
+        if self.danger_accept_invalid_certs {
+            builder.danger_accept_invalid_certs(true);
+            builder.danger_accept_invalid_hostnames(true);
+        }
+        Ok(builder.build()?)
+    }
+}
