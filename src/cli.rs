@@ -15,7 +15,13 @@ use std::time::Duration;
 pub struct Cli {
     /// Where log lines go. stdout is the client's socket and never gets logs; under xinetd
     /// stderr is the socket too, so use `stderr` only under systemd or by hand.
-    #[arg(long, global = true, env = "LMP_LOG", value_enum, default_value = "syslog")]
+    #[arg(
+        long,
+        global = true,
+        env = "LMP_LOG",
+        value_enum,
+        default_value = "syslog"
+    )]
     pub log: LogTarget,
 
     /// Least severe level logged: error, warn, info, debug or trace.
@@ -48,11 +54,21 @@ pub struct BackendOptions {
     pub danger_accept_invalid_certs: bool,
 
     /// Seconds to wait for the backend's TCP connection.
-    #[arg(long, env = "LMP_CONNECT_TIMEOUT", default_value = "15", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "LMP_CONNECT_TIMEOUT",
+        default_value = "15",
+        value_name = "SECONDS"
+    )]
     pub connect_timeout: u64,
 
     /// Seconds to wait for any single backend read or write.
-    #[arg(long, env = "LMP_BACKEND_TIMEOUT", default_value = "120", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "LMP_BACKEND_TIMEOUT",
+        default_value = "120",
+        value_name = "SECONDS"
+    )]
     pub backend_timeout: u64,
 }
 

@@ -118,7 +118,11 @@ mod tests {
         for capacity in 1..input.len() + 2 {
             assert_eq!(
                 lines(input, 10, capacity),
-                vec![Ok(b"USER a".to_vec()), Ok(b"PASS b c".to_vec()), Ok(b"NOOP".to_vec())],
+                vec![
+                    Ok(b"USER a".to_vec()),
+                    Ok(b"PASS b c".to_vec()),
+                    Ok(b"NOOP".to_vec())
+                ],
                 "buffer capacity {capacity}"
             );
         }
@@ -138,10 +142,22 @@ mod tests {
 
     #[test]
     fn limit_is_inclusive_and_excludes_the_terminator() {
-        assert_eq!(lines(b"0123456789\r\n", 10, 4), vec![Ok(b"0123456789".to_vec())]);
-        assert_eq!(lines(b"0123456789\n", 10, 4), vec![Ok(b"0123456789".to_vec())]);
-        assert_eq!(lines(b"0123456789A\r\n", 10, 4), vec![Err(LineStatus::TooLong)]);
-        assert_eq!(lines(b"0123456789A\n", 10, 4), vec![Err(LineStatus::TooLong)]);
+        assert_eq!(
+            lines(b"0123456789\r\n", 10, 4),
+            vec![Ok(b"0123456789".to_vec())]
+        );
+        assert_eq!(
+            lines(b"0123456789\n", 10, 4),
+            vec![Ok(b"0123456789".to_vec())]
+        );
+        assert_eq!(
+            lines(b"0123456789A\r\n", 10, 4),
+            vec![Err(LineStatus::TooLong)]
+        );
+        assert_eq!(
+            lines(b"0123456789A\n", 10, 4),
+            vec![Err(LineStatus::TooLong)]
+        );
     }
 
     /// Yields its parts in order; `None` is a read timeout.

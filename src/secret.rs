@@ -67,7 +67,10 @@ mod tests {
             Some("p a:ss\"\\")
         );
         std::fs::write(&path, "two\n\n").unwrap();
-        assert_eq!(load(Some(&path), &[], "x").unwrap().as_deref(), Some("two\n"));
+        assert_eq!(
+            load(Some(&path), &[], "x").unwrap().as_deref(),
+            Some("two\n")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

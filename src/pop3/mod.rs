@@ -1,7 +1,12 @@
 //! `legacy-mail-proxy pop3`: a POP3 server (RFC 1939, 2449, 3206, 5034) on stdin/stdout
 //! whose maildrop is a mailbox on an IMAP server.
 
+pub mod command;
+pub mod encode;
 pub mod maildrop;
+pub mod memory;
+pub mod reply;
+pub mod session;
 
 use crate::cli::BackendOptions;
 use std::path::PathBuf;
@@ -113,7 +118,11 @@ pub struct Args {
 
     /// Directory for the per-mailbox lock files (RFC 1939 exclusive access). Must be
     /// shared by every instance and writable by the service user.
-    #[arg(long, env = "LMP_LOCK_DIR", default_value = "/run/lock/legacy-mail-proxy")]
+    #[arg(
+        long,
+        env = "LMP_LOCK_DIR",
+        default_value = "/run/lock/legacy-mail-proxy"
+    )]
     pub lock_dir: PathBuf,
 
     /// Allow concurrent sessions on one mailbox (no lock).
@@ -121,15 +130,30 @@ pub struct Args {
     pub no_lock: bool,
 
     /// Seconds a client may stay silent before it is logged out (RFC 1939: at least 600).
-    #[arg(long, env = "LMP_IDLE_TIMEOUT", default_value = "600", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "LMP_IDLE_TIMEOUT",
+        default_value = "600",
+        value_name = "SECONDS"
+    )]
     pub idle_timeout: u64,
 
     /// Seconds between IMAP NOOPs while the client is idle.
-    #[arg(long, env = "LMP_KEEPALIVE", default_value = "120", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "LMP_KEEPALIVE",
+        default_value = "120",
+        value_name = "SECONDS"
+    )]
     pub keepalive: u64,
 
     /// Seconds to wait before answering a failed login (slows password guessing).
-    #[arg(long, env = "LMP_AUTH_FAILURE_DELAY", default_value = "2", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "LMP_AUTH_FAILURE_DELAY",
+        default_value = "2",
+        value_name = "SECONDS"
+    )]
     pub auth_failure_delay: f64,
 
     /// Failed logins before the connection is closed.
@@ -145,3 +169,5 @@ pub struct Args {
 pub fn serve(_args: Args) -> ExitCode {
     ExitCode::FAILURE
 }
+#[cfg(test)]
+mod transcript_tests;
