@@ -106,3 +106,12 @@ fn stdin_peer() -> Option<SocketAddr> {
     let _ = socket.into_raw_fd();
     peer
 }
+
+/// stdout as a plain file. `std::io::Stdout` is line-buffered, which would cost a system
+/// call per line of a message; this is a duplicate of fd 1 for use behind a `BufWriter`.
+pub fn stdout_file() -> io::Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    Ok(std::fs::File::from(
+        io::stdout().as_fd().try_clone_to_owned()?,
+    ))
+}

@@ -3,14 +3,24 @@
 
 pub mod command;
 pub mod encode;
+pub mod imap;
 pub mod maildrop;
 pub mod memory;
 pub mod reply;
 pub mod session;
 
-use crate::cli::BackendOptions;
+use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
+use crate::input::TickingStdin;
+use crate::net::TlsMode;
+use crate::secret;
+use anyhow::Context;
+use imap::{ImapOpener, Login};
+use maildrop::{Credentials, Maildrop, OpenError, Opener};
+use session::{End, Session};
+use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthMode {
@@ -166,8 +176,172 @@ pub struct Args {
     pub capa_expire: Option<String>,
 }
 
-pub fn serve(_args: Args) -> ExitCode {
-    ExitCode::FAILURE
+/// Serves one client on stdin/stdout until it quits or the connection ends.
+pub fn serve(args: Args) -> ExitCode {
+    let client = crate::input::client_address();
+    log::info!("pop3 connect from {client}");
+    let started = std::time::Instant::now();
+    let mut opener: Box<dyn Opener> = match imap_opener(&args) {
+        Ok(opener) => Box::new(opener),
+        Err(e) => {
+            // The client still gets a POP3 dialogue and a clear -ERR at login, and the
+            // admin gets the reason in the log.
+            log::error!("configuration error: {e:#}");
+            Box::new(Misconfigured(format!("{e:#}")))
+        }
+    };
+    let idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
+    let tick = Duration::from_secs(args.keepalive.max(1)).min(idle_timeout);
+    let config = session::Config {
+        idle_timeout,
+        auth_failure_delay: Duration::from_secs_f64(args.auth_failure_delay.clamp(0.0, 60.0)),
+        max_auth_failures: args.max_auth_failures.max(1),
+        nul_bytes: args.nul_bytes,
+        capa_expire: args.capa_expire.clone(),
+    };
+    let input = BufReader::new(TickingStdin::new(tick));
+    let output = match crate::input::stdout_file() {
+        Ok(file) => BufWriter::with_capacity(64 * 1024, file),
+        Err(e) => {
+            log::error!("cannot use stdout: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let summary = Session::new(input, output, opener.as_mut(), config).run();
+    log::info!(
+        "pop3 session end: client={client} user={} listed={} retrieved={} deleted={} bytes={} duration={:.3}s end={}",
+        summary.user.as_deref().unwrap_or("-"),
+        summary.listed,
+        summary.retrieved,
+        summary.deleted,
+        summary.bytes,
+        started.elapsed().as_secs_f64(),
+        summary.end
+    );
+    match summary.end {
+        End::Quit | End::ClientClosed => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
 }
-#[cfg(test)]
-mod transcript_tests;
+
+/// Answers every login with `[SYS/PERM]` when the configuration is unusable.
+struct Misconfigured(String);
+
+impl Opener for Misconfigured {
+    fn open(&mut self, _: &Credentials) -> Result<Box<dyn Maildrop>, OpenError> {
+        Err(OpenError::Permanent(self.0.clone()))
+    }
+}
+
+/// Builds the IMAP opener from options, environment, and secrets.
+fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
+    let host = args
+        .imap_host
+        .clone()
+        .or_else(|| legacy_env("BACKEND_IMAP_HOST"))
+        .context("no IMAP server: set --imap-host or LMP_IMAP_HOST")?;
+    let tls = match args.imap_tls {
+        Some(mode) => mode,
+        None => match (
+            legacy_env_flag("BACKEND_IMAP_USE_SSL")?,
+            legacy_env_flag("BACKEND_IMAP_USE_STARTTLS")?,
+        ) {
+            (_, Some(true)) => TlsMode::Starttls,
+            (Some(false), _) => TlsMode::None,
+            _ => TlsMode::Implicit,
+        },
+    };
+    if tls == TlsMode::None {
+        log::warn!(
+            "IMAP connection to {host} is not encrypted: passwords and mail cross the network in clear text"
+        );
+    }
+    let port = match args.imap_port {
+        Some(port) => port,
+        None => match legacy_env("BACKEND_IMAP_PORT") {
+            Some(port) => port
+                .parse()
+                .context("BACKEND_IMAP_PORT is not a port number")?,
+            None if tls == TlsMode::Implicit => 993,
+            None => 143,
+        },
+    };
+    let imap_user = args
+        .imap_user
+        .clone()
+        .or_else(|| legacy_env("BACKEND_IMAP_USER"));
+    let auth = args.auth.unwrap_or(if imap_user.is_some() {
+        AuthMode::Fixed
+    } else {
+        AuthMode::Passthrough
+    });
+    let login = match auth {
+        AuthMode::Passthrough => Login::Passthrough,
+        AuthMode::Fixed => {
+            let user = imap_user.context("--auth fixed needs --imap-user")?;
+            let password = secret::load(
+                args.imap_password_file.as_deref(),
+                &["LMP_IMAP_PASSWORD", "BACKEND_IMAP_PASS"],
+                "imap-password",
+            )?
+            .context("--auth fixed needs the IMAP password: --imap-password-file, LMP_IMAP_PASSWORD or the credential imap-password")?;
+            let client = if args.ignore_client_credentials {
+                log::warn!(
+                    "--ignore-client-credentials: anyone who reaches this port can read and delete {user}'s mail"
+                );
+                None
+            } else {
+                let client_user = args.client_user.clone().context(
+                    "--auth fixed needs --client-user and a client password (or, knowingly, --ignore-client-credentials)",
+                )?;
+                let client_password = secret::load(
+                    args.client_password_file.as_deref(),
+                    &["LMP_CLIENT_PASSWORD"],
+                    "client-password",
+                )?
+                .context("--auth fixed needs the client password: --client-password-file, LMP_CLIENT_PASSWORD or the credential client-password")?;
+                Some((client_user, client_password))
+            };
+            Login::Fixed {
+                user,
+                password,
+                client,
+            }
+        }
+    };
+    let policy = match args.delete_policy {
+        Some(policy) => policy,
+        None => match legacy_env_flag("BACKEND_MUTATE")? {
+            Some(true) => DeletePolicy::Expunge,
+            Some(false) => DeletePolicy::Keep,
+            None => DeletePolicy::Hide,
+        },
+    };
+    anyhow::ensure!(
+        !args.deleted_keyword.is_empty()
+            && args
+                .deleted_keyword
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"(){%*\"\\]".contains(&b)),
+        "--deleted-keyword {:?} is not a valid IMAP keyword",
+        args.deleted_keyword
+    );
+    Ok(ImapOpener {
+        server: imap::Server {
+            host,
+            port,
+            tls,
+            connector: args.backend.tls().connector().map_err(|e| format!("{e:#}")),
+            timeouts: args.backend.timeouts(),
+        },
+        settings: imap::Settings {
+            login,
+            mailbox: args.mailbox.clone(),
+            policy,
+            deleted_keyword: args.deleted_keyword.clone(),
+            trash_mailbox: args.trash_mailbox.clone(),
+            mark_seen: args.mark_seen,
+            lock_dir: (!args.no_lock).then(|| args.lock_dir.clone()),
+        },
+    })
+}

@@ -1,0 +1,494 @@
+//! The real maildrop: one mailbox on an IMAP server (RFC 3501), read with UID commands.
+//!
+//! At login the proxy selects the mailbox and lists UIDs, sizes and flags in one round
+//! trip; that list is the session's snapshot. Messages are streamed with partial fetches
+//! (`BODY.PEEK[]<offset.length>`), because the `imap` crate buffers a whole response in
+//! memory: a chunk bounds the memory a message can take. Deletes happen only in UPDATE, by
+//! UID, the way the configured policy says; a plain EXPUNGE is never sent, because it would
+//! also remove messages other clients flagged `\Deleted`.
+
+use super::DeletePolicy;
+use super::maildrop::{
+    BackendError, Credentials, FetchError, Maildrop, MessageInfo, MessageSink, OpenError, Opener,
+};
+use crate::lock::{self, LockError, MailboxLock};
+use crate::net::{self, Stream, Timeouts, TlsMode};
+use imap::types::Flag;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Octets fetched per round trip. Bounds the proxy's memory per message (the `imap` crate
+/// holds one response, and the encoder one chunk) while keeping round trips few.
+pub const FETCH_CHUNK: usize = 1 << 20;
+
+/// Where and how to reach the IMAP server.
+#[derive(Clone)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    /// `Err` holds why TLS could not be set up (a bad CA file): every login then fails
+    /// with `[SYS/PERM]` rather than the process dying silently.
+    pub connector: Result<native_tls::TlsConnector, String>,
+    pub timeouts: Timeouts,
+}
+
+/// Who logs in to IMAP.
+#[derive(Clone)]
+pub enum Login {
+    /// The client's own credentials.
+    Passthrough,
+    /// A configured account. `client` is what clients must present, `None` to accept any.
+    Fixed {
+        user: String,
+        password: String,
+        client: Option<(String, String)>,
+    },
+}
+
+/// Everything the IMAP maildrop needs besides the server.
+#[derive(Clone)]
+pub struct Settings {
+    pub login: Login,
+    pub mailbox: String,
+    pub policy: DeletePolicy,
+    pub deleted_keyword: String,
+    pub trash_mailbox: String,
+    pub mark_seen: bool,
+    /// `None` turns the RFC 1939 exclusive-access lock off.
+    pub lock_dir: Option<PathBuf>,
+}
+
+pub struct ImapOpener {
+    pub server: Server,
+    pub settings: Settings,
+}
+
+type ImapSession = imap::Session<Stream>;
+
+impl Opener for ImapOpener {
+    fn open(&mut self, credentials: &Credentials) -> Result<Box<dyn Maildrop>, OpenError> {
+        let (user, password) = match &self.settings.login {
+            Login::Passthrough => (credentials.user, credentials.password),
+            Login::Fixed {
+                user,
+                password,
+                client,
+            } => {
+                if let Some((client_user, client_password)) = client {
+                    // Both compared, always, so timing tells nothing about which was wrong.
+                    let user_ok =
+                        crate::secret::equal(client_user.as_bytes(), credentials.user.as_bytes());
+                    let password_ok = crate::secret::equal(
+                        client_password.as_bytes(),
+                        credentials.password.as_bytes(),
+                    );
+                    if !(user_ok & password_ok) {
+                        return Err(OpenError::Auth("client credentials do not match".into()));
+                    }
+                }
+                (user.as_str(), password.as_str())
+            }
+        };
+        let client = connect(&self.server)?;
+        let mut session = match client.login(user, password) {
+            Ok(session) => session,
+            Err((error, _client)) => return Err(login_error(error)),
+        };
+        let lock = match &self.settings.lock_dir {
+            None => None,
+            Some(dir) => {
+                let key = format!(
+                    "{}:{}/{}/{}",
+                    self.server.host, self.server.port, user, self.settings.mailbox
+                );
+                match lock::acquire(dir, &key) {
+                    Ok(lock) => Some(lock),
+                    Err(LockError::Held) => {
+                        let _ = session.logout();
+                        return Err(OpenError::InUse);
+                    }
+                    Err(LockError::Io(e)) => {
+                        let _ = session.logout();
+                        return Err(OpenError::Permanent(format!(
+                            "cannot create lock in {}: {e}",
+                            dir.display()
+                        )));
+                    }
+                }
+            }
+        };
+        match ImapMaildrop::open(session, self.settings.clone(), lock) {
+            Ok(maildrop) => Ok(Box::new(maildrop)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Connects and reads the greeting; after this the client is ready for LOGIN.
+fn connect(server: &Server) -> Result<imap::Client<Stream>, OpenError> {
+    let temporary = |what: &str, e: &dyn std::fmt::Display| {
+        OpenError::Temporary(format!("{what} {}:{}: {e}", server.host, server.port))
+    };
+    let connector = match (&server.connector, server.tls) {
+        (_, TlsMode::None) => None,
+        (Ok(connector), _) => Some(connector),
+        (Err(why), _) => return Err(OpenError::Permanent(why.clone())),
+    };
+    let mut tcp = net::connect_tcp(&server.host, server.port, server.timeouts)
+        .map_err(|e| temporary("cannot connect to", &e))?;
+    let mut client = match (server.tls, connector) {
+        (TlsMode::Starttls, Some(connector)) => {
+            starttls(&mut tcp).map_err(|e| temporary("STARTTLS failed with", &e))?;
+            let tls = net::wrap_tls(connector, &server.host, tcp)
+                .map_err(|e| temporary("TLS failed with", &e))?;
+            // No greeting follows STARTTLS (RFC 3501 §6.2.1).
+            return Ok(imap::Client::new(tls));
+        }
+        (TlsMode::Implicit, Some(connector)) => imap::Client::new(
+            net::wrap_tls(connector, &server.host, tcp)
+                .map_err(|e| temporary("TLS failed with", &e))?,
+        ),
+        _ => imap::Client::new(Stream::Plain(tcp)),
+    };
+    let greeting = client
+        .read_greeting()
+        .map_err(|e| temporary("no greeting from", &e))?;
+    if !greeting.starts_with(b"* OK") {
+        return Err(temporary(
+            "refused by",
+            &String::from_utf8_lossy(&greeting).trim_end(),
+        ));
+    }
+    if server.tls == TlsMode::None {
+        let capabilities = client
+            .capabilities()
+            .map_err(|e| temporary("CAPABILITY failed at", &e))?;
+        if capabilities.has_str("LOGINDISABLED") {
+            return Err(OpenError::Permanent(format!(
+                "{}:{} refuses LOGIN without TLS (LOGINDISABLED); use --imap-tls starttls",
+                server.host, server.port
+            )));
+        }
+    }
+    Ok(client)
+}
+
+/// RFC 3501 §6.2.1 on the raw socket. The greeting and the OK are read a byte at a time so
+/// nothing after them is consumed: the next bytes belong to the TLS handshake.
+fn starttls(tcp: &mut std::net::TcpStream) -> std::io::Result<()> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let greeting = net::read_line_unbuffered(tcp, 8192)?;
+    if !greeting.starts_with(b"* OK") {
+        return Err(invalid(format!(
+            "unexpected greeting {:?}",
+            String::from_utf8_lossy(&greeting).trim_end()
+        )));
+    }
+    tcp.write_all(b"S0 STARTTLS\r\n")?;
+    loop {
+        let line = net::read_line_unbuffered(tcp, 8192)?;
+        if line.starts_with(b"S0 OK") {
+            return Ok(());
+        }
+        if line.starts_with(b"S0 ") {
+            return Err(invalid(format!(
+                "server refused STARTTLS: {}",
+                String::from_utf8_lossy(&line).trim_end()
+            )));
+        }
+    }
+}
+
+/// Sorts a failed LOGIN into "wrong password" and "server trouble" (RFC 5530 codes).
+fn login_error(error: imap::Error) -> OpenError {
+    match error {
+        imap::Error::No(no) => {
+            let text = no.information.to_string();
+            if text.contains("[UNAVAILABLE]") || text.contains("[SERVERBUG]") {
+                OpenError::Temporary(format!("LOGIN: {text}"))
+            } else {
+                OpenError::Auth(format!("LOGIN: {text}"))
+            }
+        }
+        // LOGIN refuses CR and LF in credentials: no server would accept them either.
+        imap::Error::Validate(_) => OpenError::Auth("credentials contain CR or LF".into()),
+        imap::Error::Bad(bad) => OpenError::Auth(format!("LOGIN: {}", bad.information)),
+        other => OpenError::Temporary(format!("LOGIN: {}", describe(&other))),
+    }
+}
+
+fn describe(error: &imap::Error) -> String {
+    match error {
+        imap::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            "timed out waiting for the IMAP server".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+fn backend(error: imap::Error) -> BackendError {
+    BackendError(describe(&error))
+}
+
+/// An open IMAP session on the selected mailbox, with the snapshot taken at login.
+pub struct ImapMaildrop {
+    session: ImapSession,
+    settings: Settings,
+    uids: Vec<u32>,
+    messages: Vec<MessageInfo>,
+    /// Why the delete policy cannot work on this server, found at login.
+    cannot_delete: Option<String>,
+    has_move: bool,
+    _lock: Option<MailboxLock>,
+}
+
+impl ImapMaildrop {
+    fn open(
+        mut session: ImapSession,
+        settings: Settings,
+        lock: Option<MailboxLock>,
+    ) -> Result<Self, OpenError> {
+        let temporary = |e: imap::Error| OpenError::Temporary(describe(&e));
+        let capabilities = session.capabilities().map_err(temporary)?;
+        let has_uidplus = capabilities.has_str("UIDPLUS");
+        let has_move = capabilities.has_str("MOVE");
+        drop(capabilities);
+        let read_only = settings.policy == DeletePolicy::Keep && !settings.mark_seen;
+        let selected = if read_only {
+            session.examine(&settings.mailbox)
+        } else {
+            session.select(&settings.mailbox)
+        };
+        let mailbox = match selected {
+            Ok(mailbox) => mailbox,
+            Err(imap::Error::No(no)) => {
+                return Err(OpenError::Permanent(format!(
+                    "cannot open mailbox {:?}: {}",
+                    settings.mailbox, no.information
+                )));
+            }
+            Err(e) => return Err(temporary(e)),
+        };
+        let Some(uid_validity) = mailbox.uid_validity else {
+            return Err(OpenError::Permanent("server sent no UIDVALIDITY".into()));
+        };
+        let keyword_allowed = mailbox.permanent_flags.iter().any(|flag| match flag {
+            Flag::MayCreate => true,
+            Flag::Custom(name) => name.eq_ignore_ascii_case(&settings.deleted_keyword),
+            _ => false,
+        });
+        let cannot_delete = match settings.policy {
+            DeletePolicy::Keep => None,
+            DeletePolicy::Hide if !keyword_allowed => Some(format!(
+                "the server does not allow keyword {} on {} (PERMANENTFLAGS)",
+                settings.deleted_keyword, settings.mailbox
+            )),
+            DeletePolicy::Trash if !has_move && !has_uidplus => Some(
+                "the server has neither MOVE nor UIDPLUS, so messages cannot be moved to trash \
+                 without touching other clients' \\Deleted messages"
+                    .into(),
+            ),
+            DeletePolicy::Expunge if !has_uidplus => Some(
+                "the server lacks UIDPLUS (UID EXPUNGE); a plain EXPUNGE would also remove \
+                 other clients' \\Deleted messages"
+                    .into(),
+            ),
+            _ if mailbox.is_read_only => Some(format!("mailbox {} is read-only", settings.mailbox)),
+            _ => None,
+        };
+        let mut listed = Vec::new();
+        if mailbox.exists > 0 {
+            let fetches = session
+                .uid_fetch("1:*", "(UID RFC822.SIZE FLAGS)")
+                .map_err(temporary)?;
+            for fetch in fetches.iter() {
+                let (Some(uid), Some(size)) = (fetch.uid, fetch.size) else {
+                    continue; // an unsolicited FETCH, e.g. a flag change
+                };
+                let hidden = settings.policy == DeletePolicy::Hide
+                    && fetch.flags().iter().any(|flag| {
+                        matches!(flag, Flag::Custom(name) if name.eq_ignore_ascii_case(&settings.deleted_keyword))
+                    });
+                if !hidden {
+                    listed.push((uid, u64::from(size)));
+                }
+            }
+        }
+        listed.sort_unstable();
+        listed.dedup_by_key(|(uid, _)| *uid);
+        let uids = listed.iter().map(|(uid, _)| *uid).collect();
+        let messages = listed
+            .iter()
+            .map(|&(uid, size)| MessageInfo {
+                size,
+                // Dovecot's default pop3_uidl_format, so a client moving between Dovecot's
+                // POP3 and this proxy does not download everything again.
+                uidl: format!("{uid:08X}{uid_validity:08X}"),
+            })
+            .collect();
+        Ok(ImapMaildrop {
+            session,
+            settings,
+            uids,
+            messages,
+            cannot_delete,
+            has_move,
+            _lock: lock,
+        })
+    }
+
+    fn uid_set(&self, indexes: &[usize]) -> String {
+        let mut uids: Vec<u32> = indexes.iter().map(|&i| self.uids[i]).collect();
+        uids.sort_unstable();
+        uid_set(&uids)
+    }
+}
+
+/// A UID set built from numbers only ("3:5,9"): the `imap` crate does not validate sets.
+fn uid_set(sorted: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+impl Maildrop for ImapMaildrop {
+    fn messages(&self) -> &[MessageInfo] {
+        &self.messages
+    }
+
+    fn fetch(&mut self, index: usize, sink: &mut dyn MessageSink) -> Result<(), FetchError> {
+        let uid = self.uids[index];
+        let mut offset = 0usize;
+        loop {
+            let query = format!("BODY.PEEK[]<{offset}.{FETCH_CHUNK}>");
+            let fetches = match self.session.uid_fetch(uid.to_string(), &query) {
+                Ok(fetches) => fetches,
+                Err(imap::Error::No(_)) if offset == 0 => return Err(FetchError::Gone),
+                Err(e) => return Err(FetchError::Backend(backend(e))),
+            };
+            let mine = fetches
+                .iter()
+                .find(|f| f.uid == Some(uid) && f.body().is_some());
+            let Some(body) = mine.and_then(|f| f.body()) else {
+                // Dovecot answers OK with no data for a UID expunged elsewhere.
+                return Err(if offset == 0 {
+                    FetchError::Gone
+                } else {
+                    FetchError::Backend(BackendError("message vanished while being fetched".into()))
+                });
+            };
+            if offset == 0 {
+                sink.start().map_err(FetchError::Client)?;
+            }
+            let more = sink.data(body).map_err(FetchError::Client)?;
+            offset += body.len();
+            if !more || body.len() < FETCH_CHUNK {
+                return Ok(());
+            }
+        }
+    }
+
+    fn mark_retrieved(&mut self, index: usize) -> Result<(), BackendError> {
+        if !self.settings.mark_seen {
+            return Ok(());
+        }
+        let set = self.uids[index].to_string();
+        self.session
+            .uid_store(set, "+FLAGS.SILENT (\\Seen)")
+            .map(drop)
+            .map_err(backend)
+    }
+
+    fn check_delete(&self) -> Result<(), String> {
+        match &self.cannot_delete {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn keepalive(&mut self) -> Result<(), BackendError> {
+        self.session.noop().map_err(backend)
+    }
+
+    fn delete(&mut self, indexes: &[usize]) -> Result<(), BackendError> {
+        if let Some(why) = &self.cannot_delete {
+            return Err(BackendError(why.clone()));
+        }
+        let set = self.uid_set(indexes);
+        let session = &mut self.session;
+        match self.settings.policy {
+            DeletePolicy::Keep => Ok(()),
+            DeletePolicy::Hide => {
+                let flags = format!("+FLAGS.SILENT ({})", self.settings.deleted_keyword);
+                session.uid_store(&set, flags).map(drop).map_err(backend)
+            }
+            DeletePolicy::Expunge => {
+                session
+                    .uid_store(&set, "+FLAGS.SILENT (\\Deleted)")
+                    .map_err(backend)?;
+                session.uid_expunge(&set).map(drop).map_err(backend)
+            }
+            DeletePolicy::Trash => {
+                let trash = self.settings.trash_mailbox.as_str();
+                let moved = move_to(session, &set, trash, self.has_move);
+                match moved {
+                    // RFC 3501 §6.4.7: [TRYCREATE] means the target does not exist yet.
+                    Err(imap::Error::No(no)) if no.information.contains("TRYCREATE") => {
+                        session.create(trash).map_err(backend)?;
+                        move_to(session, &set, trash, self.has_move).map_err(backend)
+                    }
+                    other => other.map_err(backend),
+                }
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        let _ = self.session.logout();
+    }
+}
+
+/// UID MOVE (RFC 6851) where offered, else UID COPY + \Deleted + UID EXPUNGE (RFC 4315).
+fn move_to(
+    session: &mut ImapSession,
+    set: &str,
+    mailbox: &str,
+    has_move: bool,
+) -> imap::Result<()> {
+    if has_move {
+        return session.uid_mv(set, mailbox);
+    }
+    session.uid_copy(set, mailbox)?;
+    session.uid_store(set, "+FLAGS.SILENT (\\Deleted)")?;
+    session.uid_expunge(set).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uid_set;
+
+    #[test]
+    fn uid_sets_compress_runs() {
+        assert_eq!(uid_set(&[1]), "1");
+        assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+        assert_eq!(uid_set(&[4294967295]), "4294967295");
+    }
+}
