@@ -25,7 +25,7 @@ pub fn encode(input: &[u8]) -> String {
 
 /// Decodes strict base64: padding required, no whitespace, no stray characters.
 pub fn decode(input: &[u8]) -> Option<Vec<u8>> {
-    if input.len() % 4 != 0 {
+    if !input.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(input.len() / 4 * 3);

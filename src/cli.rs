@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Serve one POP3 client on stdin/stdout from a mailbox read over IMAP.
-    Pop3(crate::pop3::Args),
+    Pop3(Box<crate::pop3::Args>),
     /// Serve one SMTP client on stdin/stdout, relaying through an SMTP submission server.
     Smtp(crate::smtp::Args),
 }

@@ -87,10 +87,10 @@ pub fn client_address() -> String {
         return addr.to_string();
     }
     for var in ["REMOTE_ADDR", "REMOTE_HOST"] {
-        if let Ok(v) = std::env::var(var) {
-            if !v.is_empty() {
-                return v;
-            }
+        if let Ok(v) = std::env::var(var)
+            && !v.is_empty()
+        {
+            return v;
         }
     }
     "local".to_string()

@@ -26,10 +26,10 @@ pub fn init(target: LogTarget, level: LevelFilter) {
                 pid: std::process::id(),
             };
             // Only the local socket: `syslog::init` would fall back to the network.
-            if let Ok(logger) = syslog::unix(formatter) {
-                if log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger))).is_ok() {
-                    log::set_max_level(level);
-                }
+            if let Ok(logger) = syslog::unix(formatter)
+                && log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger))).is_ok()
+            {
+                log::set_max_level(level);
             }
         }
         LogTarget::Stderr => {

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     };
     logging::init(cli.log, cli.log_level);
     match cli.command {
-        Command::Pop3(args) => pop3::serve(args),
+        Command::Pop3(args) => pop3::serve(*args),
         Command::Smtp(args) => smtp::serve(args),
     }
 }

@@ -108,10 +108,8 @@ impl Encoder {
 
     /// Ends the message: a final line break if missing, then the terminating ".".
     pub fn finish(mut self, out: &mut Vec<u8>) {
-        if !self.stopped {
-            if self.pending_cr || !self.at_line_start {
-                self.end_line(out);
-            }
+        if !self.stopped && (self.pending_cr || !self.at_line_start) {
+            self.end_line(out);
         }
         out.extend_from_slice(super::reply::END);
     }

@@ -98,9 +98,14 @@ impl Opener for ImapOpener {
         let lock = match &self.settings.lock_dir {
             None => None,
             Some(dir) => {
+                // Lower case: servers commonly treat user names case-insensitively, and
+                // "Alice" and "alice" must not get two sessions on one mailbox.
                 let key = format!(
                     "{}:{}/{}/{}",
-                    self.server.host, self.server.port, user, self.settings.mailbox
+                    self.server.host.to_lowercase(),
+                    self.server.port,
+                    user.to_lowercase(),
+                    self.settings.mailbox
                 );
                 match lock::acquire(dir, &key) {
                     Ok(lock) => Some(lock),

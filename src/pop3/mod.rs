@@ -8,6 +8,8 @@ pub mod maildrop;
 pub mod memory;
 pub mod reply;
 pub mod session;
+#[cfg(test)]
+mod transcript_tests;
 
 use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
 use crate::input::TickingStdin;

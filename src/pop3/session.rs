@@ -203,12 +203,12 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             self.reply(Reply::err("Disconnected for inactivity."))?;
             return Err(End::IdleTimeout);
         }
-        if let State::Transaction { maildrop, .. } = &mut self.state {
-            if let Err(e) = maildrop.keepalive() {
-                // The next command will meet the failure and report it; QUIT then
-                // deletes nothing.
-                log::warn!("IMAP keepalive failed: {e}");
-            }
+        if let State::Transaction { maildrop, .. } = &mut self.state
+            && let Err(e) = maildrop.keepalive()
+        {
+            // The next command will meet the failure and report it; QUIT then
+            // deletes nothing.
+            log::warn!("IMAP keepalive failed: {e}");
         }
         Ok(())
     }

@@ -300,7 +300,8 @@ fn failed_login_waits_before_answering() {
 
 #[test]
 fn backend_outage_is_sys_temp_not_auth_and_in_use_is_reported() {
-    let cases: [(fn() -> OpenError, &str); 3] = [
+    type Case = (fn() -> OpenError, &'static str);
+    let cases: [Case; 3] = [
         (
             || OpenError::Temporary("connection refused".into()),
             "-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n",
@@ -554,4 +555,77 @@ fn idle_ticks_keep_the_backend_alive_and_the_idle_limit_logs_out() {
             .unwrap()
             .ends_with("-ERR Disconnected for inactivity.\r\n")
     );
+}
+
+/// A tiny deterministic PRNG (xorshift64*), so failures reproduce without a crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn random_sessions_never_panic_and_never_delete_without_quit() {
+    let words = [
+        "USER alice",
+        "PASS pa ss\"\\é",
+        "PASS x",
+        "STAT",
+        "LIST",
+        "LIST 2",
+        "UIDL",
+        "UIDL 9",
+        "RETR 1",
+        "RETR 3",
+        "TOP 1 0",
+        "TOP 2 1",
+        "DELE 1",
+        "DELE 2",
+        "RSET",
+        "NOOP",
+        "CAPA",
+        "AUTH",
+        "AUTH PLAIN",
+        "AGFsaWNlAHBhIHNzIlzDqQ==",
+        "*",
+        "QUIT",
+        "",
+        " ",
+        ".",
+        "\u{0}",
+    ];
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for round in 0..3000 {
+        let mut input = Vec::new();
+        for _ in 0..rng.below(12) {
+            if rng.below(5) == 0 {
+                for _ in 0..rng.below(40) {
+                    input.push(rng.next() as u8);
+                }
+            } else {
+                input.extend_from_slice(words[rng.below(words.len())].as_bytes());
+            }
+            input.extend_from_slice(if rng.below(4) == 0 { b"\n" } else { b"\r\n" });
+        }
+        let mut opener = opener();
+        opener.chunk = 1 + rng.below(9);
+        let journal = opener.journal.clone();
+        let (out, summary) = run_with(&mut opener, config(), &input, 1 + rng.below(16));
+        assert!(out.starts_with(GREETING), "round {round}");
+        if summary.end != End::Quit {
+            assert!(
+                journal.borrow().deleted.is_empty(),
+                "round {round}: deleted without QUIT"
+            );
+        }
+        assert!(summary.deleted <= 3);
+    }
 }
