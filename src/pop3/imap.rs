@@ -99,11 +99,11 @@ impl Opener for ImapOpener {
             None => None,
             Some(dir) => {
                 // Lower case: servers commonly treat user names case-insensitively, and
-                // "Alice" and "alice" must not get two sessions on one mailbox.
+                // "Alice" and "alice" must not get two sessions on one mailbox. No port:
+                // the same server reached on 993 and on 143 holds the same mailbox.
                 let key = format!(
-                    "{}:{}/{}/{}",
+                    "{}/{}/{}",
                     self.server.host.to_lowercase(),
-                    self.server.port,
                     user.to_lowercase(),
                     self.settings.mailbox
                 );
@@ -327,9 +327,10 @@ impl ImapMaildrop {
             .iter()
             .map(|&(uid, size)| MessageInfo {
                 size,
-                // Dovecot's default pop3_uidl_format, so a client moving between Dovecot's
-                // POP3 and this proxy does not download everything again.
-                uidl: format!("{uid:08X}{uid_validity:08X}"),
+                // Dovecot's default pop3_uidl_format `%08Xu%08Xv`, which Dovecot prints in
+                // lower case: a client moving between Dovecot's POP3 and this proxy then
+                // does not download everything again.
+                uidl: format!("{uid:08x}{uid_validity:08x}"),
             })
             .collect();
         Ok(ImapMaildrop {
@@ -453,11 +454,12 @@ impl Maildrop for ImapMaildrop {
             }
             DeletePolicy::Trash => {
                 let trash = self.settings.trash_mailbox.as_str();
-                let moved = move_to(session, &set, trash, self.has_move);
-                match moved {
-                    // RFC 3501 §6.4.7: [TRYCREATE] means the target does not exist yet.
-                    Err(imap::Error::No(no)) if no.information.contains("TRYCREATE") => {
-                        session.create(trash).map_err(backend)?;
+                match move_to(session, &set, trash, self.has_move) {
+                    // Most likely [TRYCREATE] (RFC 3501 §6.4.7): the trash mailbox does
+                    // not exist yet. Create it and try once more; if it did exist, the
+                    // second attempt fails again and that error is reported.
+                    Err(imap::Error::No(_)) => {
+                        let _ = session.create(trash);
                         move_to(session, &set, trash, self.has_move).map_err(backend)
                     }
                     other => other.map_err(backend),

@@ -73,7 +73,7 @@ impl Opener for MemoryOpener {
             .enumerate()
             .map(|(i, m)| MessageInfo {
                 size: normalized_size(m),
-                uidl: format!("{:08X}{:08X}", i + 1, 1234),
+                uidl: format!("{:08x}{:08x}", i + 1, 1234),
             })
             .collect();
         Ok(Box::new(MemoryMaildrop {

@@ -73,8 +73,8 @@ fn full_session_with_every_transaction_command() {
          +OK 3 118\r\n\
          +OK\r\n1 56\r\n2 26\r\n3 36\r\n.\r\n\
          +OK 2 26\r\n\
-         +OK\r\n1 00000001000004D2\r\n2 00000002000004D2\r\n3 00000003000004D2\r\n.\r\n\
-         +OK 3 00000003000004D2\r\n\
+         +OK\r\n1 00000001000004d2\r\n2 00000002000004d2\r\n3 00000003000004d2\r\n.\r\n\
+         +OK 3 00000003000004d2\r\n\
          +OK\r\nFrom: a@example.test\r\nSubject: one\r\n\r\n.\r\n\
          +OK\r\nFrom: a@example.test\r\nSubject: one\r\n\r\nHello\r\n.\r\n\
          +OK 56 octets\r\n{m1}.\r\n\
