@@ -1,0 +1,123 @@
+//! A TCP forwarder that simulates a backend dying halfway: it relays 127.0.0.1
+//! connections to a target port and, once a given number of bytes has come from the
+//! server, delivers exactly those bytes and then drops both connections.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+
+pub struct FaultProxy {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl FaultProxy {
+    /// Listens on a free 127.0.0.1 port and forwards each connection to
+    /// 127.0.0.1:`target_port`. After `cut_after_bytes_from_server` bytes from the server
+    /// (counted per connection, TLS bytes included), both sides are shut down.
+    /// `usize::MAX` never cuts.
+    pub fn start(target_port: u16, cut_after_bytes_from_server: usize) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (stop2, conns2) = (Arc::clone(&stop), Arc::clone(&connections));
+        thread::Builder::new()
+            .name(format!("fault-proxy-{port}"))
+            .spawn(move || {
+                for client in listener.incoming() {
+                    if stop2.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(client) = client else { continue };
+                    conns2.fetch_add(1, Ordering::SeqCst);
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                        let _ = client.shutdown(Shutdown::Both);
+                        continue;
+                    };
+                    relay(client, server, cut_after_bytes_from_server);
+                }
+            })
+            .expect("spawn fault proxy");
+        FaultProxy {
+            port,
+            stop,
+            connections,
+        }
+    }
+
+    /// The port clients (the proxy under test) should connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How many connections were accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    /// Stops accepting; connections already relayed run to their end.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn shutdown_all(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
+
+fn relay(client: TcpStream, server: TcpStream, cut_after: usize) {
+    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    // client → server, unlimited.
+    thread::spawn(move || {
+        let (mut from, mut to) = (c2, s2);
+        let mut buf = [0u8; 16384];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown(Shutdown::Write);
+                    return;
+                }
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        shutdown_all(&from, &to);
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    // server → client, cut after `cut_after` bytes.
+    thread::spawn(move || {
+        let (mut from, mut to) = (server, client);
+        let mut left = cut_after;
+        let mut buf = [0u8; 16384];
+        while left > 0 {
+            let want = buf.len().min(left);
+            match from.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown(Shutdown::Write);
+                    return;
+                }
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        shutdown_all(&from, &to);
+                        return;
+                    }
+                    left -= n;
+                }
+            }
+        }
+        let _ = to.flush();
+        shutdown_all(&from, &to);
+    });
+}

@@ -1,0 +1,383 @@
+//! Integration-test harness: real Dovecot 2.3 and Postfix 3.7 servers, started once per
+//! test process, plus independent reference clients.
+//!
+//! - [`servers()`] starts, on first use, a private Dovecot under a fresh directory
+//!   `/tmp/lmp-test.<pid>.<n>` with a private CA. It serves IMAP (STARTTLS and implicit
+//!   TLS), Dovecot's own POP3 (the UIDL reference), LMTP, and "untrusted" IMAP listeners on
+//!   127.0.0.2 whose certificate comes from another CA.
+//! - [`postfix()`] starts Postfix on first use: submission with implicit TLS and with
+//!   STARTTLS, SASL via Dovecot, delivery of `@example.test` into Dovecot over LMTP.
+//! - Tests run in parallel threads against the same servers; each test makes its own
+//!   accounts with [`Servers::new_user`].
+//! - Cleanup: every server runs under a wrapper that kills its process group when this
+//!   process exits (see `process.rs`); a last helper then removes the directory. Set
+//!   `LMP_TEST_KEEP=1` to keep the directory (and its logs) for debugging.
+//!
+//! Needs root (Dovecot and Postfix switch users). `sudo ./tests/run-all` installs
+//! everything needed and runs all tests.
+#![allow(dead_code)]
+
+mod clients;
+mod dovecot;
+mod fault;
+mod inetd;
+mod postfix;
+mod process;
+mod tls;
+mod users;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+// Each test binary uses a subset of these.
+#[allow(unused_imports)]
+pub use clients::{
+    dovecot_pop3_list, dovecot_pop3_uidl, imap_fetch_all, imap_fetch_all_in, imap_flags,
+    imap_mailbox_list, missing_program_message, proxy_bin, python, python_ok, require_client,
+    server_env, wait_for_messages, wait_until, which,
+};
+#[allow(unused_imports)]
+pub use fault::FaultProxy;
+#[allow(unused_imports)]
+pub use inetd::Inetd;
+#[allow(unused_imports)]
+pub use postfix::{Postfix, postfix, postfix_if_started};
+#[allow(unused_imports)]
+pub use process::live_process_group_members;
+#[allow(unused_imports)]
+pub use users::{User, lmtp_deliver};
+
+/// How to get everything the tests need.
+pub const INSTALL_HINT: &str = "Or run `sudo ./tests/run-all`, which installs all of it: \
+     apt-get install -y --no-install-recommends dovecot-imapd dovecot-pop3d dovecot-lmtpd \
+     postfix xinetd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl python3";
+
+/// The unprivileged system user that owns all Maildirs (created if missing).
+pub const MAIL_USER: &str = "lmp-test";
+
+/// The domain Postfix delivers into Dovecot.
+pub const MAIL_DOMAIN: &str = "example.test";
+
+/// The running Dovecot and everything about it. Fields are read-only facts.
+pub struct Servers {
+    /// The temporary directory holding all state, configs and logs (`log/`).
+    pub dir: PathBuf,
+    /// "127.0.0.1": every trusted listener.
+    pub host: &'static str,
+    /// "localhost": the name in the certificates, for clients that check host names
+    /// (fetchmail ignores IP SANs). Connect to `host`, verify against `tls_host`.
+    pub tls_host: &'static str,
+    /// IMAP without TLS; STARTTLS offered. Plaintext LOGIN allowed from 127.0.0.1.
+    pub imap_port: u16,
+    /// IMAP over implicit TLS.
+    pub imaps_port: u16,
+    /// Dovecot's own POP3 (plain, STLS offered): the reference for UIDLs and sizes.
+    pub pop3_port: u16,
+    /// "127.0.0.2": the listeners whose certificate is signed by the untrusted CA (the
+    /// certificate names localhost, 127.0.0.1 and 127.0.0.2, so only the CA is wrong).
+    pub untrusted_host: &'static str,
+    /// IMAP with STARTTLS on `untrusted_host` (LOGINDISABLED before STARTTLS).
+    pub untrusted_imap_port: u16,
+    /// IMAP over implicit TLS on `untrusted_host`.
+    pub untrusted_imaps_port: u16,
+    /// Our CA certificate (PEM): trust this to accept the servers.
+    pub ca_file: PathBuf,
+    /// The other CA (PEM), which signed the untrusted endpoints' certificate.
+    pub untrusted_ca_file: PathBuf,
+    /// `example.test`.
+    pub mail_domain: &'static str,
+    pub dovecot_conf: PathBuf,
+    pub lmtp_socket: PathBuf,
+    /// Dovecot auth socket used by Postfix SASL.
+    pub auth_socket: PathBuf,
+    pub mail_uid: u32,
+    pub mail_gid: u32,
+    pub(crate) tls: tls::TlsFiles,
+    passwd_dir: PathBuf,
+    dovecot: process::ServerProcess,
+    /// Lower-case e-mail addresses of all accounts (served to Postfix).
+    addresses: Arc<Mutex<BTreeSet<String>>>,
+    counter: AtomicU64,
+    _reaper: process::Lifeline,
+}
+
+static SERVERS: OnceLock<Result<Servers, String>> = OnceLock::new();
+
+/// The process-wide servers, started on first call. Panics (never skips) with the
+/// server logs or the install command if they cannot run.
+pub fn servers() -> &'static Servers {
+    match SERVERS.get_or_init(start) {
+        Ok(s) => s,
+        Err(e) => panic!("test servers could not be started: {e}"),
+    }
+}
+
+impl Servers {
+    /// A fresh account `<prefix>-<n>` with a random ASCII password.
+    pub fn new_user(&self, prefix: &str) -> User {
+        let n = self.counter.fetch_add(1, Ordering::SeqCst);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let password = format!("pw{:08x}{n}", nanos ^ std::process::id().rotate_left(16));
+        self.create_user(prefix, n, password)
+    }
+
+    /// A fresh account with the given password. Anything but ':', CR, LF and NUL is
+    /// allowed (non-ASCII, quotes, backslashes, spaces…): Dovecot's passwd-file has no
+    /// escaping for its ':' separator.
+    pub fn new_user_with_password(&self, prefix: &str, password: &str) -> User {
+        assert!(
+            !password.contains([':', '\r', '\n', '\0']),
+            "test passwords cannot contain ':', CR, LF or NUL (passwd-file format)"
+        );
+        let n = self.counter.fetch_add(1, Ordering::SeqCst);
+        self.create_user(prefix, n, password.to_string())
+    }
+
+    fn create_user(&self, prefix: &str, n: u64, password: String) -> User {
+        let prefix: String = prefix
+            .chars()
+            .map(|c| c.to_ascii_lowercase())
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(40)
+            .collect();
+        let prefix = if prefix.is_empty() { "user" } else { &prefix };
+        let name = format!("{prefix}-{n}");
+        let email = format!("{name}@{MAIL_DOMAIN}");
+        let home = self.dir.join("mail").join(&name);
+        let user = User::create(
+            name.clone(),
+            password.clone(),
+            email.clone(),
+            home,
+            self.mail_uid,
+            self.mail_gid,
+        )
+        .unwrap_or_else(|e| panic!("cannot create account {name}: {e}"));
+        // Written to a temporary name and renamed, so Dovecot never reads half a line.
+        let line = format!("{name}:{{PLAIN}}{password}::::::\n");
+        let tmp = self.passwd_dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, line).expect("write passwd-file");
+        fs::rename(&tmp, self.passwd_dir.join(&name)).expect("rename passwd-file");
+        self.addresses.lock().unwrap().insert(email.to_lowercase());
+        user
+    }
+
+    pub(crate) fn registered_addresses(&self) -> Arc<Mutex<BTreeSet<String>>> {
+        Arc::clone(&self.addresses)
+    }
+
+    /// Runs `doveadm -c <our config> ARGS…` (e.g. `["mailbox", "list", "-u", name]`).
+    pub fn doveadm(&self, args: &[&str]) -> Output {
+        dovecot::doveadm(&self.dovecot_conf, args)
+    }
+
+    /// Dovecot's log and stdout/stderr so far, for assertion messages.
+    pub fn dovecot_logs(&self) -> String {
+        self.dovecot.logs()
+    }
+
+    /// Pid (and process group id) of the Dovecot master.
+    pub fn dovecot_pid(&self) -> u32 {
+        self.dovecot.pid
+    }
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The absolute path of a server program, or the install instructions.
+pub(crate) fn find_binary(program: &str) -> Result<PathBuf, String> {
+    which(program).ok_or_else(|| missing_program_message(program))
+}
+
+/// `getent DB NAME`: (uid, gid) for "passwd", (gid, gid) for "group".
+pub(crate) fn getent_ids(db: &str, name: &str) -> Option<(u32, u32)> {
+    let out = Command::new("getent").args([db, name]).output().ok()?;
+    let line = String::from_utf8(out.stdout).ok()?;
+    let f: Vec<&str> = line.trim().split(':').collect();
+    let first: u32 = f.get(2)?.parse().ok()?;
+    let second = if db == "group" {
+        first
+    } else {
+        f.get(3)?.parse().ok()?
+    };
+    Some((first, second))
+}
+
+/// uid and gid of the mail user, creating it (system user, no login) if missing.
+fn ensure_mail_user() -> Result<(u32, u32), String> {
+    let lookup = || getent_ids("passwd", MAIL_USER);
+    if let Some(ids) = lookup() {
+        return Ok(ids);
+    }
+    let useradd = find_binary("useradd")?;
+    let out = Command::new(useradd)
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            MAIL_USER,
+        ])
+        .output()
+        .map_err(|e| format!("cannot run useradd: {e}"))?;
+    // Another test process may have created it at the same moment: look again.
+    lookup().ok_or_else(|| {
+        format!(
+            "cannot create system user {MAIL_USER}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Removes directories left by test processes that no longer exist (kept with
+/// LMP_TEST_KEEP, or whose cleanup was SIGKILLed), after killing any server still running
+/// from them (its command line names the directory, so a reused pid is never hit).
+fn remove_stale_dirs() {
+    let Ok(entries) = fs::read_dir("/tmp") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("lmp-test.")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next() else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let dir = e.path();
+        for pidfile in fs::read_dir(dir.join("pids"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(server) = fs::read_to_string(pidfile.path()) else {
+                continue;
+            };
+            let server = server.trim();
+            let cmdline = fs::read(format!("/proc/{server}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(dir.to_str().unwrap_or("?")) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{server}")])
+                    .status();
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<(), String> {
+    fs::create_dir(path).map_err(|e| format!("mkdir {}: {e}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))
+}
+
+fn start() -> Result<Servers, String> {
+    if !is_root() {
+        return Err(
+            "the test servers need root (Dovecot and Postfix switch users). \
+             Run `sudo ./tests/run-all`."
+                .into(),
+        );
+    }
+    let dovecot_bin = find_binary("dovecot")?;
+    for program in ["doveadm", "openssl", "setsid", "bash"] {
+        find_binary(program)?;
+    }
+    let (mail_uid, mail_gid) = ensure_mail_user()?;
+
+    remove_stale_dirs();
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = PathBuf::from(format!(
+        "/tmp/lmp-test.{}.{:x}",
+        std::process::id(),
+        stamp & 0xffff_ffff
+    ));
+    make_dir(&dir, 0o755)?;
+    for sub in ["log", "pids", "tls", "mail", "passwd", "dovecot-state"] {
+        make_dir(&dir.join(sub), 0o755)?;
+    }
+    // From here on the directory disappears when this process exits.
+    let reaper = process::spawn_reaper(&dir)?;
+
+    let tls = tls::generate(&dir.join("tls"))?;
+    let paths = dovecot::DovecotPaths::new(&dir);
+    fs::write(dir.join("clients.py"), clients::CLIENTS_PY)
+        .map_err(|e| format!("write clients.py: {e}"))?;
+    // Free ports are picked, released and then bound by Dovecot: another process may
+    // take one in between, so a bind failure is retried with new ports.
+    let mut attempt = 0;
+    let (ports, dovecot) = loop {
+        attempt += 1;
+        let p = process::free_ports("127.0.0.1", 3)?;
+        let u = process::free_ports("127.0.0.2", 2)?;
+        let ports = dovecot::DovecotPorts {
+            imap: p[0],
+            imaps: p[1],
+            pop3: p[2],
+            untrusted_imap: u[0],
+            untrusted_imaps: u[1],
+        };
+        fs::write(
+            &paths.conf,
+            dovecot::config(&dir, &paths, &ports, &tls, MAIL_USER),
+        )
+        .map_err(|e| format!("write dovecot.conf: {e}"))?;
+        match dovecot::start(&dir, &dovecot_bin, &paths, &ports) {
+            Ok(d) => break (ports, d),
+            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(Servers {
+        host: "127.0.0.1",
+        tls_host: "localhost",
+        imap_port: ports.imap,
+        imaps_port: ports.imaps,
+        pop3_port: ports.pop3,
+        untrusted_host: "127.0.0.2",
+        untrusted_imap_port: ports.untrusted_imap,
+        untrusted_imaps_port: ports.untrusted_imaps,
+        ca_file: tls.ca_cert.clone(),
+        untrusted_ca_file: tls.untrusted_ca_cert.clone(),
+        mail_domain: MAIL_DOMAIN,
+        dovecot_conf: paths.conf.clone(),
+        lmtp_socket: paths.lmtp_socket(),
+        auth_socket: paths.auth_socket(),
+        mail_uid,
+        mail_gid,
+        tls,
+        passwd_dir: paths.passwd_dir.clone(),
+        dovecot,
+        addresses: Arc::new(Mutex::new(BTreeSet::new())),
+        counter: AtomicU64::new(0),
+        _reaper: reaper,
+        dir,
+    })
+}
