@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Prepares a Debian 12 machine for the tests and the demo; sourced by tests/run-all and
+# tests/demo. As root it installs what the integration tests need and is missing (real
+# Dovecot, Postfix and the reference clients), creates the unprivileged mail user, and
+# finds cargo. When everything is installed it only checks. The system's own mail
+# services are never started or configured: tests and demo run private instances in /tmp.
+
+MAIL_USER=lmp-test # keep in sync with MAIL_USER in tests/common/mod.rs
+PACKAGES=(
+    libssl-dev pkg-config
+    dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix
+    xinetd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
+)
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: the tests start real Dovecot and Postfix and must run as root:" >&2
+    echo "  sudo $0 $*" >&2
+    exit 1
+fi
+
+installed() {
+    [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]
+}
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    installed "$pkg" || missing+=("$pkg")
+done
+
+if ((${#missing[@]} > 0)); then
+    echo "setup: installing ${missing[*]}" >&2
+    # Package scripts would start the system's Dovecot and Postfix on 0.0.0.0; a
+    # policy-rc.d that exits 101 forbids that. Only ours is removed again.
+    created_policy=
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        created_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    # No system Postfix configuration: the tests bring their own (postfix -c DIR).
+    echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+    if [[ -n $created_policy ]]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+fi
+
+if ! getent passwd "$MAIL_USER" >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin "$MAIL_USER"
+fi
+
+# Under sudo, PATH usually lacks the invoking user's ~/.cargo/bin: use their toolchain.
+if ! command -v cargo >/dev/null && [[ -n ${SUDO_USER:-} ]]; then
+    user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+    if [[ -x $user_home/.cargo/bin/cargo ]]; then
+        export PATH="$user_home/.cargo/bin:$PATH"
+        export CARGO_HOME=${CARGO_HOME:-$user_home/.cargo}
+        export RUSTUP_HOME=${RUSTUP_HOME:-$user_home/.rustup}
+    fi
+fi
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install Rust from https://rustup.rs" >&2
+    exit 1
+fi
+
