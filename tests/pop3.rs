@@ -1056,3 +1056,123 @@ fn memory_does_not_grow_with_message_size() {
     );
     eprintln!("peak RSS for RETR of 30 MB (debug build): {rss_kb} kB");
 }
+
+#[test]
+fn idle_client_is_logged_out_and_backend_kept_alive_meanwhile() {
+    let user = seeded_user("idle");
+    let mut child = Command::new(common::proxy_bin())
+        .args(with(
+            args(Tls::Plain),
+            &["--idle-timeout", "3", "--keepalive", "1"],
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(login(&user).as_bytes()).unwrap();
+    // Stay silent with stdin open: the proxy must end the session by itself.
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    drop(stdin);
+    assert!(
+        out.ends_with("+OK Logged in.\r\n-ERR Disconnected for inactivity.\r\n"),
+        "{out}"
+    );
+    assert!(!status.success());
+    assert!(log.contains("end=idle timeout"), "{log}");
+}
+
+#[test]
+fn by_default_nothing_but_protocol_bytes_leaves_the_process() {
+    // No --log option: syslog, and this test machine has no syslog daemon. The proxy must
+    // stay silent rather than fall back to stdout or stderr, which are the client's socket.
+    let s = servers();
+    let user = seeded_user("quiet");
+    let args: Vec<String> = vec![
+        "pop3".into(),
+        "--imap-host".into(),
+        s.tls_host.into(),
+        "--imap-port".into(),
+        s.imaps_port.to_string(),
+        "--ca-file".into(),
+        s.ca_file.display().to_string(),
+        "--lock-dir".into(),
+        s.dir.join("pop3-locks").display().to_string(),
+    ];
+    let input = format!("{}STAT\r\nRETR 9\r\nBOGUS\r\nQUIT\r\n", login(&user));
+    let (out, stderr, ok) = dialogue(&args, &[], input.as_bytes());
+    assert!(ok);
+    assert_eq!(stderr, "", "stderr must stay empty");
+    let text = String::from_utf8(out).unwrap();
+    for line in text.lines() {
+        assert!(
+            line.starts_with("+OK") || line.starts_with("-ERR"),
+            "not a POP3 reply: {line:?}"
+        );
+    }
+    // A bad command line is not shown to the client either (it would reach its socket).
+    let (out, stderr, ok) = dialogue(
+        &["pop3".into(), "--no-such-option".into()],
+        &[],
+        b"QUIT\r\n",
+    );
+    assert!(!ok);
+    assert!(out.is_empty() && stderr.is_empty(), "{stderr}");
+}
+
+#[test]
+fn an_unreadable_ca_file_is_a_clear_sys_perm_not_a_silent_failure() {
+    let user = seeded_user("badca");
+    let mut args = args(Tls::Implicit);
+    let at = args.iter().position(|a| a == "--ca-file").unwrap();
+    args[at + 1] = "/nonexistent/ca.pem".into();
+    let (out, log, _) = dialogue(&args, &[], format!("{}QUIT\r\n", login(&user)).as_bytes());
+    assert_eq!(
+        String::from_utf8_lossy(&out).lines().nth(2).unwrap(),
+        "-ERR [SYS/PERM] Mail server cannot serve this mailbox"
+    );
+    assert!(
+        log.contains("cannot read CA file /nonexistent/ca.pem"),
+        "{log}"
+    );
+}
+
+#[test]
+fn junk_and_overlong_lines_through_the_real_binary() {
+    let user = seeded_user("junk");
+    let mut input = b"\x00\xff\xfe junk\r\n".to_vec();
+    input.extend(std::iter::repeat_n(b'A', 100_000));
+    input.extend_from_slice(b"\r\n");
+    input.extend_from_slice(login(&user).as_bytes());
+    input.extend_from_slice(b"LIST 1 2 3\r\nRETR 99999999999999999999\r\nSTAT\r\nQUIT\r\n");
+    let (out, log, ok) = dialogue(&args(Tls::Plain), &[], &input);
+    assert!(ok, "{log}");
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(
+        text,
+        format!(
+            "+OK legacy-mail-proxy POP3 ready.\r\n-ERR Unknown command\r\n-ERR Line too long\r\n\
+             +OK\r\n+OK Logged in.\r\n-ERR expected at most one message number\r\n\
+             -ERR No such message\r\n+OK 8 {}\r\n+OK Bye.\r\n",
+            common::imap_fetch_all(&user)
+                .iter()
+                .map(|(_, m)| m.len())
+                .sum::<usize>()
+        )
+    );
+}
