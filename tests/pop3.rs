@@ -364,8 +364,12 @@ fn uidls_are_stable_across_sessions_and_new_mail_stays_invisible() {
     );
 }
 
-/// DELE 1 and 3, QUIT, under a policy; returns the user and the UIDs that were deleted.
-fn delete_with_policy(policy: &str) -> (User, Vec<u32>, Vec<(u32, Vec<u8>)>) {
+/// What Dovecot held, as (UID, message bytes).
+type Mailbox = Vec<(u32, Vec<u8>)>;
+
+/// DELE 1 and 3, QUIT, under a policy; returns the user, the UIDs that were deleted, and
+/// the mailbox before.
+fn delete_with_policy(policy: &str) -> (User, Vec<u32>, Mailbox) {
     let user = servers().new_user(&format!("dele-{policy}"));
     user.seed_many(&[
         b"Subject: m1\r\n\r\none\r\n".to_vec(),
