@@ -33,14 +33,29 @@ pub fn init(target: LogTarget, level: LevelFilter) {
             }
         }
         LogTarget::Stderr => {
-            if log::set_boxed_logger(Box::new(StderrLogger)).is_ok() {
+            // systemd sets JOURNAL_STREAM when stderr is connected to the journal; a
+            // "<N>" prefix then gives each line its syslog priority (sd-daemon(3)).
+            let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+            if log::set_boxed_logger(Box::new(StderrLogger { journal })).is_ok() {
                 log::set_max_level(level);
             }
         }
     }
 }
 
-struct StderrLogger;
+struct StderrLogger {
+    journal: bool,
+}
+
+/// The syslog priority of a level, for the journal's "<N>" line prefix.
+fn priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
+}
 
 impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
@@ -50,12 +65,17 @@ impl log::Log for StderrLogger {
         use std::io::Write;
         if self.enabled(record.metadata()) {
             // One write per line so lines from concurrent processes do not interleave.
-            let line = format!(
-                "{IDENT}[{}]: {}: {}\n",
-                std::process::id(),
-                record.level(),
-                record.args()
-            );
+            let line = if self.journal {
+                // The journal records ident and pid itself.
+                format!("<{}>{}\n", priority(record.level()), record.args())
+            } else {
+                format!(
+                    "{IDENT}[{}]: {}: {}\n",
+                    std::process::id(),
+                    record.level(),
+                    record.args()
+                )
+            };
             let _ = std::io::stderr().write_all(line.as_bytes());
         }
     }

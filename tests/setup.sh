@@ -9,7 +9,7 @@ MAIL_USER=lmp-test # keep in sync with MAIL_USER in tests/common/mod.rs
 PACKAGES=(
     libssl-dev pkg-config
     dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix
-    xinetd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
+    xinetd systemd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
 )
 
 if [[ $(id -u) -ne 0 ]]; then
