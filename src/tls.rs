@@ -19,17 +19,7 @@ pub struct TlsOptions {
 impl TlsOptions {
     pub fn connector(&self) -> anyhow::Result<TlsConnector> {
         let mut builder = TlsConnector::builder();
-        if let Some(path) = &self.ca_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("cannot read CA file {}", path.display()))?;
-            // `from_pem` would read only the first certificate of a bundle.
-            let certs = Certificate::stack_from_pem(&pem)
-                .with_context(|| format!("CA file {} is not PEM", path.display()))?;
-            anyhow::ensure!(
-                !certs.is_empty(),
-                "CA file {} has no certificate",
-                path.display()
-            );
+        if let Some(certs) = self.ca_certificates()? {
             for cert in certs {
                 builder.add_root_certificate(cert);
             }
@@ -40,5 +30,45 @@ impl TlsOptions {
             builder.danger_accept_invalid_hostnames(true);
         }
         Ok(builder.build()?)
+    }
+
+    /// The certificates of `--ca-file`, or `None` when the system roots are used.
+    pub fn ca_certificates(&self) -> anyhow::Result<Option<Vec<Certificate>>> {
+        let Some(path) = &self.ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read CA file {}", path.display()))?;
+        // `from_pem` would read only the first certificate of a bundle.
+        let certs = Certificate::stack_from_pem(&pem)
+            .with_context(|| format!("CA file {} is not PEM", path.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "CA file {} has no certificate",
+            path.display()
+        );
+        Ok(Some(certs))
+    }
+
+    /// The same trust settings for lettre's SMTP client (which has its own TLS parameters
+    /// type), verifying the certificate for `domain`.
+    pub fn lettre_parameters(
+        &self,
+        domain: &str,
+    ) -> anyhow::Result<lettre::transport::smtp::client::TlsParameters> {
+        use lettre::transport::smtp::client::{self, CertificateStore, TlsParameters};
+        let mut builder = TlsParameters::builder(domain.to_string());
+        if let Some(certs) = self.ca_certificates()? {
+            builder = builder.certificate_store(CertificateStore::None);
+            for cert in certs {
+                // lettre's `from_pem` also reads only one certificate: go through DER.
+                builder =
+                    builder.add_root_certificate(client::Certificate::from_der(cert.to_der()?)?);
+            }
+        }
+        builder = builder
+            .dangerous_accept_invalid_certs(self.danger_accept_invalid_certs)
+            .dangerous_accept_invalid_hostnames(self.danger_accept_invalid_certs);
+        Ok(builder.build_native()?)
     }
 }

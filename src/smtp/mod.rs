@@ -1,11 +1,452 @@
-//! SMTP server on stdin/stdout relaying through a submission server (not built yet).
+//! `legacy-mail-proxy smtp`: an SMTP server (RFC 5321 with RFC 1870, 2034, 2920, 4954,
+//! 6152) on stdin/stdout that relays every message through a submission server.
+//!
+//! The relay is synchronous: MAIL and each RCPT go upstream one at a time and the client
+//! gets the backend's own replies; the end of DATA is answered only with the backend's
+//! answer to the message. Module map:
+//!
+//! - `command`: client command lines → typed commands; `reply`: replies and their wire form
+//! - `session`: the protocol core over `BufRead + Write`
+//! - `data`: end-of-data, dot-unstuffing and line-ending rules (SMTP smuggling)
+//! - `spool`: bounded-memory holding of a message; `headers`: header block edits
+//! - `auth`: client authentication and allowed senders
+//! - `relay`: the backend trait; `backend`: lettre implementation; `memory`: test double
 
+pub mod auth;
+pub mod backend;
+pub mod command;
+pub mod data;
+pub mod headers;
+pub mod memory;
+pub mod relay;
+pub mod reply;
+pub mod session;
+pub mod spool;
+
+#[cfg(test)]
+mod transcript_tests;
+
+use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
+use crate::net::TlsMode;
+use anyhow::{Context, bail};
+use auth::{AllowedSenders, ClientAuth};
+use backend::{Backend, SmtpRelay};
+use headers::HeaderEdits;
+use session::{Config, Session};
+use std::io::{BufReader, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientAuthMode {
+    /// No client authentication. Anyone who can reach the port can send mail through the
+    /// backend account: an open relay for that network.
+    None,
+    /// Clients must AUTH with --client-user and its password.
+    Local,
+    /// The client's AUTH credentials log in to the backend, which decides.
+    Passthrough,
+}
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Submission server host name (also BACKEND_SMTP_HOST).
+    #[arg(long, env = "LMP_SMTP_HOST")]
+    pub smtp_host: Option<String>,
 
-pub fn serve(_args: Args) -> ExitCode {
-    log::error!("smtp is not implemented yet");
-    ExitCode::FAILURE
+    /// Submission server port [default: 465 for implicit TLS, 587 for STARTTLS, 25 for
+    /// none] (also BACKEND_SMTP_PORT).
+    #[arg(long, env = "LMP_SMTP_PORT")]
+    pub smtp_port: Option<u16>,
+
+    /// How the submission connection is secured [default: implicit] (also
+    /// BACKEND_SMTP_USE_SSL=true for implicit, BACKEND_SMTP_USE_TLS=true for starttls).
+    /// `none` sends the password and mail in clear text and must be chosen explicitly.
+    #[arg(long, env = "LMP_SMTP_TLS", value_enum)]
+    pub smtp_tls: Option<TlsMode>,
+
+    #[command(flatten)]
+    pub backend: BackendOptions,
+
+    /// User the proxy logs in to the submission server as (also BACKEND_SMTP_USER). Its
+    /// password comes from --smtp-password-file, LMP_SMTP_PASSWORD, BACKEND_SMTP_PASS or the
+    /// systemd credential `smtp-password`. Without it the proxy does not log in (unless
+    /// --client-auth passthrough).
+    #[arg(long, env = "LMP_SMTP_USER")]
+    pub smtp_user: Option<String>,
+
+    /// File holding the password for --smtp-user.
+    #[arg(long, env = "LMP_SMTP_PASSWORD_FILE", value_name = "FILE")]
+    pub smtp_password_file: Option<PathBuf>,
+
+    /// How clients are authenticated [default: local when --client-user is set,
+    /// passthrough when --smtp-user is not; otherwise it must be given].
+    #[arg(long, env = "LMP_CLIENT_AUTH", value_enum)]
+    pub client_auth: Option<ClientAuthMode>,
+
+    /// The user name clients must give with --client-auth local. Its password comes from
+    /// --client-password-file, LMP_CLIENT_PASSWORD or the systemd credential
+    /// `client-password`.
+    #[arg(long, env = "LMP_CLIENT_USER")]
+    pub client_user: Option<String>,
+
+    /// File holding the password clients must give with --client-auth local.
+    #[arg(long, env = "LMP_CLIENT_PASSWORD_FILE", value_name = "FILE")]
+    pub client_password_file: Option<PathBuf>,
+
+    /// Envelope senders clients may use: addresses and `@domain`s, comma-separated. Any
+    /// other MAIL FROM gets 550 5.7.1. Empty: any sender.
+    #[arg(
+        long,
+        env = "LMP_ALLOWED_SENDERS",
+        value_delimiter = ',',
+        value_name = "LIST"
+    )]
+    pub allowed_senders: Vec<String>,
+
+    /// Envelope sender (MAIL FROM) used upstream, whatever the client said.
+    #[arg(long, env = "LMP_FORCE_SENDER", value_name = "ADDRESS")]
+    pub force_sender: Option<String>,
+
+    /// Replace the address in each message's From: header (the display name is kept), or
+    /// add From: when missing. For servers that refuse other senders (Office 365
+    /// `554 5.2.252 SendAsDenied`).
+    #[arg(long, env = "LMP_REWRITE_FROM", value_name = "ADDRESS")]
+    pub rewrite_from: Option<String>,
+
+    /// Set each message's Reply-To: header to this address (replacing any present).
+    #[arg(long, env = "LMP_REPLY_TO", value_name = "ADDRESS")]
+    pub reply_to: Option<String>,
+
+    /// Largest message accepted, in bytes (advertised as SIZE).
+    #[arg(
+        long,
+        env = "LMP_MAX_MESSAGE_SIZE",
+        default_value = "36700160",
+        value_name = "BYTES"
+    )]
+    pub max_message_size: u64,
+
+    /// Most recipients per message; more get 452 4.5.3 and are sent in a new transaction.
+    #[arg(long, env = "LMP_MAX_RECIPIENTS", default_value = "100")]
+    pub max_recipients: usize,
+
+    /// Our name in the greeting, in EHLO to the backend and in added Message-IDs
+    /// [default: the system's host name].
+    #[arg(long, env = "LMP_HOSTNAME")]
+    pub hostname: Option<String>,
+
+    /// Seconds a client may stay silent before the session is closed (RFC 5321 §4.5.3.2.7:
+    /// at least 300).
+    #[arg(
+        long,
+        env = "LMP_IDLE_TIMEOUT",
+        default_value = "300",
+        value_name = "SECONDS"
+    )]
+    pub idle_timeout: u64,
+
+    /// Seconds to wait before answering a failed AUTH (slows password guessing).
+    #[arg(
+        long,
+        env = "LMP_AUTH_FAILURE_DELAY",
+        default_value = "2",
+        value_name = "SECONDS"
+    )]
+    pub auth_failure_delay: f64,
+
+    /// Failed AUTH attempts before the connection is closed.
+    #[arg(long, env = "LMP_MAX_AUTH_FAILURES", default_value = "3")]
+    pub max_auth_failures: u32,
+
+    /// Directory for the unlinked temporary file that holds messages larger than 256 KiB
+    /// while they are received [default: $TMPDIR or /tmp].
+    #[arg(long, env = "LMP_SPOOL_DIR", value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+}
+
+/// Idle time is counted in ticks of the stdin reader.
+const TICK: Duration = Duration::from_secs(1);
+
+pub fn serve(args: Args) -> ExitCode {
+    let client = crate::input::client_address();
+    let (config, backend) = match settings(args, &client) {
+        Ok(ok) => ok,
+        Err(e) => {
+            log::error!("smtp: configuration error: {e:#}");
+            // The client is told to come back later rather than left without an answer.
+            let mut out = std::io::stdout();
+            let _ = out.write_all(b"421 4.3.5 Service not available: configuration error\r\n");
+            let _ = out.flush();
+            return ExitCode::FAILURE;
+        }
+    };
+    log::debug!("smtp: session from {client}");
+    backend::set_nodelay(1, None);
+    let mut relay = SmtpRelay::new(backend);
+    let input = BufReader::with_capacity(64 * 1024, crate::input::TickingStdin::new(TICK));
+    let output = std::io::stdout().lock();
+    Session::new(input, output, &mut relay, &config).run();
+    ExitCode::SUCCESS
+}
+
+/// Turns the options (and the legacy environment variables) into a session configuration
+/// and a backend description. Every mistake is found here, before the client is greeted.
+fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
+    let host = args
+        .smtp_host
+        .clone()
+        .or_else(|| legacy_env("BACKEND_SMTP_HOST"))
+        .context("no submission server: set --smtp-host (or LMP_SMTP_HOST)")?;
+    let tls = match args.smtp_tls {
+        Some(mode) => mode,
+        None => legacy_tls_mode()?.unwrap_or(TlsMode::Implicit),
+    };
+    let port = match args.smtp_port {
+        Some(port) => port,
+        None => match legacy_env("BACKEND_SMTP_PORT") {
+            Some(p) => p
+                .parse()
+                .with_context(|| format!("BACKEND_SMTP_PORT={p} is not a port"))?,
+            None => match tls {
+                TlsMode::Implicit => 465,
+                TlsMode::Starttls => 587,
+                TlsMode::None => 25,
+            },
+        },
+    };
+    if tls == TlsMode::None {
+        log::warn!(
+            "smtp: --smtp-tls none: the password and every message cross the network to \
+             {host}:{port} unencrypted"
+        );
+    }
+    let tls_parameters = match tls {
+        TlsMode::None => None,
+        _ => Some(args.backend.tls().lettre_parameters(&host)?),
+    };
+
+    let smtp_user = args
+        .smtp_user
+        .clone()
+        .or_else(|| legacy_env("BACKEND_SMTP_USER"));
+    let smtp_password = crate::secret::load(
+        args.smtp_password_file.as_deref(),
+        &["LMP_SMTP_PASSWORD", "BACKEND_SMTP_PASS"],
+        "smtp-password",
+    )?;
+    let mode = match args.client_auth {
+        Some(mode) => mode,
+        None if args.client_user.is_some() => ClientAuthMode::Local,
+        None if smtp_user.is_none() => ClientAuthMode::Passthrough,
+        None => bail!(
+            "choose --client-auth: local (with --client-user), passthrough, or none (an \
+             open relay for anyone who can reach the port)"
+        ),
+    };
+    let credentials = match (mode, smtp_user) {
+        (ClientAuthMode::Passthrough, Some(_)) => {
+            log::warn!("smtp: --smtp-user is ignored with --client-auth passthrough");
+            None
+        }
+        (_, Some(user)) => {
+            let password = smtp_password.with_context(|| {
+                format!(
+                    "--smtp-user {user} has no password: use --smtp-password-file, \
+                     LMP_SMTP_PASSWORD or the systemd credential smtp-password"
+                )
+            })?;
+            Some((user, password))
+        }
+        (_, None) => None,
+    };
+    let auth = match mode {
+        ClientAuthMode::None => ClientAuth::None,
+        ClientAuthMode::Passthrough => ClientAuth::Passthrough,
+        ClientAuthMode::Local => {
+            let user = args
+                .client_user
+                .clone()
+                .context("--client-auth local needs --client-user")?;
+            let password = crate::secret::load(
+                args.client_password_file.as_deref(),
+                &["LMP_CLIENT_PASSWORD"],
+                "client-password",
+            )?
+            .with_context(|| {
+                "--client-user has no password: use --client-password-file, \
+                 LMP_CLIENT_PASSWORD or the systemd credential client-password"
+            })?;
+            ClientAuth::Local { user, password }
+        }
+    };
+
+    for (option, value) in [
+        ("--force-sender", &args.force_sender),
+        ("--rewrite-from", &args.rewrite_from),
+        ("--reply-to", &args.reply_to),
+    ] {
+        if let Some(address) = value {
+            command::check_address(address, false)
+                .map_err(|e| anyhow::anyhow!("{option} {address}: {}", e.reply().summary()))?;
+        }
+    }
+    for entry in &args.allowed_senders {
+        let entry = entry.trim();
+        let valid = match entry.strip_prefix('@') {
+            Some(domain) => command::check_address(&format!("x@{domain}"), false).is_ok(),
+            None => entry.is_empty() || command::check_address(entry, false).is_ok(),
+        };
+        anyhow::ensure!(
+            valid,
+            "--allowed-senders: {entry} is not an address or @domain"
+        );
+    }
+
+    let hostname = match args.hostname {
+        Some(h) => h,
+        None => lettre::transport::smtp::extension::ClientId::default().to_string(),
+    };
+    anyhow::ensure!(
+        !hostname.is_empty() && hostname.bytes().all(|b| b.is_ascii_graphic()),
+        "--hostname {hostname:?} is not a host name"
+    );
+    anyhow::ensure!(
+        args.idle_timeout >= 1,
+        "--idle-timeout must be at least 1 second"
+    );
+    if args.idle_timeout < 300 {
+        log::warn!(
+            "smtp: --idle-timeout {} is below RFC 5321's 300 seconds",
+            args.idle_timeout
+        );
+    }
+    anyhow::ensure!(
+        args.auth_failure_delay.is_finite() && args.auth_failure_delay >= 0.0,
+        "--auth-failure-delay must be a number of seconds"
+    );
+
+    let mut config = Config::new(&hostname);
+    config.client = client.to_string();
+    config.max_message_size = args.max_message_size;
+    config.max_recipients = args.max_recipients.max(1);
+    config.auth = auth;
+    config.allowed_senders = AllowedSenders::new(&args.allowed_senders);
+    config.force_sender = args.force_sender;
+    config.edits = HeaderEdits {
+        rewrite_from: args.rewrite_from,
+        reply_to: args.reply_to,
+        id_domain: hostname.clone(),
+    };
+    config.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.tick = TICK;
+    config.auth_failure_delay = Duration::from_secs_f64(args.auth_failure_delay);
+    config.max_auth_failures = args.max_auth_failures.max(1);
+    config.spool_dir = args.spool_dir.unwrap_or_else(std::env::temp_dir);
+
+    let backend = Backend {
+        host,
+        port,
+        tls,
+        tls_parameters,
+        timeouts: args.backend.timeouts(),
+        hello: hostname,
+        credentials,
+    };
+    Ok((config, backend))
+}
+
+/// The Python legacy-email-proxy's BACKEND_SMTP_USE_SSL / BACKEND_SMTP_USE_TLS. Both set to
+/// false is its way of asking for a plain connection, so that counts as explicit.
+fn legacy_tls_mode() -> anyhow::Result<Option<TlsMode>> {
+    let ssl = legacy_env_flag("BACKEND_SMTP_USE_SSL")?;
+    let starttls = legacy_env_flag("BACKEND_SMTP_USE_TLS")?;
+    Ok(match (ssl, starttls) {
+        (Some(true), _) => Some(TlsMode::Implicit),
+        (_, Some(true)) => Some(TlsMode::Starttls),
+        (Some(false), Some(false)) => Some(TlsMode::None),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn settings_of(extra: &[&str]) -> anyhow::Result<(Config, Backend)> {
+        let mut argv = vec!["legacy-mail-proxy", "smtp", "--smtp-host", "smtp.example"];
+        argv.extend(extra);
+        match crate::cli::Cli::try_parse_from(argv)?.command {
+            crate::cli::Command::Smtp(args) => settings(*args, "192.0.2.1:1234"),
+            _ => unreachable!(),
+        }
+    }
+
+    fn password_file(name: &str) -> String {
+        let path = std::env::temp_dir().join(format!("lmp-smtp-{}-{name}", std::process::id()));
+        std::fs::write(&path, "secret\n").unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn defaults_are_implicit_tls_on_465_and_passthrough_without_an_smtp_user() {
+        let (config, backend) = settings_of(&["--hostname", "gw.example"]).unwrap();
+        assert_eq!((backend.tls, backend.port), (TlsMode::Implicit, 465));
+        assert!(matches!(config.auth, ClientAuth::Passthrough));
+        assert_eq!(config.max_message_size, 35 * 1024 * 1024);
+        assert_eq!(config.max_recipients, 100);
+        assert_eq!(config.idle_timeout, Duration::from_secs(300));
+        assert_eq!(config.client, "192.0.2.1:1234");
+        assert_eq!(backend.hello, "gw.example");
+        assert!(backend.credentials.is_none());
+        let (_, backend) = settings_of(&["--smtp-tls", "starttls"]).unwrap();
+        assert_eq!(backend.port, 587);
+    }
+
+    #[test]
+    fn an_open_relay_must_be_chosen_explicitly() {
+        let pw = password_file("open");
+        let err = settings_of(&["--smtp-user", "gw", "--smtp-password-file", &pw]).unwrap_err();
+        assert!(err.to_string().contains("choose --client-auth"), "{err}");
+        let (config, backend) = settings_of(&[
+            "--smtp-user",
+            "gw",
+            "--smtp-password-file",
+            &pw,
+            "--client-auth",
+            "none",
+        ])
+        .unwrap();
+        assert!(matches!(config.auth, ClientAuth::None));
+        assert_eq!(backend.credentials, Some(("gw".into(), "secret".into())));
+    }
+
+    #[test]
+    fn local_auth_needs_a_user_and_a_password() {
+        let err = settings_of(&["--client-auth", "local"]).unwrap_err();
+        assert!(err.to_string().contains("--client-user"), "{err}");
+        let err = settings_of(&["--client-user", "dev"]).unwrap_err();
+        assert!(err.to_string().contains("no password"), "{err}");
+        let pw = password_file("local");
+        let (config, _) =
+            settings_of(&["--client-user", "dev", "--client-password-file", &pw]).unwrap();
+        assert!(config.auth.check_local("dev", "secret"));
+    }
+
+    #[test]
+    fn malformed_addresses_in_options_are_refused_at_startup() {
+        for (option, value) in [
+            ("--force-sender", "a b@c"),
+            ("--rewrite-from", "nobody"),
+            ("--reply-to", "x@y>"),
+            ("--allowed-senders", "@"),
+        ] {
+            assert!(settings_of(&[option, value]).is_err(), "{option} {value}");
+        }
+        let (config, _) = settings_of(&["--allowed-senders", "a@b.example,@c.example"]).unwrap();
+        assert!(config.allowed_senders.allows("x@c.example"));
+        assert!(!config.allowed_senders.allows("x@b.example"));
+    }
 }

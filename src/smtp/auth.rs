@@ -1,0 +1,138 @@
+//! Who may send: client authentication (RFC 4954 with SASL PLAIN, RFC 4616, and LOGIN,
+//! draft-murchison-sasl-login) and the allowed-senders list.
+
+use crate::secret;
+
+/// How clients are authenticated.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    /// No AUTH: anyone who can reach the port may send (an open relay for that network).
+    None,
+    /// AUTH is checked against one configured account; MAIL before AUTH gets `530`.
+    Local { user: String, password: String },
+    /// The client's AUTH credentials log in to the backend, which decides.
+    Passthrough,
+}
+
+impl ClientAuth {
+    pub fn enabled(&self) -> bool {
+        !matches!(self, ClientAuth::None)
+    }
+
+    /// Checks credentials for `Local`, comparing without early exit.
+    pub fn check_local(&self, user: &str, password: &str) -> bool {
+        match self {
+            ClientAuth::Local {
+                user: u,
+                password: p,
+            } => {
+                // Both comparisons always run, so timing says nothing about which failed.
+                let user_ok = secret::equal(user.as_bytes(), u.as_bytes());
+                let password_ok = secret::equal(password.as_bytes(), p.as_bytes());
+                user_ok & password_ok
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Decodes a SASL PLAIN message (RFC 4616 §2): `[authzid] NUL authcid NUL passwd`, UTF-8.
+/// An authorization identity other than the user itself is not supported.
+pub fn decode_plain(message: &[u8]) -> Option<(String, String)> {
+    let mut parts = message.split(|&b| b == 0);
+    let (authz, user, password) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || user.is_empty() {
+        return None;
+    }
+    if !authz.is_empty() && authz != user {
+        return None;
+    }
+    Some((
+        String::from_utf8(user.to_vec()).ok()?,
+        String::from_utf8(password.to_vec()).ok()?,
+    ))
+}
+
+/// The `--allowed-senders` list: addresses, or `@domain` for a whole domain.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedSenders {
+    entries: Vec<String>,
+}
+
+impl AllowedSenders {
+    pub fn new<S: AsRef<str>>(entries: &[S]) -> Self {
+        AllowedSenders {
+            entries: entries
+                .iter()
+                .map(|e| e.as_ref().trim().to_ascii_lowercase())
+                .filter(|e| !e.is_empty())
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// An empty list allows everyone. Matching ignores ASCII case (local parts are
+    /// case-sensitive in theory, never in practice). The null sender matches nothing.
+    pub fn allows(&self, address: &str) -> bool {
+        if self.entries.is_empty() {
+            return true;
+        }
+        let address = address.to_ascii_lowercase();
+        let domain = address.rsplit_once('@').map(|(_, d)| d);
+        self.entries
+            .iter()
+            .any(|entry| match entry.strip_prefix('@') {
+                Some(d) => domain == Some(d),
+                None => *entry == address,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_messages() {
+        assert_eq!(
+            decode_plain(b"\0alice\0p w\xc3\xa9"),
+            Some(("alice".into(), "p w\u{e9}".into()))
+        );
+        assert_eq!(
+            decode_plain(b"alice\0alice\0pw"),
+            Some(("alice".into(), "pw".into()))
+        );
+        assert_eq!(decode_plain(b"root\0alice\0pw"), None);
+        assert_eq!(decode_plain(b"\0alice"), None);
+        assert_eq!(decode_plain(b"\0\0pw"), None);
+        assert_eq!(decode_plain(b"\0a\0b\0c"), None);
+        assert_eq!(decode_plain(b"\0a\0\xff"), None);
+    }
+
+    #[test]
+    fn allowed_senders_match_addresses_and_domains() {
+        let list = AllowedSenders::new(&["Scanner@Lan.example", "@corp.example", " "]);
+        assert!(list.allows("scanner@lan.example"));
+        assert!(list.allows("anyone@CORP.example"));
+        assert!(!list.allows("other@lan.example"));
+        assert!(!list.allows("x@sub.corp.example"));
+        assert!(!list.allows("corp.example@evil.example"));
+        assert!(!list.allows(""));
+        assert!(AllowedSenders::new::<&str>(&[]).allows(""));
+    }
+
+    #[test]
+    fn local_check_needs_both_parts() {
+        let auth = ClientAuth::Local {
+            user: "dev".into(),
+            password: "pw".into(),
+        };
+        assert!(auth.check_local("dev", "pw"));
+        assert!(!auth.check_local("dev", "pW"));
+        assert!(!auth.check_local("Dev", "pw"));
+        assert!(!ClientAuth::Passthrough.check_local("dev", "pw"));
+    }
+}

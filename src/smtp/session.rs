@@ -1,0 +1,833 @@
+//! The SMTP server core: one session with one client, generic over `BufRead + Write`.
+//!
+//! RFC 5321 §3 (transactions), §4.1.1 (commands), §4.1.4 (order: HELO/EHLO first, EHLO and
+//! RSET clear the transaction), §4.2 (reply codes), §4.5.3.1 (limits), §4.5.3.2 (timeouts);
+//! RFC 2920 (pipelining: replies strictly in command order), RFC 1870 (SIZE), RFC 6152
+//! (8BITMIME), RFC 2034 (enhanced status codes), RFC 4954 (AUTH).
+//!
+//! Each command is checked first (state, limits, policy), with the proxy's own reply when
+//! it fails, and only then proceeds to the relay, whose reply is passed through. The relay
+//! is asked for nothing until MAIL (or AUTH in passthrough mode), so a session that only
+//! says EHLO/QUIT, as monitoring probes do, never touches the backend.
+
+use super::auth::{AllowedSenders, ClientAuth, decode_plain};
+use super::command::{self, AUTH_LINE_MAX, AuthStart, Command, Mechanism};
+use super::data::DataDecoder;
+use super::headers::{self, HeaderEdits, HeaderError};
+use super::relay::{Relay, RelayError};
+use super::reply::{Enhanced, Reply};
+use super::spool::{HEAD_MAX, Spool};
+use crate::lines::{LineBuffer, LineStatus};
+use std::io::{self, BufRead, Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+/// Everything a session needs to know, fixed at startup.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Our name in the greeting and EHLO reply.
+    pub hostname: String,
+    /// The client's address, for log lines.
+    pub client: String,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub auth: ClientAuth,
+    pub allowed_senders: AllowedSenders,
+    /// Envelope sender used upstream instead of the client's.
+    pub force_sender: Option<String>,
+    pub edits: HeaderEdits,
+    /// RFC 5321 §4.5.3.2.7: at least 5 minutes without a command or data.
+    pub idle_timeout: Duration,
+    /// How long each `TimedOut` read error of the input stands for.
+    pub tick: Duration,
+    pub auth_failure_delay: Duration,
+    pub max_auth_failures: u32,
+    pub spool_dir: PathBuf,
+    /// Bytes of a message kept in memory (the rest is spooled to a file).
+    pub head_max: usize,
+}
+
+impl Config {
+    /// Defaults matching the command line's, for tests and embedding.
+    pub fn new(hostname: &str) -> Self {
+        Config {
+            hostname: hostname.to_string(),
+            client: "local".into(),
+            max_message_size: 35 * 1024 * 1024,
+            max_recipients: 100,
+            auth: ClientAuth::None,
+            allowed_senders: AllowedSenders::default(),
+            force_sender: None,
+            edits: HeaderEdits {
+                id_domain: hostname.to_string(),
+                ..HeaderEdits::default()
+            },
+            idle_timeout: Duration::from_secs(300),
+            tick: Duration::from_secs(1),
+            auth_failure_delay: Duration::from_secs(2),
+            max_auth_failures: 3,
+            spool_dir: std::env::temp_dir(),
+            head_max: HEAD_MAX,
+        }
+    }
+}
+
+/// Unknown or misplaced commands tolerated before the session is closed (as Dovecot and
+/// Postfix do), so a confused or hostile peer cannot keep a process busy forever.
+const MAX_BAD_COMMANDS: u32 = 20;
+
+/// Where the session is, RFC 5321 §3.3 and §4.1.4.
+#[derive(Debug)]
+enum State {
+    /// Greeting sent; no HELO/EHLO yet.
+    Fresh,
+    /// Greeted, no transaction.
+    Ready,
+    /// MAIL accepted by the backend.
+    Mail(Transaction),
+}
+
+#[derive(Debug)]
+struct Transaction {
+    /// The reverse-path the client gave (before --force-sender), for logs.
+    from: String,
+    accepted: usize,
+    refused: usize,
+    /// The backend connection died mid-transaction; DATA is refused at once.
+    broken: bool,
+}
+
+/// Whether the session goes on after a command.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close(&'static str),
+}
+
+/// What reading a line gave.
+enum Input {
+    Line,
+    TooLong,
+    End(&'static str),
+}
+
+/// Counts for the session's closing log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub messages: u32,
+    pub sent: u32,
+    pub failed: u32,
+}
+
+pub struct Session<'a, R: BufRead, W: Write> {
+    input: R,
+    output: W,
+    relay: &'a mut dyn Relay,
+    config: &'a Config,
+    lines: LineBuffer,
+    state: State,
+    helo: String,
+    user: Option<String>,
+    idle: Duration,
+    bad_commands: u32,
+    auth_failures: u32,
+    spool: Option<Spool>,
+    stats: Stats,
+}
+
+impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
+    pub fn new(input: R, output: W, relay: &'a mut dyn Relay, config: &'a Config) -> Self {
+        Session {
+            input,
+            output,
+            relay,
+            config,
+            lines: LineBuffer::new(AUTH_LINE_MAX),
+            state: State::Fresh,
+            helo: String::new(),
+            user: None,
+            idle: Duration::ZERO,
+            bad_commands: 0,
+            auth_failures: 0,
+            spool: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Serves the client until QUIT, end of input, timeout or a write error.
+    pub fn run(mut self) -> Stats {
+        let started = std::time::Instant::now();
+        let greeting = Reply::plain(220, format!("{} ESMTP ready", self.config.hostname));
+        let reason = match self.send(&greeting) {
+            Ok(()) => self.serve(),
+            Err(_) => "client write failed",
+        };
+        // QUIT also ends an open transaction (RFC 5321 §4.1.1.10): no RSET first.
+        self.relay.quit();
+        log::info!(
+            "smtp session end: client={} helo={} user={} messages={} sent={} failed={} end={} seconds={}",
+            self.config.client,
+            if self.helo.is_empty() {
+                "-"
+            } else {
+                &self.helo
+            },
+            self.user.as_deref().unwrap_or("-"),
+            self.stats.messages,
+            self.stats.sent,
+            self.stats.failed,
+            reason,
+            started.elapsed().as_secs()
+        );
+        self.stats
+    }
+
+    fn serve(&mut self) -> &'static str {
+        loop {
+            let flow = match self.read_line() {
+                Input::End(reason) => return reason,
+                Input::TooLong => self.bad(&command::ParseError::LineTooLong.reply()),
+                Input::Line => match command::parse(self.lines.line()) {
+                    Ok(cmd) => self.dispatch(cmd),
+                    Err(e) => self.bad(&e.reply()),
+                },
+            };
+            match flow {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Close(reason)) => return reason,
+                Err(_) => return "client write failed",
+            }
+        }
+    }
+
+    fn dispatch(&mut self, cmd: Command) -> io::Result<Flow> {
+        match cmd {
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Helo(name) => self.hello(name, false),
+            Command::Mail(mail) => self.mail(mail),
+            Command::Rcpt(rcpt) => self.rcpt(&rcpt.address),
+            Command::Data => self.data(),
+            Command::Rset => {
+                self.end_transaction();
+                self.ok(Reply::new(250, Enhanced::new(2, 0, 0), "Ok"))
+            }
+            Command::Noop => self.ok(Reply::new(250, Enhanced::new(2, 0, 0), "Ok")),
+            Command::Quit => {
+                self.send(&Reply::new(221, Enhanced::new(2, 0, 0), "Bye"))?;
+                Ok(Flow::Close("quit"))
+            }
+            // RFC 5321 §3.5.3: 252 when the server will not verify but will try to deliver.
+            Command::Vrfy => self.ok(Reply::new(
+                252,
+                Enhanced::new(2, 5, 0),
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn => self.ok(Reply::new(
+                502,
+                Enhanced::new(5, 5, 1),
+                "EXPN not available",
+            )),
+            Command::Help => {
+                let mut verbs = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP".to_string();
+                if self.config.auth.enabled() {
+                    verbs.push_str(" AUTH");
+                }
+                self.ok(Reply::new(
+                    214,
+                    Enhanced::new(2, 0, 0),
+                    format!("Commands: {verbs}"),
+                ))
+            }
+            Command::Auth(start) => self.auth(start),
+            Command::NotImplemented(verb) => self.bad(&Reply::new(
+                502,
+                Enhanced::new(5, 5, 1),
+                format!("{verb} not implemented"),
+            )),
+        }
+    }
+
+    // ---- HELO / EHLO -------------------------------------------------------------------
+
+    fn hello(&mut self, name: String, extended: bool) -> io::Result<Flow> {
+        // RFC 5321 §4.1.4: EHLO/HELO in a transaction aborts it, like RSET.
+        self.end_transaction();
+        self.state = State::Ready;
+        self.helo = name;
+        let host = &self.config.hostname;
+        if !extended {
+            return self.ok(Reply::plain(250, host.clone()));
+        }
+        // Only extensions the relay honours: no STARTTLS (the client side is the local
+        // trusted link), no DSN, CHUNKING or SMTPUTF8 (lettre's connection cannot relay them).
+        let mut lines = vec![
+            format!("{host} greets {}", self.helo),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_size),
+            "8BITMIME".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+        ];
+        if self.config.auth.enabled() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        self.ok(Reply::multi(250, lines))
+    }
+
+    // ---- MAIL --------------------------------------------------------------------------
+
+    fn mail(&mut self, mail: command::MailFrom) -> io::Result<Flow> {
+        match self.state {
+            State::Fresh => return self.bad(&need("Send HELO/EHLO first")),
+            State::Mail(_) => return self.bad(&need("Nested MAIL command")),
+            State::Ready => {}
+        }
+        if self.config.auth.enabled() && self.user.is_none() {
+            return self.ok(Reply::new(
+                530,
+                Enhanced::new(5, 7, 0),
+                "Authentication required",
+            ));
+        }
+        if mail.size.is_some_and(|s| s > self.config.max_message_size) {
+            return self.ok(too_big());
+        }
+        if !self.config.allowed_senders.allows(&mail.address) {
+            log::warn!(
+                "smtp: client={} sender <{}> refused: not in --allowed-senders",
+                self.config.client,
+                mail.address
+            );
+            return self.ok(Reply::new(
+                550,
+                Enhanced::new(5, 7, 1),
+                format!("Sender address <{}> not allowed", mail.address),
+            ));
+        }
+        let upstream = self.config.force_sender.as_deref().unwrap_or(&mail.address);
+        match self.relay.mail(upstream) {
+            Ok(reply) => {
+                if reply.is_positive() {
+                    self.state = State::Mail(Transaction {
+                        from: mail.address,
+                        accepted: 0,
+                        refused: 0,
+                        broken: false,
+                    });
+                }
+                self.ok(reply.relayed())
+            }
+            Err(e) => {
+                let reply = self.relay_failure(&e, "MAIL");
+                self.ok(reply)
+            }
+        }
+    }
+
+    // ---- RCPT --------------------------------------------------------------------------
+
+    fn rcpt(&mut self, to: &str) -> io::Result<Flow> {
+        let State::Mail(tx) = &mut self.state else {
+            return self.bad(&need("Need MAIL command"));
+        };
+        if tx.accepted >= self.config.max_recipients {
+            // RFC 5321 §4.5.3.1.10: 452, and the client sends the rest in a new transaction.
+            return self.ok(Reply::new(
+                452,
+                Enhanced::new(4, 5, 3),
+                "Too many recipients",
+            ));
+        }
+        if tx.broken {
+            return self.ok(lost_backend());
+        }
+        match self.relay.rcpt(to) {
+            Ok(reply) => {
+                if reply.is_positive() {
+                    tx.accepted += 1;
+                } else {
+                    tx.refused += 1;
+                }
+                self.ok(reply.relayed())
+            }
+            Err(e) => {
+                tx.broken = true;
+                let reply = self.relay_failure(&e, "RCPT");
+                self.ok(reply)
+            }
+        }
+    }
+
+    // ---- DATA --------------------------------------------------------------------------
+
+    fn data(&mut self) -> io::Result<Flow> {
+        let State::Mail(tx) = &self.state else {
+            return self.bad(&need("Need MAIL command"));
+        };
+        if tx.accepted == 0 {
+            // RFC 5321 §3.3: 554 when every RCPT was refused, 503 when none was given.
+            let reply = if tx.refused > 0 {
+                Reply::new(554, Enhanced::new(5, 5, 1), "No valid recipients")
+            } else {
+                need("Need RCPT command")
+            };
+            return self.bad(&reply);
+        }
+        if tx.broken {
+            self.end_transaction();
+            return self.ok(lost_backend());
+        }
+        let mut spool = self.spool.take().unwrap_or_else(|| {
+            Spool::with_head_max(
+                &self.config.spool_dir,
+                self.config.max_message_size,
+                self.config.head_max,
+            )
+        });
+        spool.clear();
+        self.send(&Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))?;
+        if let Err(reason) = self.receive(&mut spool) {
+            // The client is gone mid-message: nothing was sent upstream, so nothing is lost
+            // beyond what the client knows it did not finish.
+            self.log_message(&spool, "aborted", reason);
+            return Ok(Flow::Close(reason));
+        }
+        let reply = self.relay_message(&mut spool);
+        self.spool = Some(spool);
+        // RFC 5321 §4.1.1.4: after the reply to the final dot the transaction is over.
+        self.state = State::Ready;
+        self.ok(reply)
+    }
+
+    /// Reads the message up to its final dot into `spool`, with idle ticks.
+    fn receive(&mut self, spool: &mut Spool) -> Result<(), &'static str> {
+        let mut decoder = DataDecoder::new();
+        let mut out = Vec::with_capacity(16 * 1024);
+        loop {
+            let chunk = match self.input.fill_buf() {
+                Ok([]) => return Err("client closed during DATA"),
+                Ok(chunk) => chunk,
+                Err(e) if is_tick(&e) => {
+                    if self.idle_expired() {
+                        let _ = self.send(&timeout_reply(&self.config.hostname));
+                        return Err("timeout during DATA");
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err("client read failed during DATA"),
+            };
+            self.idle = Duration::ZERO;
+            out.clear();
+            let used = decoder.decode(chunk, &mut out);
+            self.input.consume(used);
+            spool.write(&out);
+            if decoder.is_done() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Decides the reply to the final dot: the proxy's own refusal, or the backend's answer.
+    fn relay_message(&mut self, spool: &mut Spool) -> Reply {
+        if let Some(e) = spool.take_error() {
+            log::error!(
+                "smtp: client={} cannot spool message: {e}",
+                self.config.client
+            );
+            self.relay.reset();
+            let reply = local_error();
+            self.log_message(spool, "failed", &reply.summary());
+            return reply;
+        }
+        if spool.oversized() {
+            self.relay.reset();
+            let reply = too_big();
+            self.log_message(spool, "refused", &reply.summary());
+            return reply;
+        }
+        let edited = headers::edit(
+            spool.head(),
+            spool.complete_in_head(),
+            &self.config.edits,
+            SystemTime::now(),
+        );
+        let (head, changes) = match edited {
+            Ok(ok) => ok,
+            Err(HeaderError::TooLarge) => {
+                self.relay.reset();
+                let reply = Reply::new(552, Enhanced::new(5, 3, 4), "Header block too large");
+                self.log_message(spool, "refused", &reply.summary());
+                return reply;
+            }
+        };
+        if !changes.is_empty() {
+            log::debug!(
+                "smtp: client={} header edits: {}",
+                self.config.client,
+                changes.join(",")
+            );
+        }
+        let result = match spool.tail() {
+            Ok((tail, tail_len)) => {
+                let len = head.len() as u64 + tail_len;
+                let mut message = io::Cursor::new(head).chain(tail);
+                self.relay.data(&mut message, len)
+            }
+            Err(e) => Err(RelayError::Local(format!("cannot read the spool: {e}"))),
+        };
+        let reply = match result {
+            Ok(reply) => reply.relayed(),
+            Err(e) => self.relay_failure(&e, "DATA"),
+        };
+        let result = if reply.is_positive() {
+            "sent"
+        } else if reply.is_transient() {
+            "deferred"
+        } else {
+            "refused"
+        };
+        self.log_message(spool, result, &reply.summary());
+        reply
+    }
+
+    /// The one log line per message (the session line is in `run`).
+    fn log_message(&mut self, spool: &Spool, result: &str, reply: &str) {
+        let State::Mail(tx) = &self.state else {
+            return;
+        };
+        self.stats.messages += 1;
+        if result == "sent" {
+            self.stats.sent += 1;
+        } else {
+            self.stats.failed += 1;
+        }
+        let line = format!(
+            "smtp message: client={} from=<{}> rcpts={} size={} result={result} reply=\"{}\"",
+            self.config.client,
+            tx.from,
+            tx.accepted,
+            spool.size(),
+            reply.replace('"', "'")
+        );
+        if result == "sent" {
+            log::info!("{line}");
+        } else {
+            log::warn!("{line}");
+        }
+    }
+
+    // ---- AUTH --------------------------------------------------------------------------
+
+    fn auth(&mut self, start: AuthStart) -> io::Result<Flow> {
+        if !self.config.auth.enabled() {
+            return self.bad(&need("Authentication not enabled"));
+        }
+        match self.state {
+            State::Fresh => return self.bad(&need("Send EHLO first")),
+            State::Mail(_) => return self.bad(&need("AUTH not allowed during a mail transaction")),
+            State::Ready => {}
+        }
+        if self.user.is_some() {
+            return self.bad(&need("Already authenticated"));
+        }
+        let mechanism = match &start.mechanism {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+            Mechanism::Other(_) => {
+                return self.ok(Reply::new(
+                    504,
+                    Enhanced::new(5, 5, 4),
+                    "Unrecognized authentication type",
+                ));
+            }
+        };
+        let credentials = match start.mechanism {
+            Mechanism::Plain => match self.sasl_step(start.initial, "")? {
+                Err(flow) => return Ok(flow),
+                Ok(message) => decode_plain(&message),
+            },
+            _ => {
+                let user = match self.sasl_step(start.initial, "VXNlcm5hbWU6")? {
+                    Err(flow) => return Ok(flow),
+                    Ok(user) => user,
+                };
+                let password = match self.sasl_step(None, "UGFzc3dvcmQ6")? {
+                    Err(flow) => return Ok(flow),
+                    Ok(password) => password,
+                };
+                String::from_utf8(user)
+                    .ok()
+                    .zip(String::from_utf8(password).ok())
+            }
+        };
+        let Some((user, password)) = credentials else {
+            return self.auth_failed(
+                mechanism,
+                Reply::new(
+                    535,
+                    Enhanced::new(5, 7, 8),
+                    "Authentication credentials invalid",
+                ),
+            );
+        };
+        let reply = match &self.config.auth {
+            ClientAuth::Passthrough => match self.relay.login(&user, &password) {
+                Ok(reply) => reply.relayed(),
+                Err(e) => {
+                    log::warn!("smtp: client={} AUTH {mechanism}: {e}", self.config.client);
+                    return self.ok(Reply::new(
+                        454,
+                        Enhanced::new(4, 7, 0),
+                        "Temporary authentication failure",
+                    ));
+                }
+            },
+            auth => {
+                if auth.check_local(&user, &password) {
+                    Reply::new(235, Enhanced::new(2, 7, 0), "Authentication successful")
+                } else {
+                    Reply::new(
+                        535,
+                        Enhanced::new(5, 7, 8),
+                        "Authentication credentials invalid",
+                    )
+                }
+            }
+        };
+        if reply.code == 235 {
+            log::info!(
+                "smtp: client={} authenticated as {user} (AUTH {mechanism})",
+                self.config.client
+            );
+            self.user = Some(user);
+            return self.ok(reply);
+        }
+        if reply.is_transient() {
+            return self.ok(reply);
+        }
+        self.auth_failed(mechanism, reply)
+    }
+
+    /// One SASL round: the initial response if the client gave one, else a `334` challenge
+    /// and the client's line. `Err(flow)` when the exchange ended (cancelled, bad base64,
+    /// client gone); the reply has been sent.
+    fn sasl_step(
+        &mut self,
+        initial: Option<String>,
+        challenge: &str,
+    ) -> io::Result<Result<Vec<u8>, Flow>> {
+        let encoded = match initial {
+            Some(text) => text.into_bytes(),
+            None => {
+                self.send(&Reply::plain(334, challenge))?;
+                match self.read_line() {
+                    Input::Line => self.lines.line().to_vec(),
+                    Input::TooLong => {
+                        return self.bad(&command::ParseError::LineTooLong.reply()).map(Err);
+                    }
+                    Input::End(reason) => return Ok(Err(Flow::Close(reason))),
+                }
+            }
+        };
+        if encoded == b"*" {
+            // RFC 4954 §4: the client cancelled; 501.
+            return self
+                .ok(Reply::new(
+                    501,
+                    Enhanced::new(5, 0, 0),
+                    "Authentication cancelled",
+                ))
+                .map(Err);
+        }
+        // RFC 4954 §4: `=` is an empty initial response.
+        let decoded = if encoded == b"=" {
+            Some(Vec::new())
+        } else {
+            crate::base64::decode(&encoded)
+        };
+        match decoded {
+            Some(bytes) => Ok(Ok(bytes)),
+            None => self
+                .bad(&Reply::new(
+                    501,
+                    Enhanced::new(5, 5, 2),
+                    "Invalid base64 data",
+                ))
+                .map(Err),
+        }
+    }
+
+    fn auth_failed(&mut self, mechanism: &str, reply: Reply) -> io::Result<Flow> {
+        self.auth_failures += 1;
+        // The user name is left out on purpose: people type passwords into it.
+        log::warn!(
+            "smtp: client={} AUTH {mechanism} failed ({} of {}): {}",
+            self.config.client,
+            self.auth_failures,
+            self.config.max_auth_failures,
+            reply.summary()
+        );
+        std::thread::sleep(self.config.auth_failure_delay);
+        self.send(&reply)?;
+        if self.auth_failures >= self.config.max_auth_failures {
+            return self.close(
+                "Too many failed authentications",
+                "too many failed authentications",
+            );
+        }
+        Ok(Flow::Continue)
+    }
+
+    // ---- helpers -----------------------------------------------------------------------
+
+    /// Leaves any transaction, here and at the backend.
+    fn end_transaction(&mut self) {
+        if let State::Mail(_) = self.state {
+            self.relay.reset();
+            self.state = State::Ready;
+        }
+    }
+
+    /// The reply and log line for a relay failure that has no backend reply.
+    fn relay_failure(&self, error: &RelayError, during: &str) -> Reply {
+        match error {
+            RelayError::LoginRefused(why) => {
+                log::error!(
+                    "smtp: client={} the backend refused the proxy's login (--smtp-user and its \
+                     password): {why}",
+                    self.config.client
+                );
+                Reply::new(
+                    451,
+                    Enhanced::new(4, 3, 5),
+                    "Relay login failed; try again later",
+                )
+            }
+            RelayError::Unavailable(why) => {
+                log::warn!(
+                    "smtp: client={} backend failed at {during}: {why}",
+                    self.config.client
+                );
+                if during == "MAIL" {
+                    Reply::new(
+                        451,
+                        Enhanced::new(4, 4, 1),
+                        "Backend unavailable; try again later",
+                    )
+                } else {
+                    lost_backend()
+                }
+            }
+            RelayError::Local(why) => {
+                log::error!("smtp: client={} {during}: {why}", self.config.client);
+                local_error()
+            }
+        }
+    }
+
+    /// Reads one line, counting idle ticks against the RFC 5321 §4.5.3.2.7 timeout.
+    fn read_line(&mut self) -> Input {
+        loop {
+            match self.lines.read_from(&mut self.input) {
+                Ok(LineStatus::Complete) => {
+                    self.idle = Duration::ZERO;
+                    return Input::Line;
+                }
+                Ok(LineStatus::TooLong) => {
+                    self.idle = Duration::ZERO;
+                    return Input::TooLong;
+                }
+                Ok(LineStatus::Eof) => return Input::End("client closed"),
+                Err(e) if is_tick(&e) => {
+                    if self.idle_expired() {
+                        let _ = self.send(&timeout_reply(&self.config.hostname));
+                        return Input::End("timeout");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Input::End("client read failed"),
+            }
+        }
+    }
+
+    fn idle_expired(&mut self) -> bool {
+        self.idle += self.config.tick;
+        self.idle >= self.config.idle_timeout
+    }
+
+    /// Writes a reply and flushes it: replies go out in command order (RFC 2920 §3), and a
+    /// pipelining client may be waiting for exactly this one.
+    fn send(&mut self, reply: &Reply) -> io::Result<()> {
+        reply.write_to(&mut self.output)?;
+        self.output.flush()
+    }
+
+    fn ok(&mut self, reply: Reply) -> io::Result<Flow> {
+        self.send(&reply)?;
+        Ok(Flow::Continue)
+    }
+
+    /// Sends the reply to a bad or misplaced command, and closes after too many.
+    fn bad(&mut self, reply: &Reply) -> io::Result<Flow> {
+        self.send(reply)?;
+        self.bad_commands += 1;
+        if self.bad_commands >= MAX_BAD_COMMANDS {
+            return self.close("Too many errors", "too many errors");
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Ends the session with `421` (RFC 5321 §3.8): the client may come back later.
+    fn close(&mut self, text: &str, reason: &'static str) -> io::Result<Flow> {
+        let host = &self.config.hostname;
+        self.send(&Reply::new(
+            421,
+            Enhanced::new(4, 7, 0),
+            format!("{host} {text}"),
+        ))?;
+        Ok(Flow::Close(reason))
+    }
+}
+
+fn is_tick(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+fn need(text: &str) -> Reply {
+    Reply::new(503, Enhanced::new(5, 5, 1), text)
+}
+
+fn too_big() -> Reply {
+    Reply::new(
+        552,
+        Enhanced::new(5, 3, 4),
+        "Message size exceeds fixed maximum message size",
+    )
+}
+
+fn lost_backend() -> Reply {
+    Reply::new(
+        451,
+        Enhanced::new(4, 4, 2),
+        "Connection to the backend lost; try again later",
+    )
+}
+
+fn local_error() -> Reply {
+    Reply::new(
+        451,
+        Enhanced::new(4, 3, 0),
+        "Local error in processing; try again later",
+    )
+}
+
+fn timeout_reply(hostname: &str) -> Reply {
+    Reply::new(
+        421,
+        Enhanced::new(4, 4, 2),
+        format!("{hostname} Timeout exceeded, closing connection"),
+    )
+}

@@ -1,0 +1,243 @@
+//! Holding one incoming message with bounded memory until it has been read to its final dot.
+//!
+//! Why spool instead of streaming straight to the backend: lettre's
+//! `SmtpConnection::message_iter` writes the chunks an iterator yields and then always sends
+//! `<CRLF>.<CRLF>`, and its stream is private. An iterator cannot fail, so if the client
+//! vanished, timed out, or went over the size limit halfway through, the backend would be
+//! handed the end-of-data mark and accept a truncated message. Reading the whole message
+//! first means the backend only ever sees complete messages, an oversized message is
+//! rejected without the backend seeing a byte, and a slow client never holds a backend
+//! transaction open. The cost is disk space for large messages and the time to send them
+//! after the dot (RFC 5321 §4.5.3.2.6 gives the client 10 minutes for our reply).
+//!
+//! Memory stays bounded: the first [`HEAD_MAX`] bytes (which hold the header block, the
+//! only part that may be edited) stay in memory, and everything after them goes to an
+//! unlinked temporary file, created only when a message is that large and reused for the
+//! session's later messages.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Bytes of each message kept in memory; also the largest header block that can be edited.
+pub const HEAD_MAX: usize = 256 * 1024;
+
+/// One message being received, or received.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    head_max: usize,
+    head: Vec<u8>,
+    /// The rest of the message, past `head_max`.
+    file: Option<BufWriter<File>>,
+    file_len: u64,
+    size: u64,
+    max_size: u64,
+    /// The first write error; reported at the final dot, after the data has been read.
+    error: Option<io::Error>,
+}
+
+impl Spool {
+    pub fn new(dir: &Path, max_size: u64) -> Self {
+        Self::with_head_max(dir, max_size, HEAD_MAX)
+    }
+
+    /// `head_max` is small in tests so that the file path is exercised.
+    pub fn with_head_max(dir: &Path, max_size: u64, head_max: usize) -> Self {
+        Spool {
+            dir: dir.to_path_buf(),
+            head_max,
+            head: Vec::new(),
+            file: None,
+            file_len: 0,
+            size: 0,
+            max_size,
+            error: None,
+        }
+    }
+
+    /// Empties the spool for the next message, keeping the temporary file.
+    pub fn clear(&mut self) {
+        self.head.clear();
+        self.head.shrink_to(64 * 1024);
+        self.size = 0;
+        self.error = None;
+        if self.file_len > 0 {
+            if let Some(file) = &mut self.file {
+                let reset = file
+                    .flush()
+                    .and_then(|_| file.get_mut().set_len(0))
+                    .and_then(|_| file.get_mut().seek(SeekFrom::Start(0)).map(drop));
+                if reset.is_err() {
+                    self.file = None;
+                }
+            }
+            self.file_len = 0;
+        }
+    }
+
+    /// Message bytes seen so far, counted even past the limit (RFC 1870 §3 sizes).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn oversized(&self) -> bool {
+        self.size > self.max_size
+    }
+
+    /// Adds decoded message bytes. Past the size limit they are counted and dropped.
+    pub fn write(&mut self, mut bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        if self.oversized() || self.error.is_some() {
+            return;
+        }
+        let room = self.head_max - self.head.len();
+        let now = room.min(bytes.len());
+        self.head.extend_from_slice(&bytes[..now]);
+        bytes = &bytes[now..];
+        if bytes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.file_write(bytes) {
+            self.error = Some(e);
+        }
+    }
+
+    fn file_write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(BufWriter::with_capacity(
+                64 * 1024,
+                unlinked_file(&self.dir)?,
+            ));
+        }
+        let file = self.file.as_mut().expect("just created");
+        file.write_all(bytes)?;
+        self.file_len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The first `head_max` bytes of the message.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// Whether the whole message is in [`Spool::head`].
+    pub fn complete_in_head(&self) -> bool {
+        self.file_len == 0
+    }
+
+    /// Hands back a write error that happened while receiving.
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    /// A reader over the bytes after the head, from their start. Call once per message.
+    pub fn tail(&mut self) -> io::Result<(Box<dyn Read + '_>, u64)> {
+        let len = self.file_len;
+        match &mut self.file {
+            Some(file) if len > 0 => {
+                file.flush()?;
+                let f = file.get_mut();
+                f.seek(SeekFrom::Start(0))?;
+                Ok((
+                    Box::new(io::BufReader::with_capacity(64 * 1024, f).take(len)),
+                    len,
+                ))
+            }
+            _ => Ok((Box::new(io::empty()), 0)),
+        }
+    }
+}
+
+/// Creates a file only this process can reach: `O_EXCL`, mode 0600, unlinked at once, so it
+/// disappears when the process ends however it ends.
+fn unlinked_file(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    for attempt in 0..100u32 {
+        let path = dir.join(format!(
+            ".legacy-mail-proxy-{}-{nanos:x}-{attempt}",
+            std::process::id()
+        ));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(file) => {
+                std::fs::remove_file(&path)?;
+                return Ok(file);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot create a spool file in {}: {e}", dir.display()),
+                ));
+            }
+        }
+    }
+    Err(io::Error::other(format!(
+        "cannot create a unique spool file in {}",
+        dir.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(spool: &mut Spool) -> Vec<u8> {
+        let mut all = spool.head().to_vec();
+        let (mut tail, len) = spool.tail().unwrap();
+        let before = all.len();
+        tail.read_to_end(&mut all).unwrap();
+        assert_eq!((all.len() - before) as u64, len);
+        all
+    }
+
+    #[test]
+    fn small_messages_stay_in_memory_and_large_ones_spill_to_an_unlinked_file() {
+        let dir = std::env::temp_dir();
+        let mut spool = Spool::with_head_max(&dir, 1000, 10);
+        spool.write(b"12345");
+        assert!(spool.complete_in_head());
+        assert_eq!(read_all(&mut spool), b"12345");
+        spool.clear();
+        for chunk in b"0123456789abcdefghij".chunks(3) {
+            spool.write(chunk);
+        }
+        assert!(!spool.complete_in_head());
+        assert_eq!(spool.head(), b"0123456789");
+        assert_eq!(read_all(&mut spool), b"0123456789abcdefghij");
+        // The file is reused and truncated for the next message.
+        spool.clear();
+        spool.write(b"0123456789XY");
+        assert_eq!(read_all(&mut spool), b"0123456789XY");
+    }
+
+    #[test]
+    fn bytes_past_the_limit_are_counted_not_kept() {
+        let mut spool = Spool::with_head_max(&std::env::temp_dir(), 8, 4);
+        spool.write(b"12345678");
+        assert!(!spool.oversized());
+        spool.write(b"9");
+        assert!(spool.oversized());
+        spool.write(&[b'x'; 100]);
+        assert_eq!(spool.size(), 109);
+    }
+
+    #[test]
+    fn an_unusable_spool_directory_is_reported_not_fatal() {
+        let mut spool = Spool::with_head_max(Path::new("/nonexistent/dir"), 100, 4);
+        spool.write(b"123456");
+        let e = spool.take_error().unwrap();
+        assert!(e.to_string().contains("/nonexistent/dir"), "{e}");
+    }
+}

@@ -1,0 +1,852 @@
+//! `legacy-mail-proxy smtp` against a real Postfix (submission with implicit TLS and
+//! STARTTLS, SASL through Dovecot, delivery into Dovecot over LMTP). Messages sent through
+//! the proxy are read back over IMAP and compared byte for byte, ignoring only the trace
+//! fields the servers prepend (Return-Path, Delivered-To, Received).
+//!
+//! Clients: raw transcripts on the binary's stdin/stdout, swaks (`--pipe`), curl
+//! `smtp://` and Python's smtplib through a small inetd-style listener that gives each
+//! connection its own proxy process with the socket as stdin/stdout.
+
+mod common;
+
+use common::{User, imap_fetch_all, postfix, proxy_bin, python, require_client, servers};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How the proxy reaches Postfix, and as whom.
+struct Proxy {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Proxy {
+    /// Implicit TLS to Postfix's "submissions" port, logging in as `account`, open to
+    /// any client (`--client-auth none`).
+    fn implicit(account: &User) -> Proxy {
+        Self::to(postfix().submissions_port, "implicit", account)
+    }
+
+    fn starttls(account: &User) -> Proxy {
+        Self::to(postfix().submission_port, "starttls", account)
+    }
+
+    fn to(port: u16, tls: &str, account: &User) -> Proxy {
+        let s = servers();
+        Proxy {
+            args: vec![
+                "--smtp-host".into(),
+                s.host.into(),
+                "--smtp-port".into(),
+                port.to_string(),
+                "--smtp-tls".into(),
+                tls.into(),
+                "--ca-file".into(),
+                s.ca_file.display().to_string(),
+                "--smtp-user".into(),
+                account.name.clone(),
+                "--client-auth".into(),
+                "none".into(),
+                "--hostname".into(),
+                "proxy.test".into(),
+                "--connect-timeout".into(),
+                "5".into(),
+                "--backend-timeout".into(),
+                "30".into(),
+            ],
+            env: vec![("LMP_SMTP_PASSWORD".into(), account.password.clone())],
+        }
+    }
+
+    fn arg(mut self, name: &str, value: &str) -> Proxy {
+        self.args.push(name.into());
+        self.args.push(value.into());
+        self
+    }
+
+    fn env(mut self, name: &str, value: &str) -> Proxy {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// The proxy command; logs go to stderr. The environment is emptied so that nothing
+    /// from the calling shell (LMP_*, BACKEND_*) changes the configuration.
+    fn command(&self) -> Command {
+        let mut c = Command::new(proxy_bin());
+        c.env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .args(["--log", "stderr", "--log-level", "debug", "smtp"])
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// The command line as one shell string (for swaks `--pipe`).
+    fn shell_line(&self) -> String {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut line = String::from("env -i PATH=/usr/bin:/bin");
+        for (k, v) in &self.env {
+            line.push_str(&format!(" {k}={}", quote(v)));
+        }
+        line.push(' ');
+        line.push_str(&quote(proxy_bin()));
+        line.push_str(" --log off smtp");
+        for a in &self.args {
+            line.push(' ');
+            line.push_str(&quote(a));
+        }
+        line
+    }
+
+    /// One session: writes all of `input` (pipelined), returns (replies, log).
+    fn session(&self, input: &[u8]) -> (String, String) {
+        let mut child = self
+            .command()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start proxy");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("proxy output");
+        writer.join().unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Listens on 127.0.0.1 like inetd: each connection gets its own proxy process with
+    /// the socket as stdin and stdout. Logs of all sessions go to the returned file.
+    fn listen(&self) -> (u16, PathBuf) {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = servers().dir.join(format!(
+            "smtp-proxy-{}-{}.log",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&log, "").unwrap();
+        let mut command = self.command();
+        let log_path = log.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let fd = OwnedFd::from(conn);
+                let stderr = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&log_path)
+                    .unwrap();
+                let child = command
+                    .stdin(Stdio::from(fd.try_clone().unwrap()))
+                    .stdout(Stdio::from(fd))
+                    .stderr(Stdio::from(stderr))
+                    .spawn();
+                if let Ok(mut child) = child {
+                    std::thread::spawn(move || child.wait());
+                }
+            }
+        });
+        (port, log)
+    }
+}
+
+/// The message as stored, without the trace fields Postfix and Dovecot put on top.
+fn without_trace(stored: &[u8]) -> Vec<u8> {
+    let mut pos = 0;
+    loop {
+        let rest = &stored[pos..];
+        let is_trace = ["Return-Path:", "Delivered-To:", "Received:"]
+            .iter()
+            .any(|name| {
+                rest.len() >= name.len() && rest[..name.len()].eq_ignore_ascii_case(name.as_bytes())
+            });
+        if !is_trace {
+            return rest.to_vec();
+        }
+        // Skip the field and its folded continuation lines.
+        loop {
+            let nl = stored[pos..].iter().position(|&b| b == b'\n').unwrap() + pos + 1;
+            pos = nl;
+            if !matches!(stored.get(pos), Some(b' ' | b'\t')) {
+                break;
+            }
+        }
+    }
+}
+
+/// Waits until `user` holds `n` messages (Postfix delivers asynchronously).
+fn wait_for(user: &User, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while user.maildir_count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} has {} messages, expected {n}\n{}",
+            user.name,
+            user.maildir_count(),
+            postfix().logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The one message in `user`'s INBOX, trace fields removed; fails if there are others.
+fn only_message(user: &User) -> Vec<u8> {
+    wait_for(user, 1, Duration::from_secs(30));
+    // Anything smuggled would arrive in the same queue run; give it a moment to show.
+    std::thread::sleep(Duration::from_millis(300));
+    let all = imap_fetch_all(user);
+    assert_eq!(all.len(), 1, "messages: {all:?}");
+    without_trace(&all[0].1)
+}
+
+fn transaction(from: &str, to: &[&str], message: &[u8]) -> Vec<u8> {
+    let mut t = format!("MAIL FROM:<{from}>\r\n").into_bytes();
+    for rcpt in to {
+        t.extend_from_slice(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+    }
+    t.extend_from_slice(b"DATA\r\n");
+    t.extend_from_slice(message);
+    t.extend_from_slice(b".\r\n");
+    t
+}
+
+fn wrap_session(transactions: &[u8]) -> Vec<u8> {
+    let mut s = b"EHLO client.test\r\n".to_vec();
+    s.extend_from_slice(transactions);
+    s.extend_from_slice(b"QUIT\r\n");
+    s
+}
+
+/// Header fields that keep the proxy (and Postfix, which adds From: for local clients)
+/// from adding their own, so stored bytes are predictable.
+fn dated(subject: &str) -> String {
+    format!(
+        "From: Client <client@client.test>\r\nSubject: {subject}\r\nDate: Sat, 22 Nov 2025 00:32:00 +0000\r\nMessage-ID: <{subject}@client.test>\r\n"
+    )
+}
+
+fn queued_replies(out: &str) -> usize {
+    out.matches("250 2.0.0 Ok: queued as ").count()
+}
+
+#[test]
+fn a_configuration_error_is_answered_with_421_and_logged() {
+    let out = Command::new(proxy_bin())
+        .env_clear()
+        .args(["--log", "stderr", "smtp"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "421 4.3.5 Service not available: configuration error\r\n"
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("no submission server: set --smtp-host"),
+        "{log}"
+    );
+}
+
+#[test]
+fn raw_session_relays_byte_exact_through_implicit_tls() {
+    let s = servers();
+    let sender = s.new_user("raw-sender");
+    let rcpt = s.new_user("raw-rcpt");
+    let mut message = format!(
+        "From: Sender <{}>\r\nTo: {}\r\n{}\r\n",
+        sender.email,
+        rcpt.email,
+        dated("raw")
+    )
+    .into_bytes();
+    message.extend_from_slice(b"8-bit: Gr\xc3\xbc\xc3\x9fe, \xe9t\xe9 (Latin-1 byte)\r\n");
+    message.extend_from_slice(b".\r\n..two dots stored as one\r\n. space\r\nend\r\n");
+    // On the wire: dot lines stuffed.
+    let mut wire = Vec::new();
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            wire.push(b'.');
+        }
+        wire.extend_from_slice(line);
+    }
+    let (out, log) = Proxy::implicit(&sender).session(&wrap_session(&transaction(
+        &sender.email,
+        &[&rcpt.email],
+        &wire,
+    )));
+    let lines: Vec<&str> = out.split("\r\n").collect();
+    assert_eq!(lines[0], "220 proxy.test ESMTP ready", "{out}");
+    assert!(
+        lines.contains(&"250 2.1.0 Ok") && lines.contains(&"250 2.1.5 Ok"),
+        "Postfix's own replies are passed on: {out}\n{log}"
+    );
+    assert_eq!(queued_replies(&out), 1, "{out}\n{log}");
+    assert!(out.ends_with("221 2.0.0 Bye\r\n"));
+    assert!(log.contains("result=sent"), "{log}");
+    assert_eq!(
+        String::from_utf8_lossy(&only_message(&rcpt)),
+        String::from_utf8_lossy(&message)
+    );
+}
+
+#[test]
+fn starttls_backend_with_swaks_over_a_pipe() {
+    let swaks = require_client("swaks");
+    let s = servers();
+    let sender = s.new_user("swaks-sender");
+    let rcpt = s.new_user("swaks-rcpt");
+    let proxy = Proxy::starttls(&sender);
+    let out = Command::new(swaks)
+        .args(["--pipe", &proxy.shell_line()])
+        .args(["--from", &sender.email, "--to", &rcpt.email])
+        .args(["--header", "Subject: via swaks", "--body", "swaks body"])
+        .args(["--timeout", "60"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("<-  250 2.0.0 Ok: queued as "), "{text}");
+    let stored = String::from_utf8_lossy(&only_message(&rcpt)).into_owned();
+    assert!(stored.contains("Subject: via swaks\r\n"), "{stored}");
+    assert!(stored.contains("\r\n\r\nswaks body\r\n"), "{stored}");
+}
+
+#[test]
+fn curl_smtp_url_through_an_inetd_socket() {
+    let curl = require_client("curl");
+    let s = servers();
+    let sender = s.new_user("curl-sender");
+    let rcpt = s.new_user("curl-rcpt");
+    let (port, log) = Proxy::implicit(&sender).listen();
+    let message = format!(
+        "From: {}\r\n{}\r\ncurl body\r\n.leading dot\r\n",
+        sender.email,
+        dated("curl")
+    );
+    let file = s.dir.join(format!("curl-{}.eml", rcpt.name));
+    std::fs::write(&file, &message).unwrap();
+    let out = Command::new(curl)
+        .args(["-sS", "-v", &format!("smtp://127.0.0.1:{port}/client.test")])
+        .args(["--mail-from", &sender.email, "--mail-rcpt", &rcpt.email])
+        .arg("--upload-file")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(text.contains("< 250 2.0.0 Ok: queued as "), "{text}");
+    assert_eq!(String::from_utf8_lossy(&only_message(&rcpt)), message);
+}
+
+const SMTPLIB_SEND: &str = r#"
+import os, smtplib
+s = smtplib.SMTP("127.0.0.1", int(os.environ["T_PORT"]), timeout=60)
+s.ehlo("client.test")
+print(sorted(s.esmtp_features))
+msg = open(os.environ["T_MSG"], "rb").read()
+refused = s.sendmail(os.environ["T_FROM"], os.environ["T_TO"].split(","), msg)
+for rcpt, (code, text) in sorted(refused.items()):
+    print("REFUSED", rcpt, code, text.decode())
+s.quit()
+"#;
+
+#[test]
+fn python_smtplib_unknown_recipient_gets_550_5_1_1_and_the_others_are_delivered() {
+    let s = servers();
+    let sender = s.new_user("py-sender");
+    let first = s.new_user("py-rcpt");
+    let second = s.new_user("py-rcpt");
+    let (port, log) = Proxy::implicit(&sender).listen();
+    let message = format!(
+        "From: {}\r\n{}\r\nsmtplib body\r\n",
+        sender.email,
+        dated("smtplib")
+    );
+    let file = s.dir.join(format!("py-{}.eml", first.name));
+    std::fs::write(&file, &message).unwrap();
+    let ghost = format!("ghost-{}@example.test", first.name);
+    let to = format!("{},{ghost},{}", first.email, second.email);
+    let out = python(
+        SMTPLIB_SEND,
+        &[
+            ("T_PORT", &port.to_string()),
+            ("T_MSG", file.to_str().unwrap()),
+            ("T_FROM", &sender.email),
+            ("T_TO", &to),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        stdout.contains("['8bitmime', 'enhancedstatuscodes', 'pipelining', 'size']"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "REFUSED {ghost} 550 5.1.1 <{ghost}>: Recipient address rejected"
+        )),
+        "{stdout}"
+    );
+    for user in [&first, &second] {
+        assert_eq!(String::from_utf8_lossy(&only_message(user)), message);
+    }
+}
+
+#[test]
+fn a_stopped_backend_gives_4xx() {
+    let s = servers();
+    let sender = s.new_user("stopped");
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let proxy = Proxy::to(port, "implicit", &sender);
+    let (out, log) = proxy.session(&wrap_session(b"MAIL FROM:<a@example.test>\r\n"));
+    assert!(
+        out.contains("\r\n451 4.4.1 Backend unavailable; try again later\r\n"),
+        "{out}"
+    );
+    assert!(
+        log.contains("Connection refused") || log.contains("onnection"),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_untrusted_backend_certificate_gives_4xx() {
+    let s = servers();
+    let sender = s.new_user("untrusted");
+    for (port, tls) in [
+        (postfix().untrusted_submissions_port, "implicit"),
+        (postfix().untrusted_submission_port, "starttls"),
+    ] {
+        let (out, log) =
+            Proxy::to(port, tls, &sender).session(&wrap_session(b"MAIL FROM:<a@example.test>\r\n"));
+        assert!(
+            out.contains("\r\n451 4.4.1 Backend unavailable; try again later\r\n"),
+            "{tls}: {out}"
+        );
+        assert!(log.to_lowercase().contains("certificate"), "{tls}: {log}");
+    }
+}
+
+#[test]
+fn a_wrong_backend_password_is_logged_clearly_and_gives_4xx() {
+    let s = servers();
+    let sender = s.new_user("wrongpw");
+    let proxy = Proxy::implicit(&sender).env("LMP_SMTP_PASSWORD", "not the password");
+    let (out, log) = proxy.session(&wrap_session(b"MAIL FROM:<a@example.test>\r\n"));
+    assert!(
+        out.contains("\r\n451 4.3.5 Relay login failed; try again later\r\n"),
+        "{out}"
+    );
+    assert!(
+        log.contains("the backend refused the proxy's login (--smtp-user and its password)")
+            && log.contains(&format!("user {}", sender.name))
+            && log.contains("535 5.7.8"),
+        "{log}"
+    );
+    assert!(!log.contains("not the password"), "{log}");
+}
+
+#[test]
+fn a_bare_lf_message_is_stored_with_crlf() {
+    let s = servers();
+    let sender = s.new_user("barelf-sender");
+    let rcpt = s.new_user("barelf-rcpt");
+    let body = format!(
+        "{}\nline one\nline two\n\nlast\r\n",
+        dated("bare-lf").replace("\r\n", "\n")
+    );
+    let (out, _) = Proxy::implicit(&sender).session(&wrap_session(&transaction(
+        &sender.email,
+        &[&rcpt.email],
+        body.as_bytes(),
+    )));
+    assert_eq!(queued_replies(&out), 1, "{out}");
+    assert_eq!(
+        String::from_utf8_lossy(&only_message(&rcpt)),
+        body.replace("\r\n", "\n").replace('\n', "\r\n")
+    );
+}
+
+#[test]
+fn each_smuggling_sequence_leaves_exactly_one_message() {
+    let s = servers();
+    let sender = s.new_user("smuggle-sender");
+    let victim = s.new_user("smuggle-victim");
+    let proxy = Proxy::implicit(&sender);
+    let sequences: [(&str, &[u8]); 8] = [
+        ("lf-dot-lf", b"\n.\n"),
+        ("lf-dot-crlf", b"\n.\r\n"),
+        ("cr-dot-crlf", b"\r.\r\n"),
+        ("crlf-dot-cr", b"\r\n.\r"),
+        ("crlf-dot-lf", b"\r\n.\n"),
+        ("cr-dot-cr", b"\r.\r"),
+        ("lf-dot-cr", b"\n.\r"),
+        ("cr-dot-lf", b"\r.\n"),
+    ];
+    let mut rcpts = Vec::new();
+    let mut transactions = Vec::new();
+    for (name, seq) in sequences {
+        let rcpt = s.new_user("smuggle-rcpt");
+        let mut message = dated(name).into_bytes();
+        message.extend_from_slice(b"\r\nbefore");
+        message.extend_from_slice(seq);
+        message.extend_from_slice(
+            format!(
+                "MAIL FROM:<evil@example.test>\r\nRCPT TO:<{}>\r\nDATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n",
+                victim.email
+            )
+            .as_bytes(),
+        );
+        transactions.extend(transaction(&sender.email, &[&rcpt.email], &message));
+        rcpts.push(rcpt);
+    }
+    let (out, log) = proxy.session(&wrap_session(&transactions));
+    assert_eq!(queued_replies(&out), sequences.len(), "{out}\n{log}");
+    for ((name, _), rcpt) in sequences.iter().zip(&rcpts) {
+        let stored = String::from_utf8_lossy(&only_message(rcpt)).into_owned();
+        assert!(stored.contains(&format!("Subject: {name}\r\n")), "{stored}");
+        assert!(
+            stored.contains("\r\n.\r\nMAIL FROM:<evil@example.test>\r\n")
+                && stored.ends_with("\r\nsmuggled\r\n"),
+            "{name}: {stored:?}"
+        );
+    }
+    assert_eq!(
+        victim.maildir_count(),
+        0,
+        "a smuggled message was delivered"
+    );
+}
+
+#[test]
+fn an_oversized_message_is_refused_after_its_final_dot() {
+    let s = servers();
+    let sender = s.new_user("big-sender");
+    let rcpt = s.new_user("big-rcpt");
+    let proxy = Proxy::implicit(&sender).arg("--max-message-size", "10000");
+    let big = format!(
+        "{}\r\n{}",
+        dated("big"),
+        "0123456789abcdef\r\n".repeat(1000)
+    );
+    let small = format!("{}\r\nsmall\r\n", dated("small"));
+    let mut input = transaction(&sender.email, &[&rcpt.email], big.as_bytes());
+    input.extend_from_slice(b"NOOP\r\n");
+    input.extend(transaction(&sender.email, &[&rcpt.email], small.as_bytes()));
+    let (out, log) = proxy.session(&wrap_session(&input));
+    assert!(
+        out.contains(
+            "354 End data with <CR><LF>.<CR><LF>\r\n552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 Ok\r\n"
+        ),
+        "{out}"
+    );
+    assert!(log.contains("result=refused"), "{log}");
+    assert_eq!(queued_replies(&out), 1, "{out}");
+    assert!(String::from_utf8_lossy(&only_message(&rcpt)).ends_with("\r\n\r\nsmall\r\n"));
+}
+
+#[test]
+fn a_pipelined_session_is_answered_in_order() {
+    let s = servers();
+    let sender = s.new_user("pipe-sender");
+    let a = s.new_user("pipe-a");
+    let b = s.new_user("pipe-b");
+    let mut input = b"EHLO client.test\r\n".to_vec();
+    input.extend(transaction(
+        &sender.email,
+        &[&a.email, "nobody-pipe@example.test", &b.email],
+        format!("{}\r\none\r\n", dated("pipe-1")).as_bytes(),
+    ));
+    input.extend_from_slice(b"RSET\r\nNOOP\r\n");
+    input.extend(transaction(
+        &sender.email,
+        &[&b.email],
+        format!("{}\r\ntwo\r\n", dated("pipe-2")).as_bytes(),
+    ));
+    input.extend_from_slice(b"QUIT\r\n");
+    let (out, log) = Proxy::implicit(&sender).session(&input);
+    let codes: Vec<&str> = out
+        .split("\r\n")
+        .filter(|l| l.len() > 3 && l.as_bytes()[3] == b' ')
+        .map(|l| &l[..3])
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "220", "250", "250", "250", "550", "250", "354", "250", "250", "250", "250", "250",
+            "354", "250", "221"
+        ],
+        "{out}\n{log}"
+    );
+    assert!(
+        out.contains("550 5.1.1 <nobody-pipe@example.test>"),
+        "{out}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&only_message(&a)),
+        format!("{}\r\none\r\n", dated("pipe-1"))
+    );
+    wait_for(&b, 2, Duration::from_secs(30));
+}
+
+#[test]
+fn passthrough_auth_logs_in_upstream_with_the_clients_credentials() {
+    let s = servers();
+    let sender = s.new_user_with_password("pass-sender", "p\u{e4}ss w\"rd");
+    let rcpt = s.new_user("pass-rcpt");
+    let mut proxy = Proxy::implicit(&sender);
+    // No --smtp-user: the client's AUTH decides.
+    let at = proxy.args.iter().position(|a| a == "--smtp-user").unwrap();
+    proxy.args.drain(at..at + 2);
+    let at = proxy
+        .args
+        .iter()
+        .position(|a| a == "--client-auth")
+        .unwrap();
+    proxy.args[at + 1] = "passthrough".into();
+    let b64 = |s: &str| {
+        let out = Command::new("base64")
+            .arg("-w0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(s.as_bytes())?;
+                let mut o = String::new();
+                c.stdout.take().unwrap().read_to_string(&mut o)?;
+                c.wait()?;
+                Ok(o)
+            })
+            .unwrap();
+        out.trim().to_string()
+    };
+    let wrong = b64(&format!("\0{}\0wrong", sender.name));
+    let right = b64(&format!("\0{}\0{}", sender.name, sender.password));
+    let mut input = format!(
+        "EHLO client.test\r\nMAIL FROM:<{}>\r\nAUTH PLAIN {wrong}\r\nAUTH PLAIN {right}\r\n",
+        sender.email
+    )
+    .into_bytes();
+    input.extend(transaction(
+        &sender.email,
+        &[&rcpt.email],
+        format!("{}\r\npassthrough\r\n", dated("passthrough")).as_bytes(),
+    ));
+    input.extend_from_slice(b"QUIT\r\n");
+    let (out, log) = proxy.env("LMP_AUTH_FAILURE_DELAY", "0").session(&input);
+    assert!(
+        out.contains("250 AUTH PLAIN LOGIN\r\n530 5.7.0 Authentication required\r\n535 5.7.8 Error: authentication failed"),
+        "{out}\n{log}"
+    );
+    assert!(
+        out.contains("\r\n235 2.7.0 Authentication successful\r\n"),
+        "{out}"
+    );
+    assert_eq!(queued_replies(&out), 1, "{out}\n{log}");
+    assert!(
+        !log.contains(&sender.password) && !log.contains(&right),
+        "{log}"
+    );
+    only_message(&rcpt);
+}
+
+#[test]
+fn from_and_reply_to_rewriting_reaches_the_mailbox_byte_exact() {
+    let s = servers();
+    let sender = s.new_user("rewrite-sender");
+    let rcpt = s.new_user("rewrite-rcpt");
+    let proxy = Proxy::implicit(&sender)
+        .arg("--force-sender", &sender.email)
+        .arg("--rewrite-from", &sender.email)
+        .arg("--reply-to", "desk@example.test");
+    let message =
+        "From: \"Lobby Scanner\" <scanner@lan.invalid>\r\nSubject: scan\r\n\r\nFrom: body line\r\n";
+    let (out, log) = proxy.session(&wrap_session(&transaction(
+        "scanner@lan.invalid",
+        &[&rcpt.email],
+        message.as_bytes(),
+    )));
+    assert_eq!(queued_replies(&out), 1, "{out}\n{log}");
+    let stored = String::from_utf8_lossy(&only_message(&rcpt)).into_owned();
+    let (head, body) = stored.split_once("\r\n\r\n").unwrap();
+    let lines: Vec<&str> = head.split("\r\n").collect();
+    assert_eq!(
+        lines[0],
+        format!("From: \"Lobby Scanner\" <{}>", sender.email)
+    );
+    assert_eq!(lines[1], "Subject: scan");
+    assert_eq!(lines[2], "Reply-To: desk@example.test");
+    assert!(
+        lines[3].starts_with("Date: ") && lines[4].starts_with("Message-ID: <"),
+        "{head}"
+    );
+    assert_eq!(lines.len(), 5, "{head}");
+    assert_eq!(body, "From: body line\r\n");
+    // The envelope sender upstream was forced (Return-Path shows it).
+    let all = imap_fetch_all(&rcpt);
+    assert!(
+        String::from_utf8_lossy(&all[0].1).starts_with(&format!("Return-Path: <{}>", sender.email))
+    );
+}
+
+#[test]
+fn one_thousand_messages_in_one_session_are_all_delivered() {
+    let s = servers();
+    let sender = s.new_user("thousand-sender");
+    let rcpt = s.new_user("thousand-rcpt");
+    let mut transactions = Vec::new();
+    for i in 0..1000 {
+        transactions.extend(transaction(
+            &sender.email,
+            &[&rcpt.email],
+            format!("{}\r\nmessage {i}\r\n", dated(&format!("n{i}"))).as_bytes(),
+        ));
+    }
+    let started = Instant::now();
+    let (out, log) = Proxy::implicit(&sender).session(&wrap_session(&transactions));
+    let elapsed = started.elapsed();
+    assert_eq!(
+        queued_replies(&out),
+        1000,
+        "{}\n{log}",
+        &out[out.len().saturating_sub(2000)..]
+    );
+    assert!(log.contains("messages=1000 sent=1000 failed=0"), "{log}");
+    eprintln!(
+        "1000 messages through the proxy (raw pipelined client): {:.1}s, {:.0} msg/s",
+        elapsed.as_secs_f64(),
+        1000.0 / elapsed.as_secs_f64()
+    );
+    wait_for(&rcpt, 1000, Duration::from_secs(180));
+}
+
+/// Measurements for the README (run with `--ignored --nocapture`): peak RSS while relaying
+/// a 30 MB message, and messages per second for 1,000 small messages with Python's
+/// smtplib through the proxy and straight to Postfix.
+#[test]
+#[ignore]
+fn measure_rss_and_throughput() {
+    let s = servers();
+    let sender = s.new_user("measure-sender");
+    let rcpt = s.new_user("measure-rcpt");
+    let proxy = Proxy::implicit(&sender);
+
+    // Peak RSS for a small and a 30 MB message. The harness's Postfix keeps the 10 MB
+    // default message_size_limit; raise it for this measurement.
+    let p = postfix();
+    for args in [
+        vec![
+            "postconf",
+            "-c",
+            p.config_dir.to_str().unwrap(),
+            "-e",
+            "message_size_limit=52428800",
+        ],
+        vec!["postfix", "-c", p.config_dir.to_str().unwrap(), "reload"],
+    ] {
+        let status = Command::new(args[0]).args(&args[1..]).status().unwrap();
+        assert!(status.success(), "{args:?}");
+    }
+    std::thread::sleep(Duration::from_secs(1)); // reload is asynchronous; nothing to poll
+    let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    for (name, size) in [("1 KB", 1024), ("30 MB", 30 * 1024 * 1024)] {
+        let body = line.repeat(size / line.len());
+        let input = wrap_session(&transaction(
+            &sender.email,
+            &[&rcpt.email],
+            format!("{}\r\n{body}", dated("rss")).as_bytes(),
+        ));
+        let mut cmd = Command::new("/usr/bin/time");
+        cmd.arg("-v").arg(proxy.command().get_program());
+        cmd.args(proxy.command().get_args());
+        cmd.env_clear().envs(proxy.env.iter().map(|(k, v)| (k, v)));
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let started = Instant::now();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().unwrap();
+        let _ = writer.join();
+        let elapsed = started.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(queued_replies(&stdout), 1, "{stdout}\n{stderr}");
+        let rss = stderr
+            .lines()
+            .find(|l| l.contains("Maximum resident set size"))
+            .unwrap_or("?")
+            .trim();
+        eprintln!(
+            "{name} message: {rss}; session {:.2}s",
+            elapsed.as_secs_f64()
+        );
+    }
+
+    // 1,000 small messages, same client code, through the proxy and direct.
+    let (port, _) = proxy.listen();
+    let script = r#"
+import os, smtplib, ssl, time
+n = 1000
+msg = b"Subject: speed\r\nDate: Sat, 22 Nov 2025 00:32:00 +0000\r\nMessage-ID: <x@client.test>\r\n\r\nbody\r\n"
+if os.environ["T_MODE"] == "proxy":
+    s = smtplib.SMTP("127.0.0.1", int(os.environ["T_PORT"]), timeout=60)
+else:
+    ctx = ssl.create_default_context(cafile=os.environ["LMP_CA_FILE"])
+    s = smtplib.SMTP_SSL("127.0.0.1", int(os.environ["LMP_SUBMISSIONS_PORT"]), context=ctx, timeout=60)
+    s.login(os.environ["T_USER"], os.environ["T_PASS"])
+t = time.monotonic()
+for i in range(n):
+    s.sendmail(os.environ["T_FROM"], [os.environ["T_TO"]], msg)
+dt = time.monotonic() - t
+s.quit()
+print("%.2f s, %.0f msg/s" % (dt, n / dt))
+"#;
+    for mode in ["proxy", "direct"] {
+        let out = python(
+            script,
+            &[
+                ("T_MODE", mode),
+                ("T_PORT", &port.to_string()),
+                ("T_USER", &sender.name),
+                ("T_PASS", &sender.password),
+                ("T_FROM", &sender.email),
+                ("T_TO", &rcpt.email),
+            ],
+        );
+        eprintln!(
+            "1000 messages with smtplib, {mode}: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
