@@ -37,7 +37,9 @@ pub enum Command {
     /// Serve one POP3 client on stdin/stdout from a mailbox read over IMAP.
     Pop3(Box<crate::pop3::Args>),
     /// Serve one SMTP client on stdin/stdout, relaying through an SMTP submission server.
-    Smtp(crate::smtp::Args),
+    Smtp(Box<crate::smtp::Args>),
+    /// Join a plain-text client on stdin/stdout to a TLS server (implicit TLS or STARTTLS).
+    Tunnel(crate::tunnel::Args),
 }
 
 /// Backend TLS and timeout options, shared by every subcommand.

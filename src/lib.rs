@@ -14,4 +14,6 @@ pub mod net;
 pub mod pop3;
 pub mod secret;
 pub mod smtp;
+pub mod starttls;
 pub mod tls;
+pub mod tunnel;

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use legacy_mail_proxy::cli::{Cli, Command};
-use legacy_mail_proxy::{logging, pop3, smtp};
+use legacy_mail_proxy::{logging, pop3, smtp, tunnel};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -29,6 +29,7 @@ fn main() -> ExitCode {
     logging::init(cli.log, cli.log_level);
     match cli.command {
         Command::Pop3(args) => pop3::serve(*args),
-        Command::Smtp(args) => smtp::serve(args),
+        Command::Smtp(args) => smtp::serve(*args),
+        Command::Tunnel(args) => tunnel::serve(args),
     }
 }

@@ -13,8 +13,8 @@ use super::maildrop::{
 };
 use crate::lock::{self, LockError, MailboxLock};
 use crate::net::{self, Stream, Timeouts, TlsMode};
+use crate::starttls::Protocol;
 use imap::types::Flag;
-use std::io::Write;
 use std::path::PathBuf;
 
 /// Octets fetched per round trip. Bounds the proxy's memory per message (the `imap` crate
@@ -144,7 +144,10 @@ fn connect(server: &Server) -> Result<imap::Client<Stream>, OpenError> {
         .map_err(|e| temporary("cannot connect to", &e))?;
     let mut client = match (server.tls, connector) {
         (TlsMode::Starttls, Some(connector)) => {
-            starttls(&mut tcp).map_err(|e| temporary("STARTTLS failed with", &e))?;
+            // Read a byte at a time, so nothing after the OK is consumed: the next bytes
+            // belong to the TLS handshake (and injected plain text fails it).
+            crate::starttls::negotiate(Protocol::Imap, &mut tcp)
+                .map_err(|e| temporary("STARTTLS failed with", &format!("{e:#}")))?;
             let tls = net::wrap_tls(connector, &server.host, tcp)
                 .map_err(|e| temporary("TLS failed with", &e))?;
             // No greeting follows STARTTLS (RFC 3501 §6.2.1).
@@ -177,32 +180,6 @@ fn connect(server: &Server) -> Result<imap::Client<Stream>, OpenError> {
         }
     }
     Ok(client)
-}
-
-/// RFC 3501 §6.2.1 on the raw socket. The greeting and the OK are read a byte at a time so
-/// nothing after them is consumed: the next bytes belong to the TLS handshake.
-fn starttls(tcp: &mut std::net::TcpStream) -> std::io::Result<()> {
-    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
-    let greeting = net::read_line_unbuffered(tcp, 8192)?;
-    if !greeting.starts_with(b"* OK") {
-        return Err(invalid(format!(
-            "unexpected greeting {:?}",
-            String::from_utf8_lossy(&greeting).trim_end()
-        )));
-    }
-    tcp.write_all(b"S0 STARTTLS\r\n")?;
-    loop {
-        let line = net::read_line_unbuffered(tcp, 8192)?;
-        if line.starts_with(b"S0 OK") {
-            return Ok(());
-        }
-        if line.starts_with(b"S0 ") {
-            return Err(invalid(format!(
-                "server refused STARTTLS: {}",
-                String::from_utf8_lossy(&line).trim_end()
-            )));
-        }
-    }
 }
 
 /// Sorts a failed LOGIN into "wrong password" and "server trouble" (RFC 5530 codes).
