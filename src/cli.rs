@@ -106,3 +106,11 @@ pub fn legacy_env_flag(name: &str) -> anyhow::Result<Option<bool>> {
         },
     }
 }
+
+/// A number of seconds: finite and not negative (`from_secs_f64` panics otherwise).
+pub fn seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
+        _ => Err(format!("{value:?} is not a number of seconds")),
+    }
+}

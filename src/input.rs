@@ -2,21 +2,24 @@
 //!
 //! Under inetd and systemd `Accept=yes`, stdin is a socket; in the demo and in tests it is a
 //! pipe. A socket read timeout would not work on a pipe, so one thread does the blocking
-//! reads and the session waits on a channel with a timeout. Each timeout surfaces as an
-//! `ErrorKind::TimedOut` read error: the session's cue to keep the backend alive and to
-//! check its idle limit (RFC 1939 §3 autologout, RFC 5321 §4.5.3.2).
+//! reads and the session waits on a channel with a timeout. Ticks come on a fixed schedule,
+//! whether or not the client sends anything: each surfaces as an `ErrorKind::TimedOut`
+//! read error, the session's cue to keep the backend alive and to check its idle limit
+//! (RFC 1939 §3 autologout, RFC 5321 §4.5.3.2). A client trickling one byte at a time
+//! therefore cannot hold off either.
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// A reader over stdin whose reads fail with `TimedOut` after `tick` without data.
+/// A reader over stdin whose reads fail with `TimedOut` once every `tick`.
 pub struct TickingStdin {
     chunks: Receiver<io::Result<Vec<u8>>>,
     current: Vec<u8>,
     pos: usize,
     tick: Duration,
+    next_tick: Instant,
     eof: bool,
 }
 
@@ -49,6 +52,7 @@ impl TickingStdin {
             current: Vec::new(),
             pos: 0,
             tick,
+            next_tick: Instant::now() + tick,
             eof: false,
         }
     }
@@ -56,17 +60,25 @@ impl TickingStdin {
 
 impl Read for TickingStdin {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let now = Instant::now();
+        if now >= self.next_tick {
+            self.next_tick = now + self.tick;
+            return Err(io::ErrorKind::TimedOut.into());
+        }
         if self.pos == self.current.len() {
             if self.eof {
                 return Ok(0);
             }
-            match self.chunks.recv_timeout(self.tick) {
+            match self.chunks.recv_timeout(self.next_tick - now) {
                 Ok(Ok(chunk)) => {
                     self.current = chunk;
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(RecvTimeoutError::Timeout) => return Err(io::ErrorKind::TimedOut.into()),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.next_tick = Instant::now() + self.tick;
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     self.eof = true;
                     return Ok(0);
@@ -94,6 +106,19 @@ pub fn client_address() -> String {
         }
     }
     "local".to_string()
+}
+
+/// Bounds how long a write to the client may block. Without it, a client that stops
+/// reading in the middle of a long reply would hold the process, and the mailbox lock,
+/// forever. Only sockets have send timeouts: on a pipe this does nothing.
+pub fn set_client_write_timeout(timeout: Duration) {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: as in `stdin_peer`: fd 1 stays open and is handed back before the
+    // TcpStream could close it. SO_SNDTIMEO belongs to the socket, so it also applies to
+    // the duplicate of fd 1 that `stdout_file` returns.
+    let socket = unsafe { TcpStream::from_raw_fd(1) };
+    let _ = socket.set_write_timeout(Some(timeout));
+    let _ = socket.into_raw_fd();
 }
 
 fn stdin_peer() -> Option<SocketAddr> {

@@ -46,8 +46,26 @@ pub fn acquire(dir: &Path, key: &str) -> Result<MailboxLock, LockError> {
     }
 }
 
-/// A readable, collision-free file name: safe bytes kept, every other byte as `%XX`.
+/// A readable, collision-free file name: safe bytes kept, every other byte as `%XX`. A
+/// name too long for the file system (255 bytes) keeps its start and gets a hash of the
+/// whole key instead of the rest.
 fn file_name(key: &str) -> String {
+    let name = escaped(key);
+    if name.len() <= 200 {
+        return name;
+    }
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same key gives the same name in every process.
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    let mut cut = 150;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}-{:016x}.lock", &name[..cut], hasher.finish())
+}
+
+fn escaped(key: &str) -> String {
     let mut name = String::with_capacity(key.len() + 5);
     for b in key.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.@".contains(&b) {
@@ -83,5 +101,10 @@ mod tests {
     fn file_names_cannot_escape_the_directory_or_collide() {
         assert_eq!(file_name("h:1/../x"), "h%3A1%2F..%2Fx.lock");
         assert_ne!(file_name("a/b"), file_name("a%2Fb"));
+        let long = "x".repeat(300);
+        let longer = format!("{long}y");
+        assert!(file_name(&long).len() < 255);
+        assert_ne!(file_name(&long), file_name(&longer));
+        assert_eq!(file_name(&long), file_name(&long));
     }
 }

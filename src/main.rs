@@ -27,6 +27,8 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.log, cli.log_level);
+    // The default hook prints to stderr, which under xinetd is the client's socket.
+    std::panic::set_hook(Box::new(|info| log::error!("internal error: {info}")));
     match cli.command {
         Command::Pop3(args) => pop3::serve(*args),
         Command::Smtp(args) => smtp::serve(*args),

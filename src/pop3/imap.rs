@@ -9,7 +9,8 @@
 
 use super::DeletePolicy;
 use super::maildrop::{
-    BackendError, Credentials, FetchError, Maildrop, MessageInfo, MessageSink, OpenError, Opener,
+    BackendError, Credentials, Extent, FetchError, Maildrop, MessageInfo, MessageSink, OpenError,
+    Opener, Update,
 };
 use crate::lock::{self, LockError, MailboxLock};
 use crate::net::{self, Stream, Timeouts, TlsMode};
@@ -20,6 +21,9 @@ use std::path::PathBuf;
 /// Octets fetched per round trip. Bounds the proxy's memory per message (the `imap` crate
 /// holds one response, and the encoder one chunk) while keeping round trips few.
 pub const FETCH_CHUNK: usize = 1 << 20;
+
+/// The first fetch for TOP: most headers fit.
+const HEAD_CHUNK: usize = 16 << 10;
 
 /// Where and how to reach the IMAP server.
 #[derive(Clone)]
@@ -183,19 +187,35 @@ fn connect(server: &Server) -> Result<imap::Client<Stream>, OpenError> {
 }
 
 /// Sorts a failed LOGIN into "wrong password" and "server trouble" (RFC 5530 codes).
+///
+/// Only a plain NO, or one with `[AUTHENTICATIONFAILED]`, means the password is wrong:
+/// anything else must not reach the client as `[AUTH]`, or it would ask the user for a new
+/// password while the fault is elsewhere (RFC 3206 §5).
 fn login_error(error: imap::Error) -> OpenError {
     match error {
         imap::Error::No(no) => {
-            let text = no.information.to_string();
-            if text.contains("[UNAVAILABLE]") || text.contains("[SERVERBUG]") {
-                OpenError::Temporary(format!("LOGIN: {text}"))
+            // The imap crate keeps codes it does not know inside the text.
+            let text = format!("{:?} {}", no.code, no.information).to_ascii_uppercase();
+            let has = |code: &str| text.contains(&format!("[{code}]")) || text.contains(code);
+            let why = format!("LOGIN: {}", no.information);
+            if ["UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE"]
+                .iter()
+                .any(|c| has(c))
+            {
+                OpenError::Temporary(why)
+            } else if ["PRIVACYREQUIRED", "CONTACTADMIN", "EXPIRED"]
+                .iter()
+                .any(|c| has(c))
+            {
+                OpenError::Permanent(why)
             } else {
-                OpenError::Auth(format!("LOGIN: {text}"))
+                OpenError::Auth(why)
             }
         }
         // LOGIN refuses CR and LF in credentials: no server would accept them either.
         imap::Error::Validate(_) => OpenError::Auth("credentials contain CR or LF".into()),
-        imap::Error::Bad(bad) => OpenError::Auth(format!("LOGIN: {}", bad.information)),
+        // The server did not understand our LOGIN: not the user's password at fault.
+        imap::Error::Bad(bad) => OpenError::Permanent(format!("LOGIN: {}", bad.information)),
         other => OpenError::Temporary(format!("LOGIN: {}", describe(&other))),
     }
 }
@@ -357,11 +377,22 @@ impl Maildrop for ImapMaildrop {
         &self.messages
     }
 
-    fn fetch(&mut self, index: usize, sink: &mut dyn MessageSink) -> Result<(), FetchError> {
+    fn fetch(
+        &mut self,
+        index: usize,
+        extent: Extent,
+        sink: &mut dyn MessageSink,
+    ) -> Result<(), FetchError> {
         let uid = self.uids[index];
         let mut offset = 0usize;
+        // TOP usually needs only the header: start small and grow, so header downloads
+        // over a mailbox of large messages do not pull a megabyte each.
+        let mut chunk = match extent {
+            Extent::Whole => FETCH_CHUNK,
+            Extent::Head => HEAD_CHUNK,
+        };
         loop {
-            let query = format!("BODY.PEEK[]<{offset}.{FETCH_CHUNK}>");
+            let query = format!("BODY.PEEK[]<{offset}.{chunk}>");
             let fetches = match self.session.uid_fetch(uid.to_string(), &query) {
                 Ok(fetches) => fetches,
                 Err(imap::Error::No(_)) if offset == 0 => return Err(FetchError::Gone),
@@ -381,11 +412,19 @@ impl Maildrop for ImapMaildrop {
             if offset == 0 {
                 sink.start().map_err(FetchError::Client)?;
             }
+            if body.len() > chunk {
+                // Sending it on would repeat the message from the next offset.
+                return Err(FetchError::Backend(BackendError(format!(
+                    "server ignored the partial fetch range (sent {} octets for {chunk})",
+                    body.len()
+                ))));
+            }
             let more = sink.data(body).map_err(FetchError::Client)?;
             offset += body.len();
-            if !more || body.len() < FETCH_CHUNK {
+            if !more || body.len() < chunk {
                 return Ok(());
             }
+            chunk = (chunk * 2).min(FETCH_CHUNK);
         }
     }
 
@@ -411,43 +450,55 @@ impl Maildrop for ImapMaildrop {
         self.session.noop().map_err(backend)
     }
 
-    fn delete(&mut self, indexes: &[usize]) -> Result<(), BackendError> {
+    fn delete(&mut self, indexes: &[usize]) -> Result<Update, BackendError> {
         if let Some(why) = &self.cannot_delete {
             return Err(BackendError(why.clone()));
         }
         let set = self.uid_set(indexes);
         let session = &mut self.session;
         match self.settings.policy {
-            DeletePolicy::Keep => Ok(()),
+            DeletePolicy::Keep => return Ok(Update::Kept),
             DeletePolicy::Hide => {
                 let flags = format!("+FLAGS.SILENT ({})", self.settings.deleted_keyword);
-                session.uid_store(&set, flags).map(drop).map_err(backend)
+                session.uid_store(&set, flags).map_err(backend)?;
             }
             DeletePolicy::Expunge => {
                 session
                     .uid_store(&set, "+FLAGS.SILENT (\\Deleted)")
                     .map_err(backend)?;
-                session.uid_expunge(&set).map(drop).map_err(backend)
+                session.uid_expunge(&set).map_err(backend)?;
             }
             DeletePolicy::Trash => {
                 let trash = self.settings.trash_mailbox.as_str();
                 match move_to(session, &set, trash, self.has_move) {
-                    // Most likely [TRYCREATE] (RFC 3501 §6.4.7): the trash mailbox does
-                    // not exist yet. Create it and try once more; if it did exist, the
-                    // second attempt fails again and that error is reported.
-                    Err(imap::Error::No(_)) => {
-                        let _ = session.create(trash);
-                        move_to(session, &set, trash, self.has_move).map_err(backend)
+                    // RFC 3501 §6.4.7: the trash mailbox does not exist yet. Only then is
+                    // a retry safe: after another NO, a COPY may already have happened.
+                    Err(imap::Error::No(no)) if is_trycreate(&no) => {
+                        session.create(trash).map_err(backend)?;
+                        move_to(session, &set, trash, self.has_move).map_err(backend)?;
                     }
-                    other => other.map_err(backend),
+                    other => other.map_err(backend)?,
                 }
             }
         }
+        Ok(Update::Applied)
     }
 
     fn close(&mut self) {
         let _ = self.session.logout();
     }
+}
+
+/// Whether a NO carries `[TRYCREATE]`. The imap crate parses the code into a type of
+/// imap-proto's, which we do not depend on directly; its debug form names it.
+fn is_trycreate(no: &imap::error::No) -> bool {
+    format!("{:?}", no.code).contains("TryCreate") || no.information.contains("[TRYCREATE]")
+}
+
+/// A mailbox name as an IMAP quoted string. The imap crate quotes the mailbox for UID MOVE
+/// and CREATE but not for UID COPY, where "Deleted Items" would otherwise name "Deleted".
+fn quoted(mailbox: &str) -> String {
+    format!("\"{}\"", mailbox.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// UID MOVE (RFC 6851) where offered, else UID COPY + \Deleted + UID EXPUNGE (RFC 4315).
@@ -460,7 +511,7 @@ fn move_to(
     if has_move {
         return session.uid_mv(set, mailbox);
     }
-    session.uid_copy(set, mailbox)?;
+    session.uid_copy(set, quoted(mailbox))?;
     session.uid_store(set, "+FLAGS.SILENT (\\Deleted)")?;
     session.uid_expunge(set).map(drop)
 }

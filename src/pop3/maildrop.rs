@@ -71,13 +71,36 @@ pub trait MessageSink {
     fn data(&mut self, bytes: &[u8]) -> io::Result<bool>;
 }
 
+/// How much of a message the session needs, so the backend can size its fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// RETR: all of it.
+    Whole,
+    /// TOP: the header and a few lines; the sink says when it has enough.
+    Head,
+}
+
+/// What the UPDATE state did on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// The delete policy was applied to the messages.
+    Applied,
+    /// The policy keeps every message on the server; nothing was changed.
+    Kept,
+}
+
 /// The messages of one session, numbered from 1 as POP3 sees them.
 pub trait Maildrop {
     /// The snapshot taken at login, in UID order.
     fn messages(&self) -> &[MessageInfo];
 
     /// Streams message `index` (0-based) into `sink`.
-    fn fetch(&mut self, index: usize, sink: &mut dyn MessageSink) -> Result<(), FetchError>;
+    fn fetch(
+        &mut self,
+        index: usize,
+        extent: Extent,
+        sink: &mut dyn MessageSink,
+    ) -> Result<(), FetchError>;
 
     /// Marks message `index` as read, after a complete RETR, when the policy asks for it.
     fn mark_retrieved(&mut self, index: usize) -> Result<(), BackendError>;
@@ -90,7 +113,7 @@ pub trait Maildrop {
     fn keepalive(&mut self) -> Result<(), BackendError>;
 
     /// The UPDATE state (RFC 1939 §6): applies the delete policy to these messages.
-    fn delete(&mut self, indexes: &[usize]) -> Result<(), BackendError>;
+    fn delete(&mut self, indexes: &[usize]) -> Result<Update, BackendError>;
 
     /// Ends the backend session politely.
     fn close(&mut self);

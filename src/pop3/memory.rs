@@ -3,7 +3,8 @@
 
 use super::encode::normalized_size;
 use super::maildrop::{
-    BackendError, Credentials, FetchError, Maildrop, MessageInfo, MessageSink, OpenError, Opener,
+    BackendError, Credentials, Extent, FetchError, Maildrop, MessageInfo, MessageSink, OpenError,
+    Opener, Update,
 };
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -35,6 +36,8 @@ pub struct MemoryOpener {
     pub cannot_delete: Option<String>,
     /// QUIT's delete fails.
     pub delete_fails: bool,
+    /// The delete policy is `keep`.
+    pub keeps_everything: bool,
     pub journal: Rc<RefCell<Journal>>,
 }
 
@@ -50,6 +53,7 @@ impl MemoryOpener {
             die_after: None,
             cannot_delete: None,
             delete_fails: false,
+            keeps_everything: false,
             journal: Rc::default(),
         }
     }
@@ -84,6 +88,7 @@ impl Opener for MemoryOpener {
             die_after: self.die_after,
             cannot_delete: self.cannot_delete.clone(),
             delete_fails: self.delete_fails,
+            keeps_everything: self.keeps_everything,
             journal: self.journal.clone(),
         }))
     }
@@ -97,6 +102,7 @@ pub struct MemoryMaildrop {
     die_after: Option<usize>,
     cannot_delete: Option<String>,
     delete_fails: bool,
+    keeps_everything: bool,
     journal: Rc<RefCell<Journal>>,
 }
 
@@ -105,7 +111,12 @@ impl Maildrop for MemoryMaildrop {
         &self.infos
     }
 
-    fn fetch(&mut self, index: usize, sink: &mut dyn MessageSink) -> Result<(), FetchError> {
+    fn fetch(
+        &mut self,
+        index: usize,
+        _extent: Extent,
+        sink: &mut dyn MessageSink,
+    ) -> Result<(), FetchError> {
         if self.gone.contains(&index) {
             return Err(FetchError::Gone);
         }
@@ -144,12 +155,15 @@ impl Maildrop for MemoryMaildrop {
         Ok(())
     }
 
-    fn delete(&mut self, indexes: &[usize]) -> Result<(), BackendError> {
+    fn delete(&mut self, indexes: &[usize]) -> Result<Update, BackendError> {
         if self.delete_fails {
             return Err(BackendError("UID EXPUNGE failed".into()));
         }
+        if self.keeps_everything {
+            return Ok(Update::Kept);
+        }
         self.journal.borrow_mut().deleted.extend_from_slice(indexes);
-        Ok(())
+        Ok(Update::Applied)
     }
 
     fn close(&mut self) {

@@ -164,7 +164,8 @@ pub struct Args {
         long,
         env = "LMP_AUTH_FAILURE_DELAY",
         default_value = "2",
-        value_name = "SECONDS"
+        value_name = "SECONDS",
+        value_parser = crate::cli::seconds
     )]
     pub auth_failure_delay: f64,
 
@@ -196,11 +197,13 @@ pub fn serve(args: Args) -> ExitCode {
     let tick = Duration::from_secs(args.keepalive.max(1)).min(idle_timeout);
     let config = session::Config {
         idle_timeout,
-        auth_failure_delay: Duration::from_secs_f64(args.auth_failure_delay.clamp(0.0, 60.0)),
+        auth_failure_delay: Duration::from_secs_f64(args.auth_failure_delay.min(60.0)),
         max_auth_failures: args.max_auth_failures.max(1),
         nul_bytes: args.nul_bytes,
         capa_expire: args.capa_expire.clone(),
     };
+    // A client that stops reading mid-RETR must not hold the process and its lock forever.
+    crate::input::set_client_write_timeout(idle_timeout);
     let input = BufReader::new(TickingStdin::new(tick));
     let output = match crate::input::stdout_file() {
         Ok(file) => BufWriter::with_capacity(64 * 1024, file),
@@ -212,7 +215,7 @@ pub fn serve(args: Args) -> ExitCode {
     let summary = Session::new(input, output, opener.as_mut(), config).run();
     log::info!(
         "pop3 session end: client={client} user={} listed={} retrieved={} deleted={} bytes={} duration={:.3}s end={}",
-        summary.user.as_deref().unwrap_or("-"),
+        summary.user.as_deref().unwrap_or("-").escape_debug(),
         summary.listed,
         summary.retrieved,
         summary.deleted,
@@ -328,6 +331,20 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
         "--deleted-keyword {:?} is not a valid IMAP keyword",
         args.deleted_keyword
     );
+    for (option, mailbox) in [
+        ("--mailbox", &args.mailbox),
+        ("--trash-mailbox", &args.trash_mailbox),
+    ] {
+        anyhow::ensure!(
+            !mailbox.is_empty() && !mailbox.contains(['\r', '\n', '\0']),
+            "{option} {mailbox:?} is not a valid mailbox name"
+        );
+    }
+    if args.backend.danger_accept_invalid_certs {
+        log::warn!(
+            "--danger-accept-invalid-certs: the IMAP server's certificate is not checked; anyone on the path can read passwords and mail"
+        );
+    }
     Ok(ImapOpener {
         server: imap::Server {
             host,

@@ -2,13 +2,15 @@
 //! `BufRead` + `Write`, with a [`Opener`] as the backend.
 //!
 //! One line is read, parsed once into a [`Command`], and `(state, command)` decides the
-//! reply. Output is flushed only before the session waits for input, so pipelined commands
-//! (RFC 2449 §6.6) are answered in order with few writes.
+//! reply. Replies go out in command order, flushed before each read, so pipelined commands
+//! (RFC 2449 §6.6) are answered correctly.
 
 use super::NulBytes;
 use super::command::{self, Command, ParseError};
 use super::encode::Encoder;
-use super::maildrop::{Credentials, FetchError, Maildrop, MessageSink, OpenError, Opener};
+use super::maildrop::{
+    Credentials, Extent, FetchError, Maildrop, MessageSink, OpenError, Opener, Update,
+};
 use super::reply::{Code, END, Reply};
 use crate::lines::{LineBuffer, LineStatus};
 use std::fmt;
@@ -281,15 +283,10 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     // ---- AUTHORIZATION (RFC 1939 §7, RFC 5034) ----
 
     fn user(&mut self, name: &[u8]) -> Flow {
-        match std::str::from_utf8(name) {
-            Ok(name) => {
-                self.state = State::Authorization {
-                    user: Some(name.to_string()),
-                };
-                self.reply(Reply::ok(""))
-            }
-            Err(_) => self.reply(Reply::err_code(Code::Auth, "User name is not UTF-8")),
-        }
+        self.state = State::Authorization {
+            user: Some(text(name)),
+        };
+        self.reply(Reply::ok(""))
     }
 
     fn pass(&mut self, password: &[u8]) -> Flow {
@@ -299,10 +296,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let Some(user) = user.take() else {
             return self.reply(Reply::err("Give USER first"));
         };
-        match std::str::from_utf8(password) {
-            Ok(password) => self.login(&user, password),
-            Err(_) => self.auth_failed("password is not UTF-8"),
-        }
+        self.login(&user, &text(password))
     }
 
     fn auth(&mut self, mechanism: Option<&str>, initial: Option<&[u8]>) -> Flow {
@@ -335,17 +329,11 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let [authzid, authcid, password] = parts.as_slice() else {
             return self.reply(Reply::err("Malformed PLAIN response"));
         };
-        let (Ok(authzid), Ok(user), Ok(password)) = (
-            std::str::from_utf8(authzid),
-            std::str::from_utf8(authcid),
-            std::str::from_utf8(password),
-        ) else {
-            return self.auth_failed("PLAIN response is not UTF-8");
-        };
+        let (authzid, user, password) = (text(authzid), text(authcid), text(password));
         if !authzid.is_empty() && authzid != user {
             return self.auth_failed("authorization identity differs from the user");
         }
-        self.login(user, password)
+        self.login(&user, &password)
     }
 
     fn login(&mut self, user: &str, password: &str) -> Flow {
@@ -355,7 +343,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             Ok(maildrop) => {
                 let count = maildrop.messages().len();
                 self.summary.listed = count;
-                log::info!("user={user} logged in, {count} messages");
+                log::info!("user={} logged in, {count} messages", user.escape_debug());
                 self.state = State::Transaction {
                     maildrop,
                     deleted: vec![false; count],
@@ -364,21 +352,21 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             }
             Err(OpenError::Auth(why)) => self.auth_failed(&why),
             Err(OpenError::InUse) => {
-                log::info!("user={user} refused: maildrop in use");
+                log::info!("user={} refused: maildrop in use", user.escape_debug());
                 self.reply(Reply::err_code(
                     Code::InUse,
                     "Mailbox is locked by another POP3 session",
                 ))
             }
             Err(OpenError::Temporary(why)) => {
-                log::warn!("user={user} backend unavailable: {why}");
+                log::warn!("user={} backend unavailable: {why}", user.escape_debug());
                 self.reply(Reply::err_code(
                     Code::SysTemp,
                     "Mail server temporarily unavailable, try again later",
                 ))
             }
             Err(OpenError::Permanent(why)) => {
-                log::error!("user={user} backend unusable: {why}");
+                log::error!("user={} backend unusable: {why}", user.escape_debug());
                 self.reply(Reply::err_code(
                     Code::SysPerm,
                     "Mail server cannot serve this mailbox",
@@ -391,7 +379,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         self.auth_failures += 1;
         log::info!(
             "user={} authentication failed ({} of {}): {why}",
-            self.summary.user.as_deref().unwrap_or("-"),
+            self.summary.user.as_deref().unwrap_or("-").escape_debug(),
             self.auth_failures,
             self.config.max_auth_failures
         );
@@ -502,8 +490,12 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             buffer: Vec::new(),
             bytes: 0,
         };
+        let extent = match top_lines {
+            None => Extent::Whole,
+            Some(_) => Extent::Head,
+        };
         let result = maildrop
-            .fetch(index, &mut sink)
+            .fetch(index, extent, &mut sink)
             .and_then(|()| sink.finish());
         let started = sink.started;
         self.summary.bytes += sink.bytes;
@@ -580,13 +572,17 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             return self.reply(Reply::ok("Bye."));
         }
         match maildrop.delete(&indexes) {
-            Ok(()) => {
+            Ok(Update::Applied) => {
                 self.summary.deleted = indexes.len();
                 self.reply(Reply::ok(format!(
                     "Bye, {} messages deleted.",
                     indexes.len()
                 )))
             }
+            Ok(Update::Kept) => self.reply(Reply::ok(format!(
+                "Bye, {} messages kept on the server (delete policy keep).",
+                indexes.len()
+            ))),
             Err(e) => {
                 log::error!("deleting {} messages at QUIT failed: {e}", indexes.len());
                 self.reply(Reply::err_code(
@@ -596,6 +592,16 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 Err(End::UpdateFailed(e.to_string()))
             }
         }
+    }
+}
+
+/// Credentials as text. Old clients send Latin-1 or CP1252 rather than UTF-8: bytes that
+/// are not UTF-8 are read as Latin-1, the usual meaning of such a password, rather than
+/// refusing the login without asking the server.
+fn text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_string(),
+        Err(_) => bytes.iter().map(|&b| char::from(b)).collect(),
     }
 }
 
@@ -650,8 +656,9 @@ impl<W: Write> MessageSink for ClientSink<'_, W> {
         let more = encoder.feed(bytes, &mut self.buffer);
         self.output.write_all(&self.buffer)?;
         self.bytes += self.buffer.len() as u64;
-        // Keep the buffer from holding on to a large chunk's worth of memory.
-        if self.buffer.capacity() > 1 << 20 {
+        // Keep the buffer from holding on to an unusually large chunk's worth of memory
+        // (a normal chunk's worth is reused from one chunk to the next).
+        if self.buffer.capacity() > 4 << 20 {
             self.buffer = Vec::new();
         }
         Ok(more)

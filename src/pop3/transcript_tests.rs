@@ -629,3 +629,30 @@ fn random_sessions_never_panic_and_never_delete_without_quit() {
         assert!(summary.deleted <= 3);
     }
 }
+
+#[test]
+fn latin1_credentials_are_read_as_latin1_not_refused() {
+    // "pässwörd" as an old Windows client sends it: CP1252/Latin-1 bytes, not UTF-8.
+    let make = || MemoryOpener::new("jürgen", "pässwörd", vec![M1.to_vec()]);
+    let (out, summary, _) = transcript(
+        make,
+        b"USER j\xfcrgen\r\nPASS p\xe4ssw\xf6rd\r\nSTAT\r\nQUIT\r\n",
+    );
+    assert!(out.contains("+OK Logged in.\r\n+OK 1 56\r\n"), "{out}");
+    assert_eq!(summary.user.as_deref(), Some("jürgen"));
+}
+
+#[test]
+fn quit_under_keep_says_the_messages_stay() {
+    let make = || {
+        let mut opener = opener();
+        opener.keeps_everything = true;
+        opener
+    };
+    let (out, summary, _) = transcript(make, format!("{LOGIN}DELE 1\r\nQUIT\r\n").as_bytes());
+    assert!(
+        out.ends_with("+OK Bye, 1 messages kept on the server (delete policy keep).\r\n"),
+        "{out}"
+    );
+    assert_eq!(summary.deleted, 0);
+}
