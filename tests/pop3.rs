@@ -86,6 +86,69 @@ fn login(user: &User) -> String {
     format!("USER {}\r\nPASS {}\r\n", user.name, user.password)
 }
 
+/// A proxy process with a client logged in, kept open while the test does other things.
+struct Live {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Live {
+    /// Starts the proxy with `args` and logs `user` in; panics unless that works.
+    fn login(args: &[String], user: &User) -> Live {
+        let mut child = Command::new(common::proxy_bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn proxy");
+        let mut live = Live {
+            stdin: child.stdin.take(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        };
+        live.send(login(user).as_bytes());
+        let replies: Vec<String> = (0..3).map(|_| live.line()).collect();
+        assert_eq!(replies[2], "+OK Logged in.\r\n", "{replies:?}");
+        live
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stdin.as_mut().unwrap().write_all(bytes).unwrap();
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+
+    /// Closes stdin and returns the rest of stdout, stderr, and whether it exited 0.
+    fn finish(mut self) -> (String, String, bool) {
+        drop(self.stdin.take());
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest).unwrap();
+        let mut log = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        (rest, log, self.child.wait().unwrap().success())
+    }
+}
+
+/// The reply to PASS in a transcript that starts with USER and PASS.
+fn login_reply(out: &[u8]) -> String {
+    String::from_utf8_lossy(out)
+        .lines()
+        .nth(2)
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Splits a POP3 transcript into its responses, reading multi-line bodies for the
 /// commands that have them, and undoing dot-stuffing. Panics on a truncated body.
 fn responses(out: &[u8], multiline: &[bool]) -> Vec<(String, Vec<u8>)> {
@@ -322,29 +385,13 @@ fn uidls_are_stable_across_sessions_and_new_mail_stays_invisible() {
     let input = format!("{}UIDL\r\nQUIT\r\n", login(&user));
     let (first, ..) = dialogue(&args(Tls::Implicit), &[], input.as_bytes());
     // A session holds a snapshot: mail arriving during it stays invisible.
-    let mut child = Command::new(common::proxy_bin())
-        .args(args(Tls::Plain))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    stdin.write_all(login(&user).as_bytes()).unwrap();
-    let mut line = String::new();
-    for _ in 0..3 {
-        line.clear();
-        stdout.read_line(&mut line).unwrap();
-    }
-    assert_eq!(line, "+OK Logged in.\r\n");
+    let mut live = Live::login(&args(Tls::Plain), &user);
     user.seed(b"Subject: arrived during the session\r\n\r\nhi\r\n");
     user.resync();
-    stdin.write_all(b"STAT\r\nQUIT\r\n").unwrap();
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
-    assert!(line.starts_with("+OK 8 "), "{line}");
-    child.wait().unwrap();
+    live.send(b"STAT\r\nQUIT\r\n");
+    let stat = live.line();
+    assert!(stat.starts_with("+OK 8 "), "{stat}");
+    live.finish();
     let (second, ..) = dialogue(&args(Tls::Starttls), &[], input.as_bytes());
     let first = responses(&first, &[false, false, false, true, false]);
     let second = responses(&second, &[false, false, false, true, false]);
@@ -489,71 +536,24 @@ fn dele_without_quit_deletes_nothing() {
 #[test]
 fn a_second_session_on_the_same_mailbox_gets_in_use() {
     let user = seeded_user("inuse");
-    let mut first = Command::new(common::proxy_bin())
-        .args(args(Tls::Plain))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = first.stdin.take().unwrap();
-    let mut stdout = BufReader::new(first.stdout.take().unwrap());
-    stdin.write_all(login(&user).as_bytes()).unwrap();
-    let mut line = String::new();
-    for _ in 0..3 {
-        line.clear();
-        stdout.read_line(&mut line).unwrap();
-    }
-    assert_eq!(line, "+OK Logged in.\r\n");
-    let (out, ..) = dialogue(
-        &args(Tls::Implicit),
-        &[],
-        format!("{}QUIT\r\n", login(&user)).as_bytes(),
-    );
+    let again = format!("{}QUIT\r\n", login(&user));
+    let first = Live::login(&args(Tls::Plain), &user);
+    // Over another port and TLS mode: still the same mailbox.
+    let (out, ..) = dialogue(&args(Tls::Implicit), &[], again.as_bytes());
     assert_eq!(
-        String::from_utf8_lossy(&out).lines().nth(2).unwrap(),
+        login_reply(&out),
         "-ERR [IN-USE] Mailbox is locked by another POP3 session"
     );
-    stdin.write_all(b"QUIT\r\n").unwrap();
-    drop(stdin);
-    first.wait().unwrap();
+    first.finish();
     // The lock dies with the process.
-    let (out, ..) = dialogue(
-        &args(Tls::Plain),
-        &[],
-        format!("{}QUIT\r\n", login(&user)).as_bytes(),
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out).lines().nth(2).unwrap(),
-        "+OK Logged in."
-    );
+    let (out, ..) = dialogue(&args(Tls::Plain), &[], again.as_bytes());
+    assert_eq!(login_reply(&out), "+OK Logged in.");
     // --no-lock allows concurrent sessions.
-    let mut again = Command::new(common::proxy_bin())
-        .args(with(args(Tls::Plain), &["--no-lock"]))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = again.stdin.take().unwrap();
-    let mut stdout = BufReader::new(again.stdout.take().unwrap());
-    stdin.write_all(login(&user).as_bytes()).unwrap();
-    for _ in 0..3 {
-        line.clear();
-        stdout.read_line(&mut line).unwrap();
-    }
-    assert_eq!(line, "+OK Logged in.\r\n");
-    let (out, ..) = dialogue(
-        &with(args(Tls::Plain), &["--no-lock"]),
-        &[],
-        format!("{}QUIT\r\n", login(&user)).as_bytes(),
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out).lines().nth(2).unwrap(),
-        "+OK Logged in."
-    );
-    drop(stdin);
-    again.wait().unwrap();
+    let unlocked = with(args(Tls::Plain), &["--no-lock"]);
+    let first = Live::login(&unlocked, &user);
+    let (out, ..) = dialogue(&unlocked, &[], again.as_bytes());
+    assert_eq!(login_reply(&out), "+OK Logged in.");
+    first.finish();
 }
 
 #[test]
@@ -650,7 +650,7 @@ fn stopped_or_unreachable_backend_gets_sys_temp_not_auth() {
     args[at + 1] = port;
     let (out, log, _) = dialogue(&args, &[], format!("{}QUIT\r\n", login(&user)).as_bytes());
     assert_eq!(
-        String::from_utf8_lossy(&out).lines().nth(2).unwrap(),
+        login_reply(&out),
         "-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later"
     );
     assert!(log.contains("cannot connect to"), "{log}");
@@ -694,7 +694,7 @@ fn a_certificate_from_an_untrusted_ca_is_refused() {
         .collect();
         let (out, log, _) = dialogue(&args, &[], format!("{}QUIT\r\n", login(&user)).as_bytes());
         assert_eq!(
-            String::from_utf8_lossy(&out).lines().nth(2).unwrap(),
+            login_reply(&out),
             "-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later",
             "{mode}"
         );
@@ -1051,40 +1051,19 @@ fn memory_does_not_grow_with_message_size() {
 #[test]
 fn idle_client_is_logged_out_and_backend_kept_alive_meanwhile() {
     let user = seeded_user("idle");
-    let mut child = Command::new(common::proxy_bin())
-        .args(with(
+    let mut live = Live::login(
+        &with(
             args(Tls::Plain),
             &["--idle-timeout", "3", "--keepalive", "1"],
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(login(&user).as_bytes()).unwrap();
-    // Stay silent with stdin open: the proxy must end the session by itself.
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let status = child.wait().unwrap();
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    drop(stdin);
-    assert!(
-        out.ends_with("+OK Logged in.\r\n-ERR Disconnected for inactivity.\r\n"),
-        "{out}"
+        ),
+        &user,
     );
-    assert!(!status.success());
+    // Stay silent with stdin open: the proxy must end the session by itself.
+    let bye = live.line();
+    assert_eq!(bye, "-ERR Disconnected for inactivity.\r\n");
+    let (rest, log, ok) = live.finish();
+    assert_eq!(rest, "");
+    assert!(!ok);
     assert!(log.contains("end=idle timeout"), "{log}");
 }
 
@@ -1134,7 +1113,7 @@ fn an_unreadable_ca_file_is_a_clear_sys_perm_not_a_silent_failure() {
     args[at + 1] = "/nonexistent/ca.pem".into();
     let (out, log, _) = dialogue(&args, &[], format!("{}QUIT\r\n", login(&user)).as_bytes());
     assert_eq!(
-        String::from_utf8_lossy(&out).lines().nth(2).unwrap(),
+        login_reply(&out),
         "-ERR [SYS/PERM] Mail server cannot serve this mailbox"
     );
     assert!(
@@ -1294,22 +1273,7 @@ fn a_message_expunged_by_another_client_fails_alone() {
         .iter()
         .map(|(uid, _)| *uid)
         .collect();
-    let mut child = Command::new(common::proxy_bin())
-        .args(args(Tls::Plain))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    stdin.write_all(login(&user).as_bytes()).unwrap();
-    let mut line = String::new();
-    for _ in 0..3 {
-        line.clear();
-        stdout.read_line(&mut line).unwrap();
-    }
-    assert_eq!(line, "+OK Logged in.\r\n");
+    let mut live = Live::login(&args(Tls::Plain), &user);
     let out = servers().doveadm(&[
         "expunge",
         "-u",
@@ -1324,11 +1288,8 @@ fn a_message_expunged_by_another_client_fails_alone() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stdin.write_all(b"RETR 1\r\nTOP 3 0\r\nQUIT\r\n").unwrap();
-    drop(stdin);
-    let mut rest = String::new();
-    stdout.read_to_string(&mut rest).unwrap();
-    child.wait().unwrap();
+    live.send(b"RETR 1\r\nTOP 3 0\r\nQUIT\r\n");
+    let (rest, ..) = live.finish();
     assert!(
         rest.starts_with("-ERR Message was deleted by another client\r\n+OK\r\nSubject: dots\r\n"),
         "{rest}"
@@ -1429,11 +1390,7 @@ fn a_client_that_stops_reading_cannot_hold_the_mailbox_forever() {
             &[],
             format!("{}QUIT\r\n", login(&user)).as_bytes(),
         );
-        let third = String::from_utf8_lossy(&out)
-            .lines()
-            .nth(2)
-            .unwrap_or("")
-            .to_string();
+        let third = login_reply(&out);
         if third == "+OK Logged in." {
             break;
         }
