@@ -33,12 +33,22 @@ pub fn acquire(dir: &Path, key: &str) -> Result<MailboxLock, LockError> {
             .create(dir)
             .map_err(LockError::Io)?;
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(file_name(key)))
-        .map_err(LockError::Io)?;
+    // flock needs no write access: opening read-only means a lock file left behind by
+    // another user (an admin testing by hand as root, say) does not lock the service out.
+    let path = dir.join(file_name(key));
+    let file = match OpenOptions::new().read(true).open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o644)
+                .open(&path)
+        }
+        other => other,
+    }
+    .map_err(LockError::Io)?;
     match file.try_lock() {
         Ok(()) => Ok(MailboxLock { _file: file }),
         Err(TryLockError::WouldBlock) => Err(LockError::Held),

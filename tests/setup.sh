@@ -7,7 +7,7 @@
 
 MAIL_USER=lmp-test # keep in sync with MAIL_USER in tests/common/mod.rs
 PACKAGES=(
-    libssl-dev pkg-config
+    build-essential libssl-dev pkg-config
     dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix
     xinetd systemd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
 )
@@ -43,6 +43,16 @@ if ((${#missing[@]} > 0)); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
     apt-get install -y --no-install-recommends "${missing[@]}"
+    # The packages enable their system services for the next boot; the tests never use
+    # them, and a system Dovecot would listen on every interface and take port 110.
+    for service in dovecot postfix xinetd; do
+        if command -v systemctl >/dev/null; then
+            systemctl disable "$service" >/dev/null 2>&1 || true
+        fi
+        if command -v update-rc.d >/dev/null; then
+            update-rc.d "$service" disable >/dev/null 2>&1 || true
+        fi
+    done
     if [[ -n $created_policy ]]; then
         rm -f /usr/sbin/policy-rc.d
         trap - EXIT

@@ -95,6 +95,13 @@ impl Opener for ImapOpener {
             }
         };
         let client = connect(&self.server)?;
+        log::debug!(
+            "connected to {}:{} ({:?}), logging in as {}",
+            self.server.host,
+            self.server.port,
+            self.server.tls,
+            user.escape_debug()
+        );
         let mut session = match client.login(user, password) {
             Ok(session) => session,
             Err((error, _client)) => return Err(login_error(error)),
@@ -137,7 +144,12 @@ impl Opener for ImapOpener {
 /// Connects and reads the greeting; after this the client is ready for LOGIN.
 fn connect(server: &Server) -> Result<imap::Client<Stream>, OpenError> {
     let temporary = |what: &str, e: &dyn std::fmt::Display| {
-        OpenError::Temporary(format!("{what} {}:{}: {e}", server.host, server.port))
+        OpenError::Temporary(format!(
+            "{what} {}:{}: {e}{}",
+            server.host,
+            server.port,
+            mode_hint(server.tls, &e.to_string())
+        ))
     };
     let connector = match (&server.connector, server.tls) {
         (_, TlsMode::None) => None,
@@ -184,6 +196,20 @@ fn connect(server: &Server) -> Result<imap::Client<Stream>, OpenError> {
         }
     }
     Ok(client)
+}
+
+/// The usual cause of two puzzling failures: a TLS mode that does not fit the port.
+fn mode_hint(mode: TlsMode, error: &str) -> &'static str {
+    let timed_out = error.contains("temporarily unavailable") || error.contains("timed out");
+    match mode {
+        TlsMode::Implicit if error.contains("wrong version number") => {
+            " (the server did not start TLS: a plain port? try --imap-tls starttls)"
+        }
+        TlsMode::Starttls | TlsMode::None if timed_out => {
+            " (timed out: if this port speaks TLS from the start, use --imap-tls implicit)"
+        }
+        _ => "",
+    }
 }
 
 /// Sorts a failed LOGIN into "wrong password" and "server trouble" (RFC 5530 codes).
@@ -272,6 +298,13 @@ impl ImapMaildrop {
             }
             Err(e) => return Err(temporary(e)),
         };
+        log::debug!(
+            "selected {:?}: {} messages, read-only {}, permanent flags {:?}",
+            settings.mailbox,
+            mailbox.exists,
+            mailbox.is_read_only,
+            mailbox.permanent_flags
+        );
         let Some(uid_validity) = mailbox.uid_validity else {
             return Err(OpenError::Permanent("server sent no UIDVALIDITY".into()));
         };

@@ -161,6 +161,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                     continue;
                 }
             };
+            if log::log_enabled!(log::Level::Debug) {
+                log::debug!("command: {}", redacted(&line));
+            }
             match command::parse(&line) {
                 Ok(Command::Quit) => return self.quit(),
                 Ok(command) => self.dispatch(command)?,
@@ -593,6 +596,26 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             }
         }
     }
+}
+
+/// A command line for the debug log, without passwords or SASL data.
+fn redacted(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    let mut words = text.splitn(3, ' ');
+    let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+    match keyword.as_str() {
+        "PASS" => "PASS ********".into(),
+        "AUTH" => match words.next() {
+            Some(mechanism) if words.next().is_some() => format!("AUTH {mechanism} ********"),
+            _ => text.escape_debug().to_string(),
+        },
+        _ => text.escape_debug().to_string(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn redacted_for_tests(line: &[u8]) -> String {
+    redacted(line)
 }
 
 /// Credentials as text. Old clients send Latin-1 or CP1252 rather than UTF-8: bytes that

@@ -656,3 +656,14 @@ fn quit_under_keep_says_the_messages_stay() {
     );
     assert_eq!(summary.deleted, 0);
 }
+
+#[test]
+fn the_debug_log_never_shows_passwords_or_sasl_data() {
+    use super::session::redacted_for_tests as redacted;
+    assert_eq!(redacted(b"PASS secret word"), "PASS ********");
+    assert_eq!(redacted(b"pass secret"), "PASS ********");
+    assert_eq!(redacted(b"AUTH PLAIN AGFsaWNlAHB3"), "AUTH PLAIN ********");
+    assert_eq!(redacted(b"AUTH PLAIN"), "AUTH PLAIN");
+    assert_eq!(redacted(b"RETR 1"), "RETR 1");
+    assert_eq!(redacted(b"USER a\x1bb"), "USER a\\u{1b}b");
+}
