@@ -8,14 +8,20 @@
 //! connection its own proxy process with the socket as stdin/stdout.
 
 mod common;
+#[path = "../src/smtp/fake_backend.rs"]
+mod fake_backend;
 
-use common::{User, imap_fetch_all, postfix, proxy_bin, python, require_client, servers};
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use common::{
+    User, imap_fetch_all, postfix, proxy_bin, python, require_client, servers, wait_until,
+};
+use fake_backend::{FakeSmtp, Script};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How the proxy reaches Postfix, and as whom.
@@ -33,6 +39,30 @@ impl Proxy {
 
     fn starttls(account: &User) -> Proxy {
         Self::to(postfix().submission_port, "starttls", account)
+    }
+
+    /// Plain text to a scripted backend on 127.0.0.1:`port`, no login, open to any client.
+    fn fake(port: u16) -> Proxy {
+        let args = [
+            "--smtp-host",
+            "127.0.0.1",
+            "--smtp-port",
+            &port.to_string(),
+            "--smtp-tls",
+            "none",
+            "--client-auth",
+            "none",
+            "--hostname",
+            "proxy.test",
+            "--connect-timeout",
+            "5",
+            "--backend-timeout",
+            "30",
+        ];
+        Proxy {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+        }
     }
 
     fn to(port: u16, tls: &str, account: &User) -> Proxy {
@@ -105,6 +135,14 @@ impl Proxy {
 
     /// One session: writes all of `input` (pipelined), returns (replies, log).
     fn session(&self, input: &[u8]) -> (String, String) {
+        let input = input.to_vec();
+        self.session_with(move |mut stdin| {
+            let _ = stdin.write_all(&input);
+        })
+    }
+
+    /// One session whose input `write` gives from its own thread; returns (replies, log).
+    fn session_with(&self, write: impl FnOnce(ChildStdin) + Send + 'static) -> (String, String) {
         let mut child = self
             .command()
             .stdin(Stdio::piped())
@@ -112,11 +150,8 @@ impl Proxy {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start proxy");
-        let mut stdin = child.stdin.take().unwrap();
-        let input = input.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
+        let stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || write(stdin));
         let out = child.wait_with_output().expect("proxy output");
         writer.join().unwrap();
         (
@@ -203,8 +238,6 @@ fn wait_for(user: &User, n: usize, limit: Duration) {
 /// The one message in `user`'s INBOX, trace fields removed; fails if there are others.
 fn only_message(user: &User) -> Vec<u8> {
     wait_for(user, 1, Duration::from_secs(30));
-    // Anything smuggled would arrive in the same queue run; give it a moment to show.
-    std::thread::sleep(Duration::from_millis(300));
     let all = imap_fetch_all(user);
     assert_eq!(all.len(), 1, "messages: {all:?}");
     without_trace(&all[0].1)
@@ -430,7 +463,9 @@ fn a_stopped_backend_gives_4xx() {
         "{out}"
     );
     assert!(
-        log.contains("Connection refused") || log.contains("onnection"),
+        log.contains(&format!(
+            "127.0.0.1:{port}: Connection error: Connection refused"
+        )),
         "{log}"
     );
 }
@@ -528,6 +563,17 @@ fn each_smuggling_sequence_leaves_exactly_one_message() {
     }
     let (out, log) = proxy.session(&wrap_session(&transactions));
     assert_eq!(queued_replies(&out), sequences.len(), "{out}\n{log}");
+    // What Postfix itself counted in that session: had any sequence ended a message at the
+    // backend, the rest would have been a ninth MAIL, RCPT and DATA. Read once the session
+    // is over, so nothing is left to arrive.
+    let n = sequences.len();
+    assert_eq!(
+        postfix_session_counts(&sender.name),
+        format!(
+            "ehlo=1 auth=1 mail={n} rcpt={n} data={n} quit=1 commands={}",
+            3 * n + 3
+        )
+    );
     for ((name, _), rcpt) in sequences.iter().zip(&rcpts) {
         let stored = String::from_utf8_lossy(&only_message(rcpt)).into_owned();
         assert!(stored.contains(&format!("Subject: {name}\r\n")), "{stored}");
@@ -542,6 +588,129 @@ fn each_smuggling_sequence_leaves_exactly_one_message() {
         0,
         "a smuggled message was delivered"
     );
+}
+
+/// The command counts Postfix logged when the session that logged in as `user` ended
+/// (`disconnect from localhost[127.0.0.1] ehlo=1 auth=1 mail=8 … commands=27`).
+fn postfix_session_counts(user: &str) -> String {
+    let mut counts = None;
+    wait_until(
+        &format!("Postfix logs the end of {user}'s session"),
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(&postfix().log_file).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            // `postfix/smtpd[PID]: QUEUEID: client=…, sasl_method=PLAIN, sasl_username=USER`
+            let Some(at) = lines
+                .iter()
+                .position(|l| l.ends_with(&format!(" sasl_username={user}")))
+            else {
+                return false;
+            };
+            let Some(process) = lines[at]
+                .split(' ')
+                .find(|w| w.starts_with("postfix/smtpd["))
+            else {
+                return false;
+            };
+            let end = format!("{process} disconnect from ");
+            counts = lines[at..].iter().find_map(|l| {
+                let rest = &l[l.find(&end)? + end.len()..];
+                Some(rest.split_once(' ')?.1.to_string())
+            });
+            counts.is_some()
+        },
+    );
+    counts.unwrap()
+}
+
+/// Tests that change the shared Postfix's configuration, or need its defaults, hold this.
+static POSTFIX_CONFIG: Mutex<()> = Mutex::new(());
+
+fn postfix_config_lock() -> MutexGuard<'static, ()> {
+    POSTFIX_CONFIG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `postconf -c DIR` with each of `changes`, then `postfix reload`, and waits until
+/// the configuration is in force: until `ready` holds.
+fn reconfigure_postfix(changes: &[&[&str]], ready: impl FnMut() -> bool) {
+    let dir = postfix().config_dir.to_str().unwrap();
+    let postconf = changes.iter().map(|args| (["postconf", "-c", dir], *args));
+    let reload = std::iter::once((["postfix", "-c", dir], &["reload"][..]));
+    for (command, args) in postconf.chain(reload) {
+        let status = Command::new(command[0])
+            .args(&command[1..])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{command:?} {args:?}");
+    }
+    wait_until(
+        "Postfix reloads its configuration",
+        Duration::from_secs(30),
+        ready,
+    );
+}
+
+/// The EHLO reply of Postfix's STARTTLS port (before TLS).
+fn postfix_ehlo() -> String {
+    let Ok(stream) = TcpStream::connect(("127.0.0.1", postfix().submission_port)) else {
+        return String::new();
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut reply = String::new();
+    let mut line = String::new();
+    let _ = reader.read_line(&mut line);
+    let _ = writer.write_all(b"EHLO probe.test\r\n");
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        reply.push_str(&line);
+        if line.starts_with("250 ") {
+            break;
+        }
+    }
+    let _ = writer.write_all(b"QUIT\r\n");
+    reply
+}
+
+/// The message_size_limit Postfix's smtpd processes use now (their EHLO SIZE).
+fn postfix_size_limit() -> Option<u64> {
+    postfix_ehlo()
+        .lines()
+        .find_map(|l| l.strip_prefix("250-SIZE ")?.trim().parse().ok())
+}
+
+/// Sets Postfix's message_size_limit until dropped, then puts the old value back.
+struct SizeLimit {
+    old: u64,
+}
+
+impl SizeLimit {
+    fn set(limit: u64) -> SizeLimit {
+        let old = postfix_size_limit().expect("Postfix advertises SIZE");
+        Self::apply(limit);
+        SizeLimit { old }
+    }
+
+    fn apply(limit: u64) {
+        reconfigure_postfix(&[&["-e", &format!("message_size_limit={limit}")]], || {
+            postfix_size_limit() == Some(limit)
+        });
+    }
+}
+
+impl Drop for SizeLimit {
+    fn drop(&mut self) {
+        Self::apply(self.old);
+    }
 }
 
 #[test]
@@ -758,22 +927,9 @@ fn measure_rss_and_throughput() {
     let proxy = Proxy::implicit(&sender);
 
     // Peak RSS for a small and a 30 MB message. The harness's Postfix keeps the 10 MB
-    // default message_size_limit; raise it for this measurement.
-    let p = postfix();
-    for args in [
-        vec![
-            "postconf",
-            "-c",
-            p.config_dir.to_str().unwrap(),
-            "-e",
-            "message_size_limit=52428800",
-        ],
-        vec!["postfix", "-c", p.config_dir.to_str().unwrap(), "reload"],
-    ] {
-        let status = Command::new(args[0]).args(&args[1..]).status().unwrap();
-        assert!(status.success(), "{args:?}");
-    }
-    std::thread::sleep(Duration::from_secs(1)); // reload is asynchronous; nothing to poll
+    // default message_size_limit; raise it for this measurement (restored on drop).
+    let _lock = postfix_config_lock();
+    let _limit = SizeLimit::set(50 * 1024 * 1024);
     let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
     for (name, size) in [("1 KB", 1024), ("30 MB", 30 * 1024 * 1024)] {
         let body = line.repeat(size / line.len());
@@ -849,4 +1005,210 @@ print("%.2f s, %.0f msg/s" % (dt, n / dt))
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the proxy with one end of a TCP connection as stdin and stdout, as inetd does;
+/// returns the process and the client's end.
+fn spawn_on_socket(proxy: &Proxy) -> (std::process::Child, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let fd = OwnedFd::from(server);
+    let child = proxy
+        .command()
+        .stdin(Stdio::from(fd.try_clone().unwrap()))
+        .stdout(Stdio::from(fd))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start proxy");
+    (child, client)
+}
+
+/// Waits for `child` to exit within `limit`; kills it and fails otherwise.
+fn wait_exit(mut child: std::process::Child, limit: Duration, what: &str) -> String {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what}: the proxy was still running after {limit:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
+    let proxy = Proxy::fake(closed_port()).arg("--idle-timeout", "2");
+    let (child, client) = spawn_on_socket(&proxy);
+    // The client pipelines EHLO after EHLO (each answered with a few hundred bytes, none
+    // of them counted as errors) and never reads: the socket buffers fill up and the
+    // proxy's writes block.
+    let mut writer = client.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let burst = b"EHLO client.test\r\n".repeat(1000);
+        while writer.write_all(&burst).is_ok() {}
+    });
+    let log = wait_exit(child, Duration::from_secs(60), "client not reading");
+    assert!(log.contains("end=client write failed"), "{log}");
+    drop(client);
+}
+
+#[test]
+fn a_slow_upload_keeps_a_backend_that_drops_idle_clients_alive() {
+    // Like Postfix's smtpd_timeout, but 2 s instead of 300.
+    let fake = FakeSmtp::start(Script {
+        idle_limit: Some(Duration::from_secs(2)),
+        ..Script::default()
+    });
+    let proxy = Proxy::fake(fake.port).arg("--smtp-keepalive", "0.5");
+    let pages: Vec<String> = (1..=6).map(|i| format!("page {i}\r\n")).collect();
+    let message = format!("{}\r\n{}", dated("scan"), pages.concat());
+    let input_pages = pages.clone();
+    let (out, log) = proxy.session_with(move |mut stdin| {
+        let head = format!(
+            "EHLO scanner.test\r\nMAIL FROM:<scanner@lan.test>\r\nRCPT TO:<desk@example.test>\r\nDATA\r\n{}\r\n",
+            dated("scan")
+        );
+        stdin.write_all(head.as_bytes()).unwrap();
+        // A scanner sending pages as it scans them: 4.2 s in all, the backend's limit 2 s.
+        for page in input_pages {
+            std::thread::sleep(Duration::from_millis(700));
+            stdin.write_all(page.as_bytes()).unwrap();
+        }
+        stdin.write_all(b".\r\nQUIT\r\n").unwrap();
+    });
+    assert!(
+        out.contains("\r\n250 2.0.0 Ok: queued as F1\r\n"),
+        "{out}\n{log}"
+    );
+    let journal = fake.journal();
+    assert_eq!(journal.messages, [message.into_bytes()]);
+    assert!(
+        journal.commands.iter().filter(|c| *c == "NOOP").count() >= 4,
+        "{:?}",
+        journal.commands
+    );
+    assert!(!journal.commands.contains(&"*TIMEOUT".to_string()));
+}
+
+#[test]
+fn the_client_gets_221_and_its_connection_closed_before_the_backend_answers_quit() {
+    let fake = FakeSmtp::start(Script {
+        quit_delay: Duration::from_secs(5),
+        ..Script::default()
+    });
+    let (child, mut client) = spawn_on_socket(&Proxy::fake(fake.port));
+    let started = Instant::now();
+    // MAIL opens the backend connection, so QUIT has one to close.
+    client
+        .write_all(b"EHLO client.test\r\nMAIL FROM:<a@lan.test>\r\nQUIT\r\n")
+        .unwrap();
+    let mut replies = String::new();
+    client.read_to_string(&mut replies).unwrap();
+    let closed_after = started.elapsed();
+    assert!(
+        replies.ends_with("250 2.1.0 Ok\r\n221 2.0.0 Bye\r\n"),
+        "{replies}"
+    );
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "the client waited {closed_after:?} for the backend's QUIT"
+    );
+    let log = wait_exit(child, Duration::from_secs(30), "QUIT");
+    assert!(log.contains("end=quit"), "{log}");
+    assert_eq!(fake.commands().last().map(String::as_str), Some("QUIT"));
+}
+
+#[test]
+fn postfix_refusing_an_oversized_message_at_the_final_dot_reaches_the_client() {
+    let _lock = postfix_config_lock();
+    let s = servers();
+    let sender = s.new_user("pf552-sender");
+    let rcpt = s.new_user("pf552-rcpt");
+    // Over Postfix's default message_size_limit (10,240,000 bytes), under the proxy's.
+    let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    let big = format!(
+        "{}\r\n{}",
+        dated("pf552-big"),
+        line.repeat(11_000_000 / line.len())
+    );
+    let small = format!("{}\r\nsmall\r\n", dated("pf552-small"));
+    let mut input = transaction(&sender.email, &[&rcpt.email], big.as_bytes());
+    input.extend(transaction(&sender.email, &[&rcpt.email], small.as_bytes()));
+    let (out, log) = Proxy::implicit(&sender).session(&wrap_session(&input));
+    assert!(
+        out.contains(
+            "354 End data with <CR><LF>.<CR><LF>\r\n552 5.3.4 Error: message file too big\r\n"
+        ),
+        "{out}\n{log}"
+    );
+    assert!(log.contains("result=refused"), "{log}");
+    // The connection stays usable for the next message.
+    assert_eq!(queued_replies(&out), 1, "{out}");
+    assert_eq!(String::from_utf8_lossy(&only_message(&rcpt)), small);
+}
+
+#[test]
+fn a_backend_offering_only_auth_login_is_logged_in_to_with_login() {
+    // Like Exchange: no PLAIN. An extra Postfix STARTTLS port whose SASL mechanisms are
+    // filtered down to LOGIN, added for this test and removed after it.
+    let _lock = postfix_config_lock();
+    let port = closed_port();
+    let service = format!("127.0.0.1:{port}/inet");
+    reconfigure_postfix(
+        &[
+            &[
+                "-M",
+                &format!("{service}=127.0.0.1:{port} inet n - n - - smtpd"),
+            ],
+            &[
+                "-P",
+                &format!("{service}/smtpd_sasl_mechanism_filter=login"),
+            ],
+        ],
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            reconfigure_postfix(&[&["-MX", &self.0]], || true);
+        }
+    }
+    let _remove = Remove(service);
+
+    let s = servers();
+    let sender = s.new_user("login-sender");
+    let rcpt = s.new_user("login-rcpt");
+    let message = format!("{}\r\nvia LOGIN\r\n", dated("login-only"));
+    let (out, log) = Proxy::to(port, "starttls", &sender).session(&wrap_session(&transaction(
+        &sender.email,
+        &[&rcpt.email],
+        message.as_bytes(),
+    )));
+    assert_eq!(queued_replies(&out), 1, "{out}\n{log}");
+    assert_eq!(String::from_utf8_lossy(&only_message(&rcpt)), message);
+    let pf_log = std::fs::read_to_string(&postfix().log_file).unwrap();
+    assert!(
+        pf_log.contains(&format!(
+            "sasl_method=LOGIN, sasl_username={}\n",
+            sender.name
+        )),
+        "Postfix did not log a LOGIN for {}",
+        sender.name
+    );
 }

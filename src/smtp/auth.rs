@@ -2,9 +2,10 @@
 //! draft-murchison-sasl-login) and the allowed-senders list.
 
 use crate::secret;
+use std::fmt;
 
 /// How clients are authenticated.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum ClientAuth {
     /// No AUTH: anyone who can reach the port may send (an open relay for that network).
     None,
@@ -12,6 +13,21 @@ pub enum ClientAuth {
     Local { user: String, password: String },
     /// The client's AUTH credentials log in to the backend, which decides.
     Passthrough,
+}
+
+/// Written by hand: the password must never reach a log line through `{:?}` (a derived
+/// `Debug` would also print it inside `session::Config`).
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientAuth::None => f.write_str("None"),
+            ClientAuth::Local { user, .. } => f
+                .debug_struct("Local")
+                .field("user", user)
+                .finish_non_exhaustive(),
+            ClientAuth::Passthrough => f.write_str("Passthrough"),
+        }
+    }
 }
 
 impl ClientAuth {
@@ -134,5 +150,18 @@ mod tests {
         assert!(!auth.check_local("dev", "pW"));
         assert!(!auth.check_local("Dev", "pw"));
         assert!(!ClientAuth::Passthrough.check_local("dev", "pw"));
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let auth = ClientAuth::Local {
+            user: "dev".into(),
+            password: "hunter2".into(),
+        };
+        let mut config = crate::smtp::session::Config::new("mx.test");
+        config.auth = auth.clone();
+        for text in [format!("{auth:?}"), format!("{config:?}")] {
+            assert!(text.contains("dev") && !text.contains("hunter2"), "{text}");
+        }
     }
 }

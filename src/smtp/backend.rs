@@ -9,19 +9,32 @@
 //! that display as their exact wire lines. The connection is opened at the first MAIL (or
 //! at AUTH in passthrough mode) and kept for the session's later transactions; when a kept
 //! connection turns out dead at the next MAIL (servers drop idle clients after a few
-//! minutes), it is opened again once.
+//! minutes), it is opened again once. Inside a transaction it is kept alive with NOOP
+//! (RFC 5321 §4.1.1.9) while the client is slow.
+//!
+//! Every reply is judged for its exchange (`relay::check`); one that does not fit drops
+//! the connection. The reply to the final dot is waited for 10 minutes (§4.5.3.2.6). If the
+//! spooled message cannot be read while it is sent, the socket is shut down before lettre
+//! can write the final dot, so the backend never completes a truncated message.
 
-use super::relay::{Relay, RelayError, RelayResult};
+use super::relay::{Relay, RelayError, RelayResult, Stage, check};
 use super::reply::Reply;
 use crate::net::{Timeouts, TlsMode};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{SmtpConnection, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Rset};
+use lettre::transport::smtp::commands::{Data, Noop, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension};
 use lettre::transport::smtp::response::Response;
 use std::fmt;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
+use std::mem::ManuallyDrop;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
+
+/// RFC 5321 §4.5.3.2.6: a client waits 10 minutes for the reply to the final dot. The
+/// server may be scanning the message; giving up earlier turns a message it queued into a
+/// 4xx for our client, which then sends it again.
+pub const END_OF_DATA_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where and how to reach the submission server.
 pub struct Backend {
@@ -31,10 +44,29 @@ pub struct Backend {
     /// Required unless `tls` is `None`.
     pub tls_parameters: Option<TlsParameters>,
     pub timeouts: Timeouts,
+    /// How long to wait for the reply to the final dot (see [`END_OF_DATA_TIMEOUT`]).
+    pub end_of_data_timeout: Duration,
     /// Our name in EHLO.
     pub hello: String,
     /// The proxy's own login (`--smtp-user`), unless clients log in with theirs.
     pub credentials: Option<(String, String)>,
+}
+
+impl Backend {
+    /// The wait for the greeting and the EHLO reply. lettre uses one timeout for the TCP
+    /// connect, the greeting and EHLO; RFC 5321 §4.5.3.2.1 allows the server 5 minutes for
+    /// its greeting, so this is never shorter than the backend timeout. The TCP connect
+    /// keeps its own, shorter limit through the watchdog in [`SmtpRelay::open`].
+    fn greeting_timeout(&self) -> Duration {
+        self.timeouts.io.max(self.timeouts.connect)
+    }
+
+    /// The bound on the whole connection step (TCP, TLS handshake, greeting, EHLO), or
+    /// `None` when the configured timeouts are too large to add up.
+    pub fn open_limit(&self) -> Option<Duration> {
+        let greeting = self.greeting_timeout();
+        self.timeouts.connect.checked_add(greeting.checked_mul(3)?)
+    }
 }
 
 /// Written by hand: the password must never reach a log line through `{:?}`.
@@ -45,6 +77,7 @@ impl fmt::Debug for Backend {
             .field("port", &self.port)
             .field("tls", &self.tls)
             .field("timeouts", &self.timeouts)
+            .field("end_of_data_timeout", &self.end_of_data_timeout)
             .field("hello", &self.hello)
             .field("user", &self.credentials.as_ref().map(|(user, _)| user))
             .finish_non_exhaustive()
@@ -54,6 +87,9 @@ impl fmt::Debug for Backend {
 pub struct SmtpRelay {
     backend: Backend,
     conn: Option<SmtpConnection>,
+    /// The local address of `conn`'s TCP socket, which identifies it among this process's
+    /// descriptors (lettre does not expose its socket).
+    socket: Option<SocketAddr>,
     /// Credentials a passthrough client logged in with.
     client_login: Option<Credentials>,
     in_transaction: bool,
@@ -97,6 +133,7 @@ impl SmtpRelay {
         SmtpRelay {
             backend,
             conn: None,
+            socket: None,
             client_login: None,
             in_transaction: false,
         }
@@ -108,13 +145,16 @@ impl SmtpRelay {
 
     /// Connects, secures and logs in. Returns the connection and the reply to AUTH.
     fn open(
-        &self,
+        &mut self,
         credentials: Option<&Credentials>,
     ) -> Result<(SmtpConnection, Option<Reply>), OpenError> {
         let b = &self.backend;
         let hello = ClientId::Domain(b.hello.clone());
         let failed = |e: lettre::transport::smtp::Error| {
-            OpenError::Failed(RelayError::Unavailable(self.describe(&e)))
+            OpenError::Failed(RelayError::Unavailable(format!(
+                "{}:{}: {e}",
+                b.host, b.port
+            )))
         };
         let implicit = match b.tls {
             TlsMode::Implicit => b.tls_parameters.as_ref(),
@@ -122,20 +162,36 @@ impl SmtpRelay {
         };
         // lettre sets socket timeouts only after it has resolved, connected and done the
         // implicit-TLS handshake, so a server that accepts but never answers the handshake
-        // would hang this process: a watchdog bounds the whole step.
-        let limit = b.timeouts.connect + b.timeouts.io;
-        let what = format!("connecting to {}:{}", b.host, b.port);
-        let mut conn = with_deadline(limit, &what, || {
-            SmtpConnection::connect(
-                (b.host.as_str(), b.port),
-                Some(b.timeouts.connect),
-                &hello,
-                implicit,
-                None,
-            )
-        })
-        .map_err(failed)?;
-        set_nodelay_on_sockets_to(b.port);
+        // would hang this process: a watchdog bounds the whole step, and gives the TCP
+        // connect its own --connect-timeout (lettre's single timeout is the greeting's).
+        let watchdog = Watchdog {
+            connect: b.timeouts.connect,
+            limit: b.open_limit().unwrap_or(Duration::MAX),
+            port: b.port,
+            what: format!("connecting to {}:{}", b.host, b.port),
+        };
+        let mut conn = watchdog
+            .run(|| {
+                SmtpConnection::connect(
+                    (b.host.as_str(), b.port),
+                    Some(b.greeting_timeout()),
+                    &hello,
+                    implicit,
+                    None,
+                )
+            })
+            .map_err(failed)?;
+        // Each process holds one backend connection: the new socket is the one to `port`.
+        let socket = tcp_sockets_to(b.port).into_iter().next();
+        if let Some(socket) = &socket {
+            // lettre never sets TCP_NODELAY, and `message_iter` writes the message and
+            // then the final `<CRLF>.<CRLF>` as separate writes before it waits for the
+            // reply. With Nagle the second write waits for the ACK of the first, which the
+            // server delays (about 40 ms on Linux): measured here, 20 messages/s instead
+            // of 230.
+            let _ = socket.set_nodelay(true);
+        }
+        let local = socket.and_then(|s| s.local_addr().ok());
         conn.set_timeout(Some(b.timeouts.io))
             .map_err(|e| OpenError::Failed(RelayError::Unavailable(format!("{}: {e}", b.host))))?;
         if b.tls == TlsMode::Starttls {
@@ -152,9 +208,11 @@ impl SmtpRelay {
             }
             conn.starttls(params, &hello).map_err(failed)?;
         }
+        self.socket = local;
         let Some(credentials) = credentials else {
             return Ok((conn, None));
         };
+        // PLAIN, or LOGIN for servers such as Exchange that lack PLAIN.
         match conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials) {
             Ok(response) => Ok((conn, Some(reply_of(&response)))),
             Err(e) => match e.status() {
@@ -192,7 +250,7 @@ impl SmtpRelay {
                 "{}:{} user {}: {}",
                 self.backend.host,
                 self.backend.port,
-                credentials.map_or("-".into(), |_| self.login_name()),
+                self.login_name(),
                 reply.summary()
             ))),
         }
@@ -201,43 +259,53 @@ impl SmtpRelay {
     fn login_name(&self) -> String {
         match &self.backend.credentials {
             Some((user, _)) if self.client_login.is_none() => user.clone(),
-            _ => "(client's)".into(),
+            _ => "(the client's, from AUTH)".into(),
         }
     }
 
-    /// Sends one command. A coded refusal is a reply; anything else loses the connection.
-    fn exchange(&mut self, command: impl fmt::Display) -> RelayResult {
+    /// Sends one command and judges the reply for `stage` (see [`check`]).
+    fn command(&mut self, command: impl fmt::Display, stage: Stage) -> RelayResult {
         let Some(conn) = self.conn.as_mut() else {
             return Err(RelayError::Unavailable("no backend connection".into()));
         };
-        match conn.command(command) {
-            Ok(response) => Ok(reply_of(&response)),
-            Err(e) => self.refusal(e),
-        }
+        let result = conn.command(command);
+        self.judge(result, stage)
     }
 
-    fn refusal(&mut self, e: lettre::transport::smtp::Error) -> RelayResult {
-        match e.status() {
-            Some(code) => {
-                let reply = Reply::from_backend(code.into(), &[error_text(&e)]);
-                if reply.code == 421 {
-                    // RFC 5321 §3.8: the server is closing this connection.
+    /// Turns lettre's result into a reply judged for `stage`. A coded refusal is a reply;
+    /// no reply or a reply that does not fit loses the connection.
+    fn judge(
+        &mut self,
+        result: Result<Response, lettre::transport::smtp::Error>,
+        stage: Stage,
+    ) -> RelayResult {
+        let reply = match result {
+            Ok(response) => reply_of(&response),
+            Err(e) => match e.status() {
+                Some(code) => Reply::from_backend(code.into(), &[error_text(&e)]),
+                None => {
+                    let why = self.describe(&e);
                     self.drop_connection();
+                    return Err(RelayError::Unavailable(why));
                 }
-                Ok(reply)
-            }
-            None => {
-                let why = self.describe(&e);
-                self.drop_connection();
-                Err(RelayError::Unavailable(why))
-            }
+            },
+        };
+        if reply.code == 421 {
+            // RFC 5321 §3.8: the server is closing this connection.
+            self.drop_connection();
         }
+        let checked = check(stage, reply);
+        if checked.is_err() {
+            self.drop_connection();
+        }
+        checked
     }
 
     /// Closes without QUIT: used when the connection is broken, where QUIT could only wait
-    /// for the timeout.
+    /// for the timeout, or no longer trusted.
     fn drop_connection(&mut self) {
         self.conn = None;
+        self.socket = None;
         self.in_transaction = false;
     }
 
@@ -268,68 +336,107 @@ impl Relay for SmtpRelay {
         if !reused {
             self.connect_for_mail()?;
         }
-        let mut result = self.exchange(MailCmd {
-            from,
-            eight_bit: self.eight_bit(),
-        });
+        let mut result = self.command(
+            MailCmd {
+                from,
+                eight_bit: self.eight_bit(),
+            },
+            Stage::Mail,
+        );
         let dead = match &result {
             Err(RelayError::Unavailable(_)) => true,
             Ok(reply) => reply.code == 421,
             Err(_) => false,
         };
         if reused && dead {
-            log::info!("smtp: backend connection was closed while idle; reconnecting");
+            log::info!("smtp: the kept backend connection was closed while idle; reconnecting");
             self.drop_connection();
             self.connect_for_mail()?;
-            result = self.exchange(MailCmd {
-                from,
-                eight_bit: self.eight_bit(),
-            });
+            result = self.command(
+                MailCmd {
+                    from,
+                    eight_bit: self.eight_bit(),
+                },
+                Stage::Mail,
+            );
         }
-        self.in_transaction = matches!(&result, Ok(r) if r.is_positive());
+        self.in_transaction = matches!(&result, Ok(r) if r.is_success());
         result
     }
 
     fn rcpt(&mut self, to: &str) -> RelayResult {
-        self.exchange(RcptCmd(to))
+        self.command(RcptCmd(to), Stage::Rcpt)
     }
 
     fn data(&mut self, message: &mut dyn Read, len: u64) -> RelayResult {
-        let reply = self.exchange(Data)?;
+        let reply = self.command(Data, Stage::Data)?;
         if reply.code != 354 {
-            self.in_transaction = false;
+            // A refusal of DATA leaves the transaction open at the backend: Postfix answers
+            // the next MAIL with `503 5.5.1 Error: nested MAIL command`. RSET closes it and
+            // keeps the connection for the next transaction.
+            self.reset();
             return Ok(reply);
         }
+        self.in_transaction = false;
+        let io_timeout = self.backend.timeouts.io;
+        let wait = self.backend.end_of_data_timeout.max(io_timeout);
+        let socket = self.socket;
         let conn = self.conn.as_mut().expect("DATA was answered");
+        if let Err(e) = conn.set_timeout(Some(wait)) {
+            self.drop_connection();
+            return Err(RelayError::Unavailable(format!("setting a timeout: {e}")));
+        }
         let mut chunks = Chunks {
             reader: message,
             remaining: len,
             error: None,
+            on_error: &|| cut_off(socket),
         };
         let result = conn.message_iter(&mut chunks);
-        self.in_transaction = false;
         if let Some(e) = chunks.error {
-            // The iterator cannot stop lettre from sending the final dot, so the backend may
-            // have taken a truncated message; never report that as success.
+            // The socket was shut down before lettre could write the final dot, so the
+            // backend saw the connection end mid-message and discards it.
             self.drop_connection();
             return Err(RelayError::Local(format!(
                 "reading the spooled message failed after {} of {len} bytes: {e}; the \
-                 backend may hold a truncated copy",
+                 backend connection was cut before the end of data",
                 len - chunks.remaining
             )));
         }
-        match result {
-            Ok(response) => Ok(reply_of(&response)),
-            Err(e) => self.refusal(e),
+        if let Err(e) = &result
+            && e.status().is_none()
+            && chunks.remaining == 0
+            && is_timeout(e)
+        {
+            let why = format!(
+                "no reply to the end of data within {}s: the backend may have accepted the \
+                 message, and the client, told to retry, may send it again (a duplicate)",
+                wait.as_secs()
+            );
+            log::warn!("smtp: {}:{}: {why}", self.backend.host, self.backend.port);
+            self.drop_connection();
+            return Err(RelayError::Unavailable(why));
         }
+        if let Some(conn) = self.conn.as_mut()
+            && conn.set_timeout(Some(io_timeout)).is_err()
+        {
+            self.drop_connection();
+        }
+        self.judge(result, Stage::EndOfData)
+    }
+
+    fn keepalive(&mut self) -> Result<(), RelayError> {
+        if !self.in_transaction {
+            return Ok(());
+        }
+        self.command(Noop, Stage::Noop).map(drop)
     }
 
     fn reset(&mut self) {
         if self.in_transaction {
             self.in_transaction = false;
-            if !matches!(self.exchange(Rset), Ok(r) if r.is_positive()) {
-                self.drop_connection();
-            }
+            // A failed RSET has already dropped the connection; the next MAIL reconnects.
+            let _ = self.command(Rset, Stage::Rset);
         }
     }
 
@@ -337,6 +444,7 @@ impl Relay for SmtpRelay {
         if let Some(mut conn) = self.conn.take() {
             let _ = conn.quit();
         }
+        self.socket = None;
         self.in_transaction = false;
     }
 }
@@ -344,13 +452,26 @@ impl Relay for SmtpRelay {
 /// Yields the message in pieces for `message_iter`, without its final CRLF: lettre appends
 /// `<CRLF>.<CRLF>` itself, and the CRLF before the dot is the last line's own ending.
 /// lettre dot-stuffs across piece boundaries. Memory: one 64 KiB piece at a time.
+///
+/// An iterator cannot make lettre stop: after the last piece it always writes the final
+/// dot. So on a read error `on_error` runs first, and must make sure that dot never
+/// reaches the backend, or it would take a truncated message as complete.
 struct Chunks<'a> {
     reader: &'a mut dyn Read,
     remaining: u64,
     error: Option<io::Error>,
+    on_error: &'a dyn Fn(),
 }
 
 const CHUNK: u64 = 64 * 1024;
+
+impl Chunks<'_> {
+    fn fail(&mut self, e: io::Error) -> Option<Vec<u8>> {
+        (self.on_error)();
+        self.error = Some(e);
+        None
+    }
+}
 
 impl Iterator for Chunks<'_> {
     type Item = Vec<u8>;
@@ -362,8 +483,7 @@ impl Iterator for Chunks<'_> {
         if self.remaining <= 2 {
             let mut last = vec![0; self.remaining as usize];
             if let Err(e) = self.reader.read_exact(&mut last) {
-                self.error = Some(e);
-                return None;
+                return self.fail(e);
             }
             self.remaining = 0;
             return (last != b"\r\n").then_some(last);
@@ -375,10 +495,7 @@ impl Iterator for Chunks<'_> {
                 self.remaining -= want as u64;
                 Some(piece)
             }
-            Err(e) => {
-                self.error = Some(e);
-                None
-            }
+            Err(e) => self.fail(e),
         }
     }
 }
@@ -394,72 +511,146 @@ fn error_text(e: &lettre::transport::smtp::Error) -> String {
     e.source().map(|s| s.to_string()).unwrap_or_default()
 }
 
-/// Turns off Nagle's algorithm on this process's TCP sockets whose peer port is `port`.
-///
-/// Why: lettre never sets TCP_NODELAY, and `message_iter` writes the message and then the
-/// final `<CRLF>.<CRLF>` as separate writes before it waits for the reply. With Nagle the
-/// second write waits for the ACK of the first, which the server delays (about 40 ms on
-/// Linux): measured here, 20 messages/s instead of 230. lettre gives no access to its
-/// socket, but each process serves one client and holds one backend connection, so the
-/// socket is found among the process's descriptors (Linux `/proc`).
-fn set_nodelay_on_sockets_to(port: u16) {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok())
-            && fd > 2
-        {
-            set_nodelay(fd, Some(port));
-        }
+/// Shuts down the backend socket whose local address is `local`, so that nothing more,
+/// the final dot above all, can be written to it: the backend sees the connection end in
+/// the middle of the data and discards the message (RFC 5321 §4.1.1.4 makes only the final
+/// dot complete it). If the socket cannot be found, the process ends instead: the dot must
+/// not go out.
+fn cut_off(local: Option<SocketAddr>) {
+    let cut = local.is_some_and(|local| {
+        process_tcp_sockets()
+            .into_iter()
+            .find(|s| s.local_addr().is_ok_and(|a| a == local))
+            .is_some_and(|s| s.shutdown(Shutdown::Both).is_ok())
+    });
+    if !cut {
+        give_up("cannot cut the backend connection after a spool read error");
     }
 }
 
-/// Sets TCP_NODELAY on descriptor `fd` if it is a TCP socket (connected to `port`, when
-/// given). Also used for the client's socket on stdout: each reply is one write, and a
-/// pipelining client should not wait for our second reply until it ACKs the first.
-pub fn set_nodelay(fd: std::os::fd::RawFd, port: Option<u16>) {
-    use std::mem::ManuallyDrop;
-    use std::net::TcpStream;
+/// This process's TCP sockets above descriptor 2 (0–2 are the client's).
+///
+/// lettre gives no access to its socket, but each process serves one client and holds at
+/// most one backend connection, so the socket is found among the process's descriptors
+/// (Linux `/proc`).
+fn process_tcp_sockets() -> Vec<ManuallyDrop<TcpStream>> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .filter_map(tcp_socket)
+        .collect()
+}
+
+/// The TCP sockets of this process connected to peer port `port`.
+fn tcp_sockets_to(port: u16) -> Vec<ManuallyDrop<TcpStream>> {
+    process_tcp_sockets()
+        .into_iter()
+        .filter(|s| s.peer_addr().is_ok_and(|peer| peer.port() == port))
+        .collect()
+}
+
+/// Descriptor `fd` as a TCP stream that is never closed here, if it is a socket.
+fn tcp_socket(fd: std::os::fd::RawFd) -> Option<ManuallyDrop<TcpStream>> {
     use std::os::fd::FromRawFd;
     let is_socket = std::fs::read_link(format!("/proc/self/fd/{fd}"))
         .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-    if !is_socket {
-        return;
-    }
-    // SAFETY: `fd` is an open socket of this process (checked just above; nothing closes
-    // descriptors concurrently). ManuallyDrop keeps it from being closed here: only
-    // getpeername and setsockopt are called on it, which fail harmlessly on non-TCP sockets.
-    let socket = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
-    if port.is_none_or(|port| socket.peer_addr().is_ok_and(|peer| peer.port() == port)) {
+    // SAFETY: `fd` is an open socket of this process (checked just above). ManuallyDrop
+    // keeps it from being closed here. Only getsockname, getpeername, setsockopt and
+    // shutdown are called on it; they fail harmlessly on non-TCP sockets, and if the main
+    // thread closed the descriptor meanwhile (the connect watchdog runs beside it), they
+    // fail with EBADF or act on a socket that the same check would have found.
+    is_socket.then(|| ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) }))
+}
+
+/// Sets TCP_NODELAY on descriptor `fd` if it is a TCP socket. Used for the client's socket
+/// on stdout: each reply is one write, and a pipelining client should not wait for our
+/// second reply until it ACKs the first.
+pub fn set_nodelay(fd: std::os::fd::RawFd) {
+    if let Some(socket) = tcp_socket(fd) {
         let _ = socket.set_nodelay(true);
     }
 }
 
-/// Runs `f`; if it has not returned after `limit`, logs and ends the process. The client
-/// then sees its connection close, which SMTP clients treat as a temporary failure.
-fn with_deadline<T>(limit: Duration, what: &str, f: impl FnOnce() -> T) -> T {
-    use std::sync::mpsc::{RecvTimeoutError, channel};
-    let (done, wait) = channel::<()>();
-    let what = what.to_string();
-    let watchdog = std::thread::spawn(move || {
-        if let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
-            log::error!(
-                "smtp: {what} took more than {}s; closing the session",
-                limit.as_secs()
-            );
-            std::process::exit(75);
-        }
-    });
-    let result = f();
-    drop(done);
-    let _ = watchdog.join();
-    result
+/// A lettre error caused by a socket timeout (a `WouldBlock` on Linux, see CRATES.md).
+fn is_timeout(e: &lettre::transport::smtp::Error) -> bool {
+    use std::error::Error;
+    e.source()
+        .and_then(|s| s.downcast_ref::<io::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+        })
+}
+
+/// Bounds a connection attempt that lettre runs without timeouts of its own.
+struct Watchdog {
+    /// The TCP connection must be established within this.
+    connect: Duration,
+    /// The whole step must be done within this.
+    limit: Duration,
+    port: u16,
+    what: String,
+}
+
+impl Watchdog {
+    /// Runs `f`; ends the process (see [`give_up`]) if no TCP connection to `port` exists
+    /// after `connect`, or `f` has not returned after `limit`.
+    fn run<T>(self, f: impl FnOnce() -> T) -> T {
+        use std::sync::mpsc::{RecvTimeoutError, channel};
+        let (done, wait) = channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let timed_out = |d| matches!(wait.recv_timeout(d), Err(RecvTimeoutError::Timeout));
+            if !timed_out(self.connect) {
+                return;
+            }
+            if tcp_sockets_to(self.port).is_empty() {
+                give_up(&format!(
+                    "{}: no TCP connection within {}s",
+                    self.what,
+                    self.connect.as_secs_f64()
+                ));
+            }
+            if timed_out(self.limit.saturating_sub(self.connect)) {
+                give_up(&format!(
+                    "{} took more than {}s",
+                    self.what,
+                    self.limit.as_secs_f64()
+                ));
+            }
+        });
+        let result = f();
+        drop(done);
+        let _ = watchdog.join();
+        result
+    }
+}
+
+/// Logs, tells the client `421` (RFC 5321 §3.8: the service is closing the channel; it
+/// retries later) and ends the process. For states the session cannot be brought out of
+/// by the thread that is stuck in them.
+fn give_up(why: &str) -> ! {
+    use std::os::fd::FromRawFd;
+    log::error!("smtp: {why}; closing the session");
+    // SAFETY: fd 1 is the client's connection for the whole process; ManuallyDrop keeps
+    // it open. The session thread writes whole replies and flushes each one, and it is
+    // inside a backend call now, so this reply cannot land in the middle of another.
+    let mut out = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
+    let _ = out.write_all(b"421 4.4.2 Backend not responding; closing connection\r\n");
+    std::process::exit(75);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::smtp::fake_backend::{FakeSmtp, Journal, Script};
+    use std::time::Instant;
 
     fn pieces(message: &[u8]) -> Vec<Vec<u8>> {
         let mut reader = message;
@@ -467,6 +658,7 @@ mod tests {
             reader: &mut reader,
             remaining: message.len() as u64,
             error: None,
+            on_error: &|| panic!("no read error expected"),
         };
         chunks.collect()
     }
@@ -486,13 +678,219 @@ mod tests {
     #[test]
     fn a_short_read_is_an_error_not_a_shorter_message() {
         let mut reader: &[u8] = b"abc";
+        let called = std::cell::Cell::new(false);
         let mut chunks = Chunks {
             reader: &mut reader,
             remaining: 10,
             error: None,
+            on_error: &|| called.set(true),
         };
         assert_eq!(chunks.next(), None);
         assert!(chunks.error.is_some());
+        assert!(called.get(), "the connection is cut before lettre goes on");
+    }
+
+    fn relay_to(fake: &FakeSmtp) -> SmtpRelay {
+        SmtpRelay::new(Backend {
+            host: "127.0.0.1".into(),
+            port: fake.port,
+            tls: TlsMode::None,
+            tls_parameters: None,
+            timeouts: Timeouts {
+                connect: Duration::from_secs(5),
+                io: Duration::from_secs(5),
+            },
+            end_of_data_timeout: END_OF_DATA_TIMEOUT,
+            hello: "proxy.test".into(),
+            credentials: None,
+        })
+    }
+
+    /// Waits until the fake server's journal satisfies `done` (its threads run apart).
+    fn journal_when(fake: &FakeSmtp, done: impl Fn(&Journal) -> bool) -> Journal {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let journal = fake.journal();
+            if done(&journal) || Instant::now() > deadline {
+                return journal;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn send(relay: &mut SmtpRelay, message: &[u8]) -> RelayResult {
+        relay.data(&mut &message[..], message.len() as u64)
+    }
+
+    fn open_transaction(relay: &mut SmtpRelay) {
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+    }
+
+    /// Gives `good` bytes, then fails.
+    struct FailingReader {
+        good: usize,
+    }
+
+    impl Read for FailingReader {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.good == 0 {
+                return Err(io::Error::other("spool disk error"));
+            }
+            let n = buf.len().min(self.good);
+            buf[..n].fill(b'x');
+            self.good -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_spool_read_error_cuts_the_connection_before_the_final_dot() {
+        let fake = FakeSmtp::start(Script::default());
+        let mut relay = relay_to(&fake);
+        open_transaction(&mut relay);
+        let result = relay.data(&mut FailingReader { good: 200_000 }, 300_000);
+        assert!(
+            matches!(&result, Err(RelayError::Local(why)) if why.contains("cut")),
+            "{result:?}"
+        );
+        let journal = journal_when(&fake, |j| {
+            !j.incomplete.is_empty() || !j.messages.is_empty()
+        });
+        assert!(
+            journal.messages.is_empty(),
+            "a truncated message was completed"
+        );
+        assert_eq!(journal.incomplete.len(), 1);
+        assert!(journal.incomplete[0].len() <= 200_000);
+    }
+
+    #[test]
+    fn a_refused_data_command_is_followed_by_rset_and_the_next_message_goes_through() {
+        let fake = FakeSmtp::start(Script {
+            data: vec!["554 5.5.1 Error: no valid recipients".into()],
+            ..Script::default()
+        });
+        let mut relay = relay_to(&fake);
+        open_transaction(&mut relay);
+        let reply = send(&mut relay, b"Subject: 1\r\n\r\none\r\n").unwrap();
+        assert_eq!(reply.summary(), "554 5.5.1 Error: no valid recipients");
+        open_transaction(&mut relay);
+        let reply = send(&mut relay, b"Subject: 2\r\n\r\ntwo\r\n").unwrap();
+        assert_eq!(reply.summary(), "250 2.0.0 Ok: queued as F1");
+        let commands = fake.commands();
+        assert_eq!(
+            commands,
+            [
+                "*CONNECT",
+                "EHLO proxy.test",
+                "MAIL FROM:<a@c.test>",
+                "RCPT TO:<b@d.test>",
+                "DATA",
+                "RSET",
+                "MAIL FROM:<a@c.test>",
+                "RCPT TO:<b@d.test>",
+                "DATA"
+            ]
+        );
+    }
+
+    #[test]
+    fn replies_that_do_not_fit_the_exchange_are_errors_and_drop_the_connection() {
+        for (script, expected) in [
+            (
+                Script {
+                    data: vec!["250 2.0.0 Ok".into()],
+                    ..Script::default()
+                },
+                "DATA answered 250",
+            ),
+            (
+                Script {
+                    end_of_data: vec!["354 go ahead".into()],
+                    ..Script::default()
+                },
+                "end of data answered 354",
+            ),
+        ] {
+            let fake = FakeSmtp::start(script);
+            let mut relay = relay_to(&fake);
+            open_transaction(&mut relay);
+            let result = send(&mut relay, b"x\r\n");
+            assert!(
+                matches!(&result, Err(RelayError::Protocol(why)) if why.contains(expected)),
+                "{result:?}"
+            );
+            assert!(relay.conn.is_none());
+            // The next transaction starts on a new connection.
+            open_transaction(&mut relay);
+            assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+            let connects = fake.commands().iter().filter(|c| *c == "*CONNECT").count();
+            assert_eq!(connects, 2);
+        }
+    }
+
+    #[test]
+    fn the_end_of_data_reply_may_take_longer_than_the_backend_timeout() {
+        let fake = FakeSmtp::start(Script {
+            end_of_data_delay: Duration::from_millis(2500),
+            ..Script::default()
+        });
+        let mut relay = relay_to(&fake);
+        relay.backend.timeouts.io = Duration::from_secs(1);
+        open_transaction(&mut relay);
+        let reply = send(&mut relay, b"x\r\n").unwrap();
+        assert_eq!(reply.code, 250, "{reply}");
+        // The backend timeout is back in force for the next commands.
+        assert!(relay.keepalive().is_ok());
+        // Past the end-of-data limit the error says the message may have gone.
+        relay.backend.end_of_data_timeout = Duration::from_secs(1);
+        open_transaction(&mut relay);
+        let result = send(&mut relay, b"x\r\n");
+        assert!(
+            matches!(&result, Err(RelayError::Unavailable(why)) if why.contains("may have accepted")),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn a_backend_without_plain_gets_auth_login() {
+        let fake = FakeSmtp::start(Script {
+            extensions: vec!["AUTH LOGIN".into()],
+            account: Some((
+                crate::base64::encode(b"gw"),
+                crate::base64::encode(b"pass word"),
+            )),
+            ..Script::default()
+        });
+        let mut relay = relay_to(&fake);
+        relay.backend.credentials = Some(("gw".into(), "pass word".into()));
+        open_transaction(&mut relay);
+        assert!(fake.commands().contains(&"AUTH LOGIN".to_string()));
+        relay.backend.credentials = Some(("gw".into(), "wrong".into()));
+        relay.quit();
+        let result = relay.mail("a@c.test");
+        assert!(
+            matches!(&result, Err(RelayError::LoginRefused(why)) if why.contains("535 5.7.8")),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn keepalive_sends_noop_only_inside_a_transaction_and_reports_a_lost_connection() {
+        let fake = FakeSmtp::start(Script::default());
+        let mut relay = relay_to(&fake);
+        assert!(relay.keepalive().is_ok());
+        open_transaction(&mut relay);
+        relay.keepalive().unwrap();
+        assert_eq!(fake.commands().last().map(String::as_str), Some("NOOP"));
+        relay.reset();
+        relay.keepalive().unwrap();
+        assert_eq!(fake.commands().last().map(String::as_str), Some("RSET"));
+        open_transaction(&mut relay);
+        let fake_gone = relay.socket.unwrap();
+        cut_off(Some(fake_gone));
+        assert!(relay.keepalive().is_err());
     }
 
     #[test]

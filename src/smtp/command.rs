@@ -191,11 +191,13 @@ fn mail(rest: &str, raw: &[u8]) -> Result<MailFrom, ParseError> {
     for param in params.split(' ').filter(|p| !p.is_empty()) {
         let (key, value) = param.split_once('=').unwrap_or((param, ""));
         match key.to_ascii_uppercase().as_str() {
-            "SIZE" if !value.is_empty() && value.len() <= 20 => {
-                let n = value
-                    .bytes()
-                    .all(|b| b.is_ascii_digit())
-                    .then(|| value.parse().ok());
+            // RFC 1870 §3: `SIZE=` 1*20DIGIT; anything else (empty included) is a syntax
+            // error, never an unknown parameter.
+            "SIZE" => {
+                let n = (!value.is_empty()
+                    && value.len() <= 20
+                    && value.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| value.parse().ok());
                 mail.size = Some(n.flatten().ok_or(ParseError::Syntax("Bad SIZE value"))?);
             }
             "BODY" => {
@@ -402,10 +404,24 @@ mod tests {
             mail_of("MAIL FROM:<a@b> SMTPUTF8"),
             Err(ParseError::UnsupportedParameter("SMTPUTF8".into()))
         );
-        assert!(matches!(
-            mail_of("MAIL FROM:<a@b> SIZE=x"),
-            Err(ParseError::Syntax(_))
-        ));
+        for bad in [
+            "SIZE=x",
+            "SIZE=",
+            "SIZE",
+            "SIZE=123456789012345678901",
+            "SIZE=-1",
+        ] {
+            assert_eq!(
+                mail_of(&format!("MAIL FROM:<a@b> {bad}")),
+                Err(ParseError::Syntax("Bad SIZE value")),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            ParseError::Syntax("Bad SIZE value").reply().code,
+            501,
+            "RFC 1870 §6.1"
+        );
         assert!(matches!(
             mail_of("MAIL FROM:<a@b> BODY=BINARYMIME"),
             Err(ParseError::Syntax(_))

@@ -24,6 +24,8 @@ pub mod session;
 pub mod spool;
 
 #[cfg(test)]
+mod fake_backend;
+#[cfg(test)]
 mod transcript_tests;
 
 use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
@@ -147,12 +149,26 @@ pub struct Args {
     )]
     pub idle_timeout: u64,
 
-    /// Seconds to wait before answering a failed AUTH (slows password guessing).
+    /// Seconds between NOOPs that keep the submission connection alive while a client
+    /// is slow to send a message (the backend drops silent clients, Postfix after 300
+    /// seconds).
+    #[arg(
+        long,
+        env = "LMP_SMTP_KEEPALIVE",
+        default_value = "60",
+        value_name = "SECONDS",
+        value_parser = crate::cli::seconds
+    )]
+    pub smtp_keepalive: f64,
+
+    /// Seconds to wait before answering a failed AUTH (slows password guessing; at most
+    /// 60).
     #[arg(
         long,
         env = "LMP_AUTH_FAILURE_DELAY",
         default_value = "2",
-        value_name = "SECONDS"
+        value_name = "SECONDS",
+        value_parser = crate::cli::seconds
     )]
     pub auth_failure_delay: f64,
 
@@ -166,7 +182,7 @@ pub struct Args {
     pub spool_dir: Option<PathBuf>,
 }
 
-/// Idle time is counted in ticks of the stdin reader.
+/// Idle time is counted in ticks of the stdin reader (shorter if --smtp-keepalive is).
 const TICK: Duration = Duration::from_secs(1);
 
 pub fn serve(args: Args) -> ExitCode {
@@ -183,12 +199,28 @@ pub fn serve(args: Args) -> ExitCode {
         }
     };
     log::debug!("smtp: session from {client}");
-    backend::set_nodelay(1, None);
+    backend::set_nodelay(1);
+    // A client that stops reading would otherwise block a reply forever.
+    crate::input::set_client_write_timeout(config.idle_timeout);
     let mut relay = SmtpRelay::new(backend);
-    let input = BufReader::with_capacity(64 * 1024, crate::input::TickingStdin::new(TICK));
+    let input = BufReader::with_capacity(64 * 1024, crate::input::TickingStdin::new(config.tick));
     let output = std::io::stdout().lock();
-    Session::new(input, output, &mut relay, &config).run();
+    Session::new(input, output, &mut relay, &config)
+        .on_client_done(close_client_side)
+        .run();
     ExitCode::SUCCESS
+}
+
+/// Ends the client's connection for writing once it has its last reply, so that it need
+/// not wait while the backend answers our QUIT. On a pipe (tests, the demo) this does
+/// nothing.
+fn close_client_side() {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 1 stays open for the whole process and ManuallyDrop never closes it;
+    // shutdown fails harmlessly with ENOTSOCK on a pipe. Every reply has been flushed.
+    let socket = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(1) });
+    let _ = socket.shutdown(std::net::Shutdown::Write);
 }
 
 /// Turns the options (and the legacy environment variables) into a session configuration
@@ -322,10 +354,14 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
             args.idle_timeout
         );
     }
-    anyhow::ensure!(
-        args.auth_failure_delay.is_finite() && args.auth_failure_delay >= 0.0,
-        "--auth-failure-delay must be a number of seconds"
-    );
+    let auth_failure_delay = Duration::try_from_secs_f64(args.auth_failure_delay)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(60))
+        .context("--auth-failure-delay must be at most 60 seconds")?;
+    let keepalive = Duration::try_from_secs_f64(args.smtp_keepalive)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--smtp-keepalive must be a positive number of seconds")?;
 
     let mut config = Config::new(&hostname);
     config.client = client.to_string();
@@ -340,8 +376,9 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
         id_domain: hostname.clone(),
     };
     config.idle_timeout = Duration::from_secs(args.idle_timeout);
-    config.tick = TICK;
-    config.auth_failure_delay = Duration::from_secs_f64(args.auth_failure_delay);
+    config.tick = TICK.min(keepalive);
+    config.keepalive = keepalive;
+    config.auth_failure_delay = auth_failure_delay;
     config.max_auth_failures = args.max_auth_failures.max(1);
     config.spool_dir = args.spool_dir.unwrap_or_else(std::env::temp_dir);
 
@@ -351,9 +388,16 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
         tls,
         tls_parameters,
         timeouts: args.backend.timeouts(),
+        end_of_data_timeout: backend::END_OF_DATA_TIMEOUT,
         hello: hostname,
         credentials,
     };
+    anyhow::ensure!(
+        backend.open_limit().is_some(),
+        "--connect-timeout {} and --backend-timeout {} are too large to add up",
+        args.backend.connect_timeout,
+        args.backend.backend_timeout
+    );
     Ok((config, backend))
 }
 
@@ -448,5 +492,33 @@ mod tests {
         let (config, _) = settings_of(&["--allowed-senders", "a@b.example,@c.example"]).unwrap();
         assert!(config.allowed_senders.allows("x@c.example"));
         assert!(!config.allowed_senders.allows("x@b.example"));
+    }
+
+    #[test]
+    fn out_of_range_durations_are_clear_errors_not_panics() {
+        let huge = u64::MAX.to_string();
+        for (args, expected) in [
+            (["--auth-failure-delay", "1e30"], "--auth-failure-delay"),
+            (["--auth-failure-delay", "61"], "--auth-failure-delay"),
+            (["--smtp-keepalive", "0"], "--smtp-keepalive"),
+            (["--smtp-keepalive", "1e30"], "--smtp-keepalive"),
+            (["--backend-timeout", &huge], "too large"),
+            (["--connect-timeout", &huge], "too large"),
+        ] {
+            let err = settings_of(&args).unwrap_err();
+            assert!(format!("{err:#}").contains(expected), "{args:?}: {err:#}");
+        }
+        for bad in ["-1", "inf", "NaN", "x"] {
+            assert!(
+                settings_of(&["--auth-failure-delay", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        let (config, backend) =
+            settings_of(&["--auth-failure-delay", "0.5", "--smtp-keepalive", "0.25"]).unwrap();
+        assert_eq!(config.auth_failure_delay, Duration::from_millis(500));
+        assert_eq!(config.keepalive, Duration::from_millis(250));
+        assert_eq!(config.tick, Duration::from_millis(250));
+        assert_eq!(backend.end_of_data_timeout, Duration::from_secs(600));
     }
 }

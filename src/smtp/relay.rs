@@ -1,13 +1,14 @@
 //! What the SMTP core needs from the submission server it relays through.
 //!
-//! Each call maps to one backend exchange of RFC 5321 §3.3 (MAIL, RCPT, DATA, RSET) or
-//! RFC 4954 (AUTH), and answers with the backend's own reply, so the client sees the
+//! Each call maps to one backend exchange of RFC 5321 §3.3 (MAIL, RCPT, DATA, RSET, NOOP)
+//! or RFC 4954 (AUTH), and answers with the backend's own reply, so the client sees the
 //! backend's code, enhanced code and text. A call fails with [`RelayError`] only when no
-//! backend reply exists (unreachable, TLS, timeout, lost connection) or the proxy's own
-//! login was refused; the core turns that into a 4xx so the client retries.
+//! usable backend reply exists (unreachable, TLS, timeout, lost connection, a reply that
+//! does not fit the exchange) or the proxy's own login was refused; the core turns that
+//! into a 4xx so the client retries.
 //!
 //! The real relay (`backend.rs`) speaks SMTP through lettre; an in-memory one
-//! (`memory.rs`) drives the transcript tests.
+//! (`memory.rs`) drives the transcript tests. Both judge replies with [`check`].
 
 use super::reply::Reply;
 use std::fmt;
@@ -15,9 +16,14 @@ use std::io::Read;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayError {
-    /// No usable backend connection: DNS, TCP, TLS, timeout, lost connection, garbled reply.
+    /// No usable backend connection: DNS, TCP, TLS, timeout, lost connection.
     Unavailable(String),
-    /// The backend refused the configured --smtp-user credentials.
+    /// The backend answered something that does not fit the exchange (RFC 5321 §4.3.2),
+    /// such as `250` to DATA or `354` to the final dot. Its connection has been dropped:
+    /// nothing it says can be trusted any more.
+    Protocol(String),
+    /// The backend refused the login the relay uses (--smtp-user, or in passthrough mode
+    /// the client's credentials when they are used again on a new connection).
     LoginRefused(String),
     /// A local failure (reading the spooled message).
     Local(String),
@@ -27,13 +33,65 @@ impl fmt::Display for RelayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RelayError::Unavailable(why) => write!(f, "backend unavailable: {why}"),
-            RelayError::LoginRefused(why) => write!(f, "backend refused the proxy's login: {why}"),
+            RelayError::Protocol(why) => write!(f, "backend protocol error: {why}"),
+            RelayError::LoginRefused(why) => write!(f, "backend refused the login: {why}"),
             RelayError::Local(why) => write!(f, "local error: {why}"),
         }
     }
 }
 
 pub type RelayResult = Result<Reply, RelayError>;
+
+/// The backend exchange a reply answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Mail,
+    Rcpt,
+    /// The DATA command itself (answered 354 before any message byte is sent).
+    Data,
+    /// The final dot after the message.
+    EndOfData,
+    Rset,
+    Noop,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Mail => "MAIL",
+            Stage::Rcpt => "RCPT",
+            Stage::Data => "DATA",
+            Stage::EndOfData => "end of data",
+            Stage::Rset => "RSET",
+            Stage::Noop => "NOOP",
+        })
+    }
+}
+
+/// Judges a backend reply by RFC 5321 §4.3.2: DATA must get exactly `354`, every other
+/// exchange a `2yz`; MAIL, RCPT, DATA and the final dot may also be refused with `4yz` or
+/// `5yz`. Anything else (`250` to DATA, `354` to the final dot, `3yz` to MAIL) means the
+/// backend and the proxy disagree about where the dialogue is; passing it on could tell the
+/// client a message went out when it did not, so it is a [`RelayError::Protocol`], and the
+/// caller must drop the connection.
+pub fn check(stage: Stage, reply: Reply) -> RelayResult {
+    let expected = match stage {
+        Stage::Data => reply.code == 354,
+        _ => reply.is_success(),
+    };
+    let refusable = matches!(
+        stage,
+        Stage::Mail | Stage::Rcpt | Stage::Data | Stage::EndOfData
+    );
+    if expected || (refusable && reply.is_refusal()) {
+        Ok(reply)
+    } else {
+        Err(RelayError::Protocol(format!(
+            "{stage} answered {}",
+            reply.summary()
+        )))
+    }
+}
 
 pub trait Relay {
     /// `--client-auth passthrough`: logs in to the backend with the client's credentials
@@ -49,12 +107,60 @@ pub trait Relay {
     fn rcpt(&mut self, to: &str) -> RelayResult;
 
     /// `DATA`, then the message: `len` bytes from `message`, CRLF lines, not dot-stuffed.
-    /// The reply is the backend's answer to the final dot (or to DATA itself).
+    /// The reply is the backend's answer to the final dot (or its refusal of DATA itself,
+    /// after which the transaction is closed at the backend too). If `message` fails to
+    /// read, the backend must never get the final dot: the call fails with `Local`.
     fn data(&mut self, message: &mut dyn Read, len: u64) -> RelayResult;
+
+    /// Keeps an open transaction's connection from hitting the backend's idle timeout
+    /// while the client is slow (`NOOP`, RFC 5321 §4.1.1.9). Without an open transaction
+    /// it does nothing. An error means the transaction is lost.
+    fn keepalive(&mut self) -> Result<(), RelayError>;
 
     /// Abandons the open transaction, if any (`RSET`).
     fn reset(&mut self);
 
     /// Ends the backend session politely (`QUIT`).
     fn quit(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(code: u16) -> Reply {
+        Reply::from_backend(code, &["text"])
+    }
+
+    #[test]
+    fn each_stage_accepts_only_its_success_or_a_refusal() {
+        for (stage, good) in [
+            (Stage::Mail, 250),
+            (Stage::Rcpt, 251),
+            (Stage::Data, 354),
+            (Stage::EndOfData, 250),
+            (Stage::Rset, 250),
+            (Stage::Noop, 250),
+        ] {
+            assert!(check(stage, reply(good)).is_ok(), "{stage} {good}");
+        }
+        for stage in [Stage::Mail, Stage::Rcpt, Stage::Data, Stage::EndOfData] {
+            for code in [421, 451, 550, 554] {
+                assert!(check(stage, reply(code)).is_ok(), "{stage} {code}");
+            }
+        }
+        for (stage, odd) in [
+            (Stage::Data, 250),
+            (Stage::EndOfData, 354),
+            (Stage::Mail, 354),
+            (Stage::Rcpt, 334),
+            (Stage::Rset, 550),
+            (Stage::Noop, 421),
+        ] {
+            assert!(
+                matches!(check(stage, reply(odd)), Err(RelayError::Protocol(_))),
+                "{stage} {odd}"
+            );
+        }
+    }
 }

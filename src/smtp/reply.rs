@@ -135,12 +135,19 @@ impl Reply {
         }
     }
 
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
+    /// A positive completion reply (2yz, RFC 5321 §4.2.1). 3yz is only an intermediate
+    /// step (354 to DATA, 334 to AUTH) and never means a command succeeded.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.code)
     }
 
     pub fn is_transient(&self) -> bool {
         (400..500).contains(&self.code)
+    }
+
+    /// A refusal: 4yz (transient) or 5yz (permanent).
+    pub fn is_refusal(&self) -> bool {
+        (400..600).contains(&self.code)
     }
 
     /// The reply as the client gets it when it came from the backend. A backend `421` means

@@ -14,7 +14,7 @@ use super::auth::{AllowedSenders, ClientAuth, decode_plain};
 use super::command::{self, AUTH_LINE_MAX, AuthStart, Command, Mechanism};
 use super::data::DataDecoder;
 use super::headers::{self, HeaderEdits, HeaderError};
-use super::relay::{Relay, RelayError};
+use super::relay::{Relay, RelayError, Stage};
 use super::reply::{Enhanced, Reply};
 use super::spool::{HEAD_MAX, Spool};
 use crate::lines::{LineBuffer, LineStatus};
@@ -40,6 +40,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long each `TimedOut` read error of the input stands for.
     pub tick: Duration,
+    /// How often an open transaction's backend connection is kept alive with NOOP while
+    /// the client is slow (scanners send pages as they scan them), below the backend's own
+    /// idle limit (Postfix's smtpd_timeout: 300 s, 10 s under stress).
+    pub keepalive: Duration,
     pub auth_failure_delay: Duration,
     pub max_auth_failures: u32,
     pub spool_dir: PathBuf,
@@ -64,6 +68,7 @@ impl Config {
             },
             idle_timeout: Duration::from_secs(300),
             tick: Duration::from_secs(1),
+            keepalive: Duration::from_secs(60),
             auth_failure_delay: Duration::from_secs(2),
             max_auth_failures: 3,
             spool_dir: std::env::temp_dir(),
@@ -72,9 +77,15 @@ impl Config {
     }
 }
 
-/// Unknown or misplaced commands tolerated before the session is closed (as Dovecot and
-/// Postfix do), so a confused or hostile peer cannot keep a process busy forever.
-const MAX_BAD_COMMANDS: u32 = 20;
+/// Errors tolerated before the session is closed, like Postfix's smtpd_hard_error_limit:
+/// unknown or misplaced commands, refused senders and recipients. A confused or hostile
+/// peer can then neither keep a process busy forever nor probe recipients through the
+/// proxy's account without end. Delivering a message starts the count again.
+const MAX_ERRORS: u32 = 20;
+
+/// NOOP, RSET, VRFY, HELP and EXPN tolerated before each further one counts as an error,
+/// like Postfix's smtpd_junk_command_limit. Delivering a message starts the count again.
+const MAX_JUNK_COMMANDS: u32 = 100;
 
 /// Where the session is, RFC 5321 §3.3 and §4.1.4.
 #[derive(Debug)]
@@ -92,9 +103,58 @@ struct Transaction {
     /// The reverse-path the client gave (before --force-sender), for logs.
     from: String,
     accepted: usize,
+    /// Recipients the backend refused with 4yz (the client may try them again).
+    deferred: usize,
+    /// Recipients the backend refused with 5yz.
     refused: usize,
     /// The backend connection died mid-transaction; DATA is refused at once.
     broken: bool,
+}
+
+impl Transaction {
+    fn new(from: String) -> Self {
+        Transaction {
+            from,
+            accepted: 0,
+            deferred: 0,
+            refused: 0,
+            broken: false,
+        }
+    }
+}
+
+/// How a message ended, for its log line and the session's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The backend accepted it.
+    Sent,
+    /// Refused for now (4yz): the client keeps it and retries.
+    Deferred,
+    /// Refused for good (5yz), by the backend or by the proxy's own limits.
+    Refused,
+    /// The client left before its final dot.
+    Aborted,
+}
+
+impl Outcome {
+    fn of(reply: &Reply) -> Outcome {
+        if reply.is_success() {
+            Outcome::Sent
+        } else if reply.is_transient() {
+            Outcome::Deferred
+        } else {
+            Outcome::Refused
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sent => "sent",
+            Outcome::Deferred => "deferred",
+            Outcome::Refused => "refused",
+            Outcome::Aborted => "aborted",
+        }
+    }
 }
 
 /// Whether the session goes on after a command.
@@ -129,10 +189,15 @@ pub struct Session<'a, R: BufRead, W: Write> {
     helo: String,
     user: Option<String>,
     idle: Duration,
-    bad_commands: u32,
+    /// Time since the backend last heard from us in the open transaction.
+    backend_idle: Duration,
+    errors: u32,
+    junk_commands: u32,
     auth_failures: u32,
     spool: Option<Spool>,
     stats: Stats,
+    /// Runs once the client has had its last reply, before the backend is left.
+    client_done: Option<Box<dyn FnOnce() + 'a>>,
 }
 
 impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
@@ -147,11 +212,22 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             helo: String::new(),
             user: None,
             idle: Duration::ZERO,
-            bad_commands: 0,
+            backend_idle: Duration::ZERO,
+            errors: 0,
+            junk_commands: 0,
             auth_failures: 0,
             spool: None,
             stats: Stats::default(),
+            client_done: None,
         }
+    }
+
+    /// `f` runs when the client has had its last reply (221 or 421), before the QUIT to
+    /// the backend: `serve` closes the client's side there, so the client does not wait
+    /// on the backend's answer to QUIT.
+    pub fn on_client_done(mut self, f: impl FnOnce() + 'a) -> Self {
+        self.client_done = Some(Box::new(f));
+        self
     }
 
     /// Serves the client until QUIT, end of input, timeout or a write error.
@@ -162,6 +238,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             Ok(()) => self.serve(),
             Err(_) => "client write failed",
         };
+        if let Some(done) = self.client_done.take() {
+            done();
+        }
         // QUIT also ends an open transaction (RFC 5321 §4.1.1.10): no RSET first.
         self.relay.quit();
         log::info!(
@@ -209,20 +288,20 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             Command::Data => self.data(),
             Command::Rset => {
                 self.end_transaction();
-                self.ok(Reply::new(250, Enhanced::new(2, 0, 0), "Ok"))
+                self.junk(Reply::new(250, Enhanced::new(2, 0, 0), "Ok"))
             }
-            Command::Noop => self.ok(Reply::new(250, Enhanced::new(2, 0, 0), "Ok")),
+            Command::Noop => self.junk(Reply::new(250, Enhanced::new(2, 0, 0), "Ok")),
             Command::Quit => {
                 self.send(&Reply::new(221, Enhanced::new(2, 0, 0), "Bye"))?;
                 Ok(Flow::Close("quit"))
             }
             // RFC 5321 §3.5.3: 252 when the server will not verify but will try to deliver.
-            Command::Vrfy => self.ok(Reply::new(
+            Command::Vrfy => self.junk(Reply::new(
                 252,
                 Enhanced::new(2, 5, 0),
                 "Cannot VRFY user, but will accept message and attempt delivery",
             )),
-            Command::Expn => self.ok(Reply::new(
+            Command::Expn => self.junk(Reply::new(
                 502,
                 Enhanced::new(5, 5, 1),
                 "EXPN not available",
@@ -232,7 +311,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 if self.config.auth.enabled() {
                     verbs.push_str(" AUTH");
                 }
-                self.ok(Reply::new(
+                self.junk(Reply::new(
                     214,
                     Enhanced::new(2, 0, 0),
                     format!("Commands: {verbs}"),
@@ -297,27 +376,22 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 self.config.client,
                 mail.address
             );
-            return self.ok(Reply::new(
+            return self.bad(&Reply::new(
                 550,
                 Enhanced::new(5, 7, 1),
                 format!("Sender address <{}> not allowed", mail.address),
             ));
         }
         let upstream = self.config.force_sender.as_deref().unwrap_or(&mail.address);
+        self.backend_idle = Duration::ZERO;
         match self.relay.mail(upstream) {
-            Ok(reply) => {
-                if reply.is_positive() {
-                    self.state = State::Mail(Transaction {
-                        from: mail.address,
-                        accepted: 0,
-                        refused: 0,
-                        broken: false,
-                    });
-                }
+            Ok(reply) if reply.is_success() => {
+                self.state = State::Mail(Transaction::new(mail.address));
                 self.ok(reply.relayed())
             }
+            Ok(reply) => self.bad(&reply.relayed()),
             Err(e) => {
-                let reply = self.relay_failure(&e, "MAIL");
+                let reply = self.relay_failure(&e, Stage::Mail);
                 self.ok(reply)
             }
         }
@@ -340,18 +414,28 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         if tx.broken {
             return self.ok(lost_backend());
         }
+        self.backend_idle = Duration::ZERO;
         match self.relay.rcpt(to) {
+            Ok(reply) if reply.is_success() => {
+                tx.accepted += 1;
+                self.ok(reply.relayed())
+            }
             Ok(reply) => {
-                if reply.is_positive() {
-                    tx.accepted += 1;
+                if reply.code == 421 {
+                    // The backend closed the connection (RFC 5321 §3.8): the transaction
+                    // is gone, so DATA is refused at once instead of after the upload.
+                    tx.broken = true;
+                }
+                if reply.is_transient() {
+                    tx.deferred += 1;
                 } else {
                     tx.refused += 1;
                 }
-                self.ok(reply.relayed())
+                self.bad(&reply.relayed())
             }
             Err(e) => {
                 tx.broken = true;
-                let reply = self.relay_failure(&e, "RCPT");
+                let reply = self.relay_failure(&e, Stage::Rcpt);
                 self.ok(reply)
             }
         }
@@ -364,8 +448,15 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             return self.bad(&need("Need MAIL command"));
         };
         if tx.accepted == 0 {
-            // RFC 5321 §3.3: 554 when every RCPT was refused, 503 when none was given.
-            let reply = if tx.refused > 0 {
+            // RFC 5321 §3.3: 554 when every RCPT was refused, 503 when none was given. When
+            // some were only refused for now, 451 lets the client try again later.
+            let reply = if tx.deferred > 0 {
+                Reply::new(
+                    451,
+                    Enhanced::new(4, 5, 0),
+                    "No recipient accepted yet; try again later",
+                )
+            } else if tx.refused > 0 {
                 Reply::new(554, Enhanced::new(5, 5, 1), "No valid recipients")
             } else {
                 need("Need RCPT command")
@@ -388,13 +479,17 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         if let Err(reason) = self.receive(&mut spool) {
             // The client is gone mid-message: nothing was sent upstream, so nothing is lost
             // beyond what the client knows it did not finish.
-            self.log_message(&spool, "aborted", reason);
+            self.log_message(&spool, Outcome::Aborted, reason);
             return Ok(Flow::Close(reason));
         }
         let reply = self.relay_message(&mut spool);
         self.spool = Some(spool);
         // RFC 5321 §4.1.1.4: after the reply to the final dot the transaction is over.
         self.state = State::Ready;
+        if reply.is_success() {
+            self.errors = 0;
+            self.junk_commands = 0;
+        }
         self.ok(reply)
     }
 
@@ -407,7 +502,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 Ok([]) => return Err("client closed during DATA"),
                 Ok(chunk) => chunk,
                 Err(e) if is_tick(&e) => {
-                    if self.idle_expired() {
+                    if !self.tick() {
                         let _ = self.send(&timeout_reply(&self.config.hostname));
                         return Err("timeout during DATA");
                     }
@@ -429,6 +524,15 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
 
     /// Decides the reply to the final dot: the proxy's own refusal, or the backend's answer.
     fn relay_message(&mut self, spool: &mut Spool) -> Reply {
+        if let State::Mail(tx) = &self.state
+            && tx.broken
+        {
+            // The backend connection was lost while the client was sending.
+            self.relay.reset();
+            let reply = lost_backend();
+            self.log_message(spool, Outcome::Deferred, &reply.summary());
+            return reply;
+        }
         if let Some(e) = spool.take_error() {
             log::error!(
                 "smtp: client={} cannot spool message: {e}",
@@ -436,13 +540,13 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             );
             self.relay.reset();
             let reply = local_error();
-            self.log_message(spool, "failed", &reply.summary());
+            self.log_message(spool, Outcome::Deferred, &reply.summary());
             return reply;
         }
         if spool.oversized() {
             self.relay.reset();
             let reply = too_big();
-            self.log_message(spool, "refused", &reply.summary());
+            self.log_message(spool, Outcome::Refused, &reply.summary());
             return reply;
         }
         let edited = headers::edit(
@@ -456,7 +560,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             Err(HeaderError::TooLarge) => {
                 self.relay.reset();
                 let reply = Reply::new(552, Enhanced::new(5, 3, 4), "Header block too large");
-                self.log_message(spool, "refused", &reply.summary());
+                self.log_message(spool, Outcome::Refused, &reply.summary());
                 return reply;
             }
         };
@@ -477,39 +581,33 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         };
         let reply = match result {
             Ok(reply) => reply.relayed(),
-            Err(e) => self.relay_failure(&e, "DATA"),
+            Err(e) => self.relay_failure(&e, Stage::EndOfData),
         };
-        let result = if reply.is_positive() {
-            "sent"
-        } else if reply.is_transient() {
-            "deferred"
-        } else {
-            "refused"
-        };
-        self.log_message(spool, result, &reply.summary());
+        self.log_message(spool, Outcome::of(&reply), &reply.summary());
         reply
     }
 
     /// The one log line per message (the session line is in `run`).
-    fn log_message(&mut self, spool: &Spool, result: &str, reply: &str) {
+    fn log_message(&mut self, spool: &Spool, outcome: Outcome, reply: &str) {
         let State::Mail(tx) = &self.state else {
             return;
         };
         self.stats.messages += 1;
-        if result == "sent" {
+        if outcome == Outcome::Sent {
             self.stats.sent += 1;
         } else {
             self.stats.failed += 1;
         }
         let line = format!(
-            "smtp message: client={} from=<{}> rcpts={} size={} result={result} reply=\"{}\"",
+            "smtp message: client={} from=<{}> rcpts={} size={} result={} reply=\"{}\"",
             self.config.client,
             tx.from,
             tx.accepted,
             spool.size(),
+            outcome.as_str(),
             reply.replace('"', "'")
         );
-        if result == "sent" {
+        if outcome == Outcome::Sent {
             log::info!("{line}");
         } else {
             log::warn!("{line}");
@@ -689,26 +787,37 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     }
 
     /// The reply and log line for a relay failure that has no backend reply.
-    fn relay_failure(&self, error: &RelayError, during: &str) -> Reply {
+    fn relay_failure(&self, error: &RelayError, during: Stage) -> Reply {
         match error {
             RelayError::LoginRefused(why) => {
-                log::error!(
-                    "smtp: client={} the backend refused the proxy's login (--smtp-user and its \
-                     password): {why}",
-                    self.config.client
-                );
+                if matches!(self.config.auth, ClientAuth::Passthrough) {
+                    // The client's credentials worked at AUTH; the backend refused them
+                    // when they were used again on a new connection.
+                    log::warn!(
+                        "smtp: client={} logging in again with the client's credentials \
+                         (--client-auth passthrough) on a new backend connection was \
+                         refused: {why}",
+                        self.config.client
+                    );
+                } else {
+                    log::error!(
+                        "smtp: client={} the backend refused the proxy's login (--smtp-user \
+                         and its password): {why}",
+                        self.config.client
+                    );
+                }
                 Reply::new(
                     451,
                     Enhanced::new(4, 3, 5),
                     "Relay login failed; try again later",
                 )
             }
-            RelayError::Unavailable(why) => {
+            RelayError::Unavailable(_) | RelayError::Protocol(_) => {
                 log::warn!(
-                    "smtp: client={} backend failed at {during}: {why}",
+                    "smtp: client={} backend failed at {during}: {error}",
                     self.config.client
                 );
-                if during == "MAIL" {
+                if during == Stage::Mail {
                     Reply::new(
                         451,
                         Enhanced::new(4, 4, 1),
@@ -739,7 +848,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 }
                 Ok(LineStatus::Eof) => return Input::End("client closed"),
                 Err(e) if is_tick(&e) => {
-                    if self.idle_expired() {
+                    if !self.tick() {
                         let _ = self.send(&timeout_reply(&self.config.hostname));
                         return Input::End("timeout");
                     }
@@ -750,9 +859,29 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         }
     }
 
-    fn idle_expired(&mut self) -> bool {
+    /// One tick of idle time: counts towards the client's idle limit (RFC 5321
+    /// §4.5.3.2.7; data resets it) and keeps an open transaction's backend connection
+    /// alive. False when the client has been idle too long.
+    fn tick(&mut self) -> bool {
         self.idle += self.config.tick;
-        self.idle >= self.config.idle_timeout
+        if let State::Mail(tx) = &mut self.state
+            && !tx.broken
+        {
+            // Counted whether or not the client sends: the backend hears nothing from us
+            // while the message is being received.
+            self.backend_idle += self.config.tick;
+            if self.backend_idle >= self.config.keepalive {
+                self.backend_idle = Duration::ZERO;
+                if let Err(e) = self.relay.keepalive() {
+                    log::warn!(
+                        "smtp: client={} backend keepalive failed; the transaction is lost: {e}",
+                        self.config.client
+                    );
+                    tx.broken = true;
+                }
+            }
+        }
+        self.idle < self.config.idle_timeout
     }
 
     /// Writes a reply and flushes it: replies go out in command order (RFC 2920 §3), and a
@@ -767,14 +896,25 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         Ok(Flow::Continue)
     }
 
-    /// Sends the reply to a bad or misplaced command, and closes after too many.
+    /// Sends the reply to a bad or misplaced command, or a refusal, and closes after too
+    /// many.
     fn bad(&mut self, reply: &Reply) -> io::Result<Flow> {
         self.send(reply)?;
-        self.bad_commands += 1;
-        if self.bad_commands >= MAX_BAD_COMMANDS {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
             return self.close("Too many errors", "too many errors");
         }
         Ok(Flow::Continue)
+    }
+
+    /// Sends the reply to a command that moves no mail; past the junk limit each one is
+    /// an error.
+    fn junk(&mut self, reply: Reply) -> io::Result<Flow> {
+        self.junk_commands += 1;
+        if self.junk_commands > MAX_JUNK_COMMANDS {
+            return self.bad(&reply);
+        }
+        self.ok(reply)
     }
 
     /// Ends the session with `421` (RFC 5321 §3.8): the client may come back later.

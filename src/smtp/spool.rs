@@ -5,16 +5,18 @@
 //! `<CRLF>.<CRLF>`, and its stream is private. An iterator cannot fail, so if the client
 //! vanished, timed out, or went over the size limit halfway through, the backend would be
 //! handed the end-of-data mark and accept a truncated message. Reading the whole message
-//! first means the backend only ever sees complete messages, an oversized message is
-//! rejected without the backend seeing a byte, and a slow client never holds a backend
-//! transaction open. The cost is disk space for large messages and the time to send them
-//! after the dot (RFC 5321 §4.5.3.2.6 gives the client 10 minutes for our reply).
+//! first means the backend only ever sees complete messages, and an oversized message is
+//! rejected without the backend seeing a byte. The cost is disk space for large messages
+//! and the time to send them after the dot (RFC 5321 §4.5.3.2.6 gives the client 10
+//! minutes for our reply). Meanwhile the backend transaction (MAIL, RCPT) waits; the
+//! session keeps it alive with NOOP while a slow client sends.
 //!
 //! Memory stays bounded: the first [`HEAD_MAX`] bytes (which hold the header block, the
 //! only part that may be edited) stay in memory, and everything after them goes to an
 //! unlinked temporary file, created only when a message is that large and reused for the
 //! session's later messages.
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -22,14 +24,30 @@ use std::path::{Path, PathBuf};
 /// Bytes of each message kept in memory; also the largest header block that can be edited.
 pub const HEAD_MAX: usize = 256 * 1024;
 
+const FILE_BUFFER: usize = 64 * 1024;
+
+/// What holds the part of a message past the head: an unlinked file, or in tests a
+/// stand-in that fails on cue.
+pub trait Backing: Read + Write + Seek + fmt::Debug {
+    /// Empties it (the file is kept for the session's next message).
+    fn truncate(&mut self) -> io::Result<()>;
+}
+
+impl Backing for File {
+    fn truncate(&mut self) -> io::Result<()> {
+        self.set_len(0)
+    }
+}
+
 /// One message being received, or received.
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
     head_max: usize,
     head: Vec<u8>,
-    /// The rest of the message, past `head_max`.
-    file: Option<BufWriter<File>>,
+    /// The rest of the message, past `head_max`. Always empty and at its start when a
+    /// message begins: after a write error it is dropped, never reused half-written.
+    file: Option<BufWriter<Box<dyn Backing>>>,
     file_len: u64,
     size: u64,
     max_size: u64,
@@ -57,22 +75,21 @@ impl Spool {
     }
 
     /// Empties the spool for the next message, keeping the temporary file.
+    ///
+    /// The file is emptied and rewound every time, whatever happened to the last message:
+    /// bytes or a position left over would be sent as part of the next message.
     pub fn clear(&mut self) {
         self.head.clear();
         self.head.shrink_to(64 * 1024);
         self.size = 0;
         self.error = None;
-        if self.file_len > 0 {
-            if let Some(file) = &mut self.file {
-                let reset = file
-                    .flush()
-                    .and_then(|_| file.get_mut().set_len(0))
-                    .and_then(|_| file.get_mut().seek(SeekFrom::Start(0)).map(drop));
-                if reset.is_err() {
-                    self.file = None;
-                }
+        self.file_len = 0;
+        if let Some(file) = self.file.take() {
+            // Bytes still buffered belong to the last message: dropped, not written.
+            let (mut inner, _) = file.into_parts();
+            if inner.truncate().and_then(|_| inner.rewind()).is_ok() {
+                self.file = Some(BufWriter::with_capacity(FILE_BUFFER, inner));
             }
-            self.file_len = 0;
         }
     }
 
@@ -100,15 +117,19 @@ impl Spool {
         }
         if let Err(e) = self.file_write(bytes) {
             self.error = Some(e);
+            // Whatever part of the write reached the file is unknown: the file goes, and
+            // the next large message gets a new one.
+            if let Some(file) = self.file.take() {
+                drop(file.into_parts());
+            }
+            self.file_len = 0;
         }
     }
 
     fn file_write(&mut self, bytes: &[u8]) -> io::Result<()> {
         if self.file.is_none() {
-            self.file = Some(BufWriter::with_capacity(
-                64 * 1024,
-                unlinked_file(&self.dir)?,
-            ));
+            let file: Box<dyn Backing> = Box::new(unlinked_file(&self.dir)?);
+            self.file = Some(BufWriter::with_capacity(FILE_BUFFER, file));
         }
         let file = self.file.as_mut().expect("just created");
         file.write_all(bytes)?;
@@ -140,7 +161,7 @@ impl Spool {
                 let f = file.get_mut();
                 f.seek(SeekFrom::Start(0))?;
                 Ok((
-                    Box::new(io::BufReader::with_capacity(64 * 1024, f).take(len)),
+                    Box::new(io::BufReader::with_capacity(FILE_BUFFER, f).take(len)),
                     len,
                 ))
             }
@@ -231,6 +252,80 @@ mod tests {
         assert!(spool.oversized());
         spool.write(&[b'x'; 100]);
         assert_eq!(spool.size(), 109);
+    }
+
+    /// A disk that fills up: writes fail once `room` bytes are in, until it is emptied.
+    #[derive(Debug, Default)]
+    struct FillingDisk {
+        data: io::Cursor<Vec<u8>>,
+        room: usize,
+    }
+
+    impl Read for FillingDisk {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.data.read(buf)
+        }
+    }
+
+    impl Write for FillingDisk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let used = self.data.get_ref().len();
+            if used >= self.room {
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            let n = buf.len().min(self.room - used);
+            self.data.write(&buf[..n])
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Seek for FillingDisk {
+        fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+            self.data.seek(pos)
+        }
+    }
+
+    impl Backing for FillingDisk {
+        fn truncate(&mut self) -> io::Result<()> {
+            self.data.get_mut().clear();
+            self.room = usize::MAX; // space was freed
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_never_leaks_bytes_into_the_next_message() {
+        let mut spool = Spool::with_head_max(&std::env::temp_dir(), 1 << 30, 4);
+        let disk = FillingDisk {
+            room: 50_000,
+            ..FillingDisk::default()
+        };
+        spool.file = Some(BufWriter::with_capacity(FILE_BUFFER, Box::new(disk)));
+        // One write larger than the buffer goes straight to the disk and fails part-way.
+        spool.write(b"head");
+        spool.write(&[b'A'; 100_000]);
+        assert!(spool.take_error().is_some());
+        spool.clear();
+        spool.write(b"headBBBBBB");
+        assert!(spool.take_error().is_none());
+        assert_eq!(read_all(&mut spool), b"headBBBBBB");
+        // The same after a failure once some of the message was already in the file.
+        let disk = FillingDisk {
+            room: 100_000,
+            ..FillingDisk::default()
+        };
+        spool.clear();
+        spool.file = Some(BufWriter::with_capacity(FILE_BUFFER, Box::new(disk)));
+        spool.write(b"head");
+        for _ in 0..300 {
+            spool.write(&[b'A'; 1000]);
+        }
+        assert!(spool.take_error().is_some());
+        spool.clear();
+        spool.write(b"headCC");
+        assert_eq!(read_all(&mut spool), b"headCC");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use super::auth::{AllowedSenders, ClientAuth};
 use super::data::has_bare_cr_or_lf;
 use super::memory::{Delivery, MemoryRelay};
+use super::relay::RelayError;
 use super::reply::Reply;
 use super::session::{Config, Session, Stats};
 use std::collections::VecDeque;
@@ -87,8 +88,8 @@ fn transcript_with(config: &Config, setup: impl Fn(&mut MemoryRelay), input: &[u
 /// Generated Date: and Message-ID: differ from run to run, and with them the length.
 fn normal_log(log: &[String]) -> Vec<String> {
     log.iter()
-        .map(|l| match l.starts_with("DATA ") {
-            true => "DATA".to_string(),
+        .map(|l| match l.starts_with("MESSAGE ") {
+            true => "MESSAGE".to_string(),
             false => l.clone(),
         })
         .collect()
@@ -167,7 +168,8 @@ fn a_message_is_relayed_and_answered_with_the_backends_reply() {
             "CONNECT",
             "MAIL FROM:<a@c.example>",
             "RCPT TO:<b@d.example>",
-            &format!("DATA {}", message.len()),
+            "DATA",
+            &format!("MESSAGE {}", message.len()),
             "QUIT"
         ]
     );
@@ -475,8 +477,9 @@ fn an_oversized_message_is_read_to_its_final_dot_then_refused() {
             "RSET",
             "MAIL FROM:<a@c>",
             "RCPT TO:<b@d>",
+            "DATA",
             &format!(
-                "DATA {}",
+                "MESSAGE {}",
                 format!("Subject: small\r\n{DATED}\r\nok\r\n").len()
             ),
             "QUIT"
@@ -880,4 +883,238 @@ fn a_thousand_messages_in_one_session_use_one_backend_connection() {
     assert_eq!(relay.delivered.len(), 1000);
     assert!(out.contains("250 2.0.0 Ok: queued as Q1000\r\n"));
     assert_eq!(relay.log.iter().filter(|l| *l == "CONNECT").count(), 1);
+}
+
+/// `HELO`, then one transaction to `rcpts` with a small dated message, then `QUIT`.
+fn one_message(rcpts: &[&str]) -> String {
+    let mut input = String::from("HELO c\r\nMAIL FROM:<a@c>\r\n");
+    for rcpt in rcpts {
+        input.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
+    }
+    input.push_str(&format!("DATA\r\nSubject: x\r\n{DATED}\r\nx\r\n.\r\n"));
+    input
+}
+
+#[test]
+fn a_backend_421_on_rcpt_refuses_data_at_once() {
+    let mut input = one_message(&["a@d", "b@d"]);
+    input.push_str("QUIT\r\n");
+    let run = transcript_with(
+        &config(),
+        |r| {
+            r.rcpt_replies = vec![(
+                "b@d".into(),
+                Reply::from_backend(421, &["4.4.2 mx closing connection"]),
+            )]
+        },
+        input.as_bytes(),
+    );
+    // No 354: the client is not made to upload a message that cannot be sent. The message
+    // lines that follow are then junk commands, each refused.
+    assert!(
+        run.out.starts_with(&replies(&[
+            GREETING,
+            "250 mx.test\r\n",
+            "250 2.1.0 Ok\r\n",
+            "250 2.1.5 Ok\r\n",
+            "451 4.4.2 mx closing connection\r\n",
+            "451 4.4.2 Connection to the backend lost; try again later\r\n",
+        ])),
+        "{}",
+        run.out
+    );
+    assert!(!run.out.contains("354"), "{}", run.out);
+    assert!(run.relay.delivered.is_empty());
+}
+
+#[test]
+fn data_after_only_temporary_refusals_is_451_so_the_client_retries() {
+    let mut input = one_message(&["busy@d"]);
+    input.push_str("QUIT\r\n");
+    let run = transcript_with(
+        &config(),
+        |r| {
+            r.rcpt_replies = vec![(
+                "busy@d".into(),
+                Reply::from_backend(450, &["4.2.1 <busy@d>: Mailbox busy"]),
+            )]
+        },
+        input.as_bytes(),
+    );
+    assert!(
+        run.out.contains(
+            "450 4.2.1 <busy@d>: Mailbox busy\r\n451 4.5.0 No recipient accepted yet; try again later\r\n"
+        ),
+        "{}",
+        run.out
+    );
+}
+
+#[test]
+fn a_refused_data_command_is_passed_on_and_the_next_transaction_works() {
+    let mut input = one_message(&["b@d"]);
+    input.push_str(&format!(
+        "MAIL FROM:<a@c>\r\nRCPT TO:<b@d>\r\nDATA\r\nSubject: 2\r\n{DATED}\r\ny\r\n.\r\nQUIT\r\n"
+    ));
+    let run = transcript_with(
+        &config(),
+        |r| r.data_command_reply = Some(Reply::from_backend(554, &["5.7.1 Error: data refused"])),
+        input.as_bytes(),
+    );
+    // The message is received before the backend sees DATA, so the refusal of DATA is
+    // the reply to the final dot.
+    assert!(
+        run.out.contains(
+            "354 End data with <CR><LF>.<CR><LF>\r\n554 5.7.1 Error: data refused\r\n250 2.1.0 Ok\r\n"
+        ),
+        "{}",
+        run.out
+    );
+    assert!(
+        run.out.ends_with(
+            "354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"
+        ),
+        "{}",
+        run.out
+    );
+    assert_eq!(
+        run.relay.log[..6],
+        [
+            "CONNECT",
+            "MAIL FROM:<a@c>",
+            "RCPT TO:<b@d>",
+            "DATA",
+            "RSET",
+            "MAIL FROM:<a@c>"
+        ]
+    );
+}
+
+#[test]
+fn odd_backend_replies_never_reach_the_client_as_success() {
+    let input = format!("{}QUIT\r\n", one_message(&["b@d"]));
+    let lost = "354 End data with <CR><LF>.<CR><LF>\r\n451 4.4.2 Connection to the backend lost; try again later\r\n221 2.0.0 Bye\r\n";
+    type Setup = fn(&mut MemoryRelay);
+    let cases: [(&str, Setup); 4] = [
+        ("250 to DATA", |r| {
+            r.data_command_reply = Some(Reply::from_backend(250, &["2.0.0 Ok"]))
+        }),
+        ("354 to the final dot", |r| {
+            r.data_reply = Some(Reply::from_backend(354, &["go on"]))
+        }),
+        ("a lost connection while sending", |r| {
+            r.data_error = Some(RelayError::Unavailable("connection reset".into()))
+        }),
+        ("a connection lost at DATA", |r| {
+            r.drop_at = Some("DATA".into())
+        }),
+    ];
+    for (name, setup) in cases {
+        let run = transcript_with(&config(), setup, input.as_bytes());
+        assert!(run.out.ends_with(lost), "{name}: {}", run.out);
+        assert!(run.relay.delivered.is_empty(), "{name}");
+        assert!(run.relay.log.contains(&"DROPPED".to_string()), "{name}");
+        assert_eq!(run.stats.sent, 0, "{name}");
+    }
+    let run = transcript_with(
+        &config(),
+        |r| r.data_error = Some(RelayError::Local("spool read error".into())),
+        input.as_bytes(),
+    );
+    assert!(
+        run.out
+            .contains("\r\n451 4.3.0 Local error in processing; try again later\r\n"),
+        "{}",
+        run.out
+    );
+}
+
+/// A slow upload: the message comes in three parts with idle ticks of 30 s between them.
+fn slow_upload(config: &Config, relay: &mut MemoryRelay) -> String {
+    let mut parts: VecDeque<Option<Vec<u8>>> = VecDeque::new();
+    parts.push_back(Some(
+        b"HELO c\r\nMAIL FROM:<a@c>\r\nRCPT TO:<b@d>\r\nDATA\r\n".to_vec(),
+    ));
+    parts.push_back(Some(
+        format!("Subject: scan\r\n{DATED}\r\npage 1\r\n").into_bytes(),
+    ));
+    parts.extend([None, None]);
+    parts.push_back(Some(b"page 2\r\n".to_vec()));
+    parts.extend([None, None, None]);
+    parts.push_back(Some(b"page 3\r\n.\r\nQUIT\r\n".to_vec()));
+    run_once(config, relay, Feed { parts }).0
+}
+
+#[test]
+fn a_slow_upload_keeps_the_backend_alive_with_noop() {
+    let mut c = config();
+    c.tick = Duration::from_secs(30);
+    c.keepalive = Duration::from_secs(60);
+    let mut relay = MemoryRelay::default();
+    let out = slow_upload(&c, &mut relay);
+    assert!(out.contains("250 2.0.0 Ok: queued as Q1\r\n"), "{out}");
+    assert_eq!(
+        relay.log,
+        [
+            "CONNECT",
+            "MAIL FROM:<a@c>",
+            "RCPT TO:<b@d>",
+            "NOOP",
+            "NOOP",
+            "DATA",
+            &format!(
+                "MESSAGE {}",
+                format!("Subject: scan\r\n{DATED}\r\npage 1\r\npage 2\r\npage 3\r\n").len()
+            ),
+            "QUIT"
+        ]
+    );
+    // If the connection is lost anyway, the client learns it at the final dot: 451, and
+    // nothing is sent.
+    let mut relay = MemoryRelay::default();
+    relay.drop_at = Some("NOOP".into());
+    let out = slow_upload(&c, &mut relay);
+    assert!(
+        out.ends_with(
+            "451 4.4.2 Connection to the backend lost; try again later\r\n221 2.0.0 Bye\r\n"
+        ),
+        "{out}"
+    );
+    assert!(relay.delivered.is_empty());
+    assert!(!relay.log.iter().any(|l| l == "DATA"), "{:?}", relay.log);
+}
+
+#[test]
+fn refused_recipients_count_towards_the_error_limit() {
+    let unknown: Vec<String> = (0..25).map(|i| format!("u{i}@d")).collect();
+    let mut input = String::from("HELO c\r\nMAIL FROM:<a@c>\r\n");
+    for rcpt in &unknown {
+        input.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
+    }
+    let run = transcript_with(&config(), |r| r.unknown = unknown.clone(), input.as_bytes());
+    assert_eq!(run.out.matches("550 5.1.1").count(), 20, "{}", run.out);
+    assert!(
+        run.out.ends_with("421 4.7.0 mx.test Too many errors\r\n"),
+        "{}",
+        run.out
+    );
+    assert_eq!(
+        run.relay
+            .log
+            .iter()
+            .filter(|l| l.starts_with("RCPT"))
+            .count(),
+        20
+    );
+}
+
+#[test]
+fn junk_commands_past_the_limit_count_as_errors() {
+    let run = transcript(&config(), &"NOOP\r\n".repeat(130));
+    assert_eq!(run.out.matches("250 2.0.0 Ok\r\n").count(), 120);
+    assert!(
+        run.out.ends_with("421 4.7.0 mx.test Too many errors\r\n"),
+        "{}",
+        run.out
+    );
 }

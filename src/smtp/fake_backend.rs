@@ -1,0 +1,287 @@
+//! A scripted SMTP submission server for tests: plain TCP on 127.0.0.1, one thread per
+//! connection, behaving like Postfix where it matters here (a DATA refusal leaves the
+//! transaction open, so MAIL then gets `503 5.5.1 Error: nested MAIL command`; an idle
+//! client is dropped with `421` after a time limit, like `smtpd_timeout`), and able to
+//! misbehave on cue: odd replies, slow replies, only AUTH LOGIN (like Exchange).
+//!
+//! Shared by the unit tests in `backend.rs` and by `tests/smtp.rs`, which includes this
+//! file with `#[path]`; so it uses nothing but `std`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How the server behaves. `Script::default()` is a well-behaved server without AUTH.
+/// The lists of replies are used up across all connections.
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    /// EHLO keywords after the greeting line, such as `AUTH LOGIN`.
+    pub extensions: Vec<String>,
+    /// The one account AUTH LOGIN accepts: (user, password), each base64-encoded as on the
+    /// wire.
+    pub account: Option<(String, String)>,
+    /// Replies to RCPT for particular addresses (default `250 2.1.5 Ok`).
+    pub rcpt: Vec<(String, String)>,
+    /// Replies to the session's successive DATA commands; then `354`.
+    pub data: Vec<String>,
+    /// Replies to the successive final dots; then `250 2.0.0 Ok: queued as F<n>`.
+    pub end_of_data: Vec<String>,
+    /// Pause before answering each final dot.
+    pub end_of_data_delay: Duration,
+    /// Like Postfix's smtpd_timeout: a client silent this long gets `421` and is dropped.
+    pub idle_limit: Option<Duration>,
+    /// Pause before answering QUIT.
+    pub quit_delay: Duration,
+}
+
+/// What the server saw, over all connections.
+#[derive(Debug, Clone, Default)]
+pub struct Journal {
+    /// Command lines in order, without CRLF; AUTH credentials are left out, and events
+    /// appear as `*CONNECT`, `*TIMEOUT` and `*EOF IN DATA`.
+    pub commands: Vec<String>,
+    /// Messages completed by a final dot (unstuffed, with their last CRLF).
+    pub messages: Vec<Vec<u8>>,
+    /// Bytes of messages whose connection ended before the final dot.
+    pub incomplete: Vec<Vec<u8>>,
+}
+
+pub struct FakeSmtp {
+    pub port: u16,
+    journal: Arc<Mutex<Journal>>,
+}
+
+impl FakeSmtp {
+    pub fn start(script: Script) -> FakeSmtp {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake SMTP server");
+        let port = listener.local_addr().unwrap().port();
+        let journal = Arc::new(Mutex::new(Journal::default()));
+        let shared = Arc::clone(&journal);
+        let script = Arc::new(Mutex::new(script));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (script, journal) = (Arc::clone(&script), Arc::clone(&shared));
+                std::thread::spawn(move || {
+                    let _ = Connection::new(stream, script, journal).serve();
+                });
+            }
+        });
+        FakeSmtp { port, journal }
+    }
+
+    pub fn journal(&self) -> Journal {
+        self.journal.lock().unwrap().clone()
+    }
+
+    /// The command lines seen so far.
+    pub fn commands(&self) -> Vec<String> {
+        self.journal().commands
+    }
+}
+
+struct Connection {
+    input: BufReader<TcpStream>,
+    output: TcpStream,
+    script: Arc<Mutex<Script>>,
+    journal: Arc<Mutex<Journal>>,
+    in_transaction: bool,
+}
+
+/// Why a connection ended early.
+enum End {
+    Closed,
+    Io,
+}
+
+impl From<std::io::Error> for End {
+    fn from(_: std::io::Error) -> End {
+        End::Io
+    }
+}
+
+impl Connection {
+    fn new(
+        stream: TcpStream,
+        script: Arc<Mutex<Script>>,
+        journal: Arc<Mutex<Journal>>,
+    ) -> Connection {
+        let _ = stream.set_read_timeout(script.lock().unwrap().idle_limit);
+        let output = stream.try_clone().expect("clone fake SMTP stream");
+        Connection {
+            input: BufReader::new(stream),
+            output,
+            script,
+            journal,
+            in_transaction: false,
+        }
+    }
+
+    fn script(&self) -> MutexGuard<'_, Script> {
+        self.script.lock().unwrap()
+    }
+
+    fn note(&self, event: &str) {
+        self.journal
+            .lock()
+            .unwrap()
+            .commands
+            .push(event.to_string());
+    }
+
+    fn send(&mut self, reply: &str) -> Result<(), End> {
+        self.output.write_all(format!("{reply}\r\n").as_bytes())?;
+        Ok(())
+    }
+
+    /// One line without its CRLF; `Err(Closed)` at EOF or after the idle limit.
+    fn line(&mut self) -> Result<String, End> {
+        let mut line = String::new();
+        match self.input.read_line(&mut line) {
+            Ok(0) => Err(End::Closed),
+            Ok(_) => Ok(line.trim_end_matches(['\r', '\n']).to_string()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                self.note("*TIMEOUT");
+                let _ = self.send("421 4.4.2 fake Error: timeout exceeded");
+                Err(End::Closed)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn serve(mut self) -> Result<(), End> {
+        self.note("*CONNECT");
+        self.send("220 fake ESMTP")?;
+        loop {
+            let line = self.line()?;
+            let upper = line.to_ascii_uppercase();
+            let verb = upper.split(' ').next().unwrap_or_default().to_string();
+            if verb == "AUTH" {
+                self.note(&format!("AUTH {}", upper.split(' ').nth(1).unwrap_or("")));
+                self.auth(&line)?;
+                continue;
+            }
+            self.note(&line);
+            match verb.as_str() {
+                "EHLO" => {
+                    let mut lines = vec!["fake".to_string()];
+                    lines.extend(self.script().extensions.iter().cloned());
+                    let last = lines.len() - 1;
+                    for (i, text) in lines.iter().enumerate() {
+                        let sep = if i == last { ' ' } else { '-' };
+                        self.output
+                            .write_all(format!("250{sep}{text}\r\n").as_bytes())?;
+                    }
+                }
+                "MAIL" if self.in_transaction => {
+                    self.send("503 5.5.1 Error: nested MAIL command")?
+                }
+                "MAIL" => {
+                    self.in_transaction = true;
+                    self.send("250 2.1.0 Ok")?
+                }
+                "RCPT" => {
+                    let reply = self
+                        .script()
+                        .rcpt
+                        .iter()
+                        .find(|(address, _)| line.contains(&format!("<{address}>")))
+                        .map_or("250 2.1.5 Ok".to_string(), |(_, reply)| reply.clone());
+                    self.send(&reply)?;
+                    if reply.starts_with("421") {
+                        return Err(End::Closed);
+                    }
+                }
+                "DATA" => self.data()?,
+                "RSET" => {
+                    self.in_transaction = false;
+                    self.send("250 2.0.0 Ok")?
+                }
+                "NOOP" => self.send("250 2.0.0 Ok")?,
+                "QUIT" => {
+                    let delay = self.script().quit_delay;
+                    std::thread::sleep(delay);
+                    self.send("221 2.0.0 Bye")?;
+                    return Ok(());
+                }
+                _ => self.send("502 5.5.2 Error: command not recognized")?,
+            }
+        }
+    }
+
+    fn data(&mut self) -> Result<(), End> {
+        let reply = {
+            let mut script = self.script();
+            match script.data.is_empty() {
+                true => "354 End data with <CR><LF>.<CR><LF>".to_string(),
+                false => script.data.remove(0),
+            }
+        };
+        self.send(&reply)?;
+        if !reply.starts_with("354") {
+            return Ok(());
+        }
+        let mut message = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            let n = self.input.read_until(b'\n', &mut line).unwrap_or(0);
+            if n == 0 || !line.ends_with(b"\n") {
+                message.extend_from_slice(&line);
+                self.note("*EOF IN DATA");
+                self.journal.lock().unwrap().incomplete.push(message);
+                return Err(End::Closed);
+            }
+            if line == b".\r\n" {
+                break;
+            }
+            let unstuffed = line.strip_prefix(b".").unwrap_or(&line);
+            message.extend_from_slice(unstuffed);
+        }
+        self.in_transaction = false;
+        let delay = self.script().end_of_data_delay;
+        std::thread::sleep(delay);
+        let reply = {
+            let mut script = self.script();
+            let mut journal = self.journal.lock().unwrap();
+            journal.messages.push(message);
+            match script.end_of_data.is_empty() {
+                true => format!("250 2.0.0 Ok: queued as F{}", journal.messages.len()),
+                false => script.end_of_data.remove(0),
+            }
+        };
+        self.send(&reply)?;
+        Ok(())
+    }
+
+    /// AUTH LOGIN against `script.account` (no other mechanism).
+    fn auth(&mut self, line: &str) -> Result<(), End> {
+        let mechanism = line
+            .split(' ')
+            .nth(1)
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        let offered = self
+            .script()
+            .extensions
+            .iter()
+            .any(|e| e.starts_with("AUTH ") && e.split(' ').any(|m| m == mechanism));
+        if mechanism != "LOGIN" || !offered {
+            return self.send("504 5.5.4 Unsupported authentication mechanism");
+        }
+        let account = self.script().account.clone().unwrap_or_default();
+        self.send("334 VXNlcm5hbWU6")?;
+        let user = self.line()?;
+        self.send("334 UGFzc3dvcmQ6")?;
+        let password = self.line()?;
+        match (user, password) == account {
+            true => self.send("235 2.7.0 Authentication successful"),
+            false => self.send("535 5.7.8 Error: authentication failed"),
+        }
+    }
+}
