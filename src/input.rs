@@ -108,16 +108,21 @@ pub fn client_address() -> String {
     "local".to_string()
 }
 
-/// Bounds how long a write to the client may block. Without it, a client that stops
-/// reading in the middle of a long reply would hold the process, and the mailbox lock,
-/// forever. Only sockets have send timeouts: on a pipe this does nothing.
-pub fn set_client_write_timeout(timeout: Duration) {
+/// Sets up the client's socket on stdout; on a pipe this does nothing.
+///
+/// - A send timeout bounds how long a write may block. Without it, a client that stops
+///   reading in the middle of a long reply would hold the process, and a POP3 mailbox
+///   lock, forever.
+/// - TCP_NODELAY: replies are written whole, and the last segment of each must not wait
+///   for the client's delayed ACK of the one before (Nagle), 40 ms each time.
+pub fn tune_client_socket(write_timeout: Duration) {
     use std::os::fd::{FromRawFd, IntoRawFd};
     // SAFETY: as in `stdin_peer`: fd 1 stays open and is handed back before the
-    // TcpStream could close it. SO_SNDTIMEO belongs to the socket, so it also applies to
-    // the duplicate of fd 1 that `stdout_file` returns.
+    // TcpStream could close it. Socket options belong to the socket, so they also apply
+    // to the duplicate of fd 1 that `stdout_file` returns.
     let socket = unsafe { TcpStream::from_raw_fd(1) };
-    let _ = socket.set_write_timeout(Some(timeout));
+    let _ = socket.set_write_timeout(Some(write_timeout));
+    let _ = socket.set_nodelay(true);
     let _ = socket.into_raw_fd();
 }
 

@@ -161,6 +161,9 @@ pub fn serve(args: Args) -> ExitCode {
         }
     };
     let idle = Duration::from_secs(args.idle_timeout.max(1));
+    // No Nagle delay on interactive traffic, and no write blocked forever on a client
+    // that stopped reading.
+    crate::input::tune_client_socket(idle);
     let mut counts = Counts::default();
     let end = match relay(tls, greeting, idle, &mut counts) {
         Ok(end) => end,

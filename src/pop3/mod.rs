@@ -203,7 +203,7 @@ pub fn serve(args: Args) -> ExitCode {
         capa_expire: args.capa_expire.clone(),
     };
     // A client that stops reading mid-RETR must not hold the process and its lock forever.
-    crate::input::set_client_write_timeout(idle_timeout);
+    crate::input::tune_client_socket(idle_timeout);
     let input = BufReader::new(TickingStdin::new(tick));
     let output = match crate::input::stdout_file() {
         Ok(file) => BufWriter::with_capacity(64 * 1024, file),

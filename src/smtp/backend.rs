@@ -566,15 +566,6 @@ fn tcp_socket(fd: std::os::fd::RawFd) -> Option<ManuallyDrop<TcpStream>> {
     is_socket.then(|| ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) }))
 }
 
-/// Sets TCP_NODELAY on descriptor `fd` if it is a TCP socket. Used for the client's socket
-/// on stdout: each reply is one write, and a pipelining client should not wait for our
-/// second reply until it ACKs the first.
-pub fn set_nodelay(fd: std::os::fd::RawFd) {
-    if let Some(socket) = tcp_socket(fd) {
-        let _ = socket.set_nodelay(true);
-    }
-}
-
 /// A lettre error caused by a socket timeout (a `WouldBlock` on Linux, see CRATES.md).
 fn is_timeout(e: &lettre::transport::smtp::Error) -> bool {
     use std::error::Error;

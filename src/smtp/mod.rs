@@ -199,9 +199,8 @@ pub fn serve(args: Args) -> ExitCode {
         }
     };
     log::debug!("smtp: session from {client}");
-    backend::set_nodelay(1);
     // A client that stops reading would otherwise block a reply forever.
-    crate::input::set_client_write_timeout(config.idle_timeout);
+    crate::input::tune_client_socket(config.idle_timeout);
     let mut relay = SmtpRelay::new(backend);
     let input = BufReader::with_capacity(64 * 1024, crate::input::TickingStdin::new(config.tick));
     let output = std::io::stdout().lock();
