@@ -22,6 +22,9 @@ use std::path::PathBuf;
 /// holds one response, and the encoder one chunk) while keeping round trips few.
 pub const FETCH_CHUNK: usize = 1 << 20;
 
+/// Messages listed per FETCH when taking the snapshot at login.
+const SNAPSHOT_BATCH: u32 = 1000;
+
 /// The first fetch for TOP: most headers fit.
 const HEAD_CHUNK: usize = 16 << 10;
 
@@ -332,10 +335,21 @@ impl ImapMaildrop {
             _ if mailbox.is_read_only => Some(format!("mailbox {} is read-only", settings.mailbox)),
             _ => None,
         };
-        let mut listed = Vec::new();
-        if mailbox.exists > 0 {
+        // The imap crate holds a whole response in memory, parsed: about 3 KB a message.
+        // Batches of sequence numbers keep that to a few MB on mailboxes of tens of
+        // thousands. The last batch ends at "*", so mail arriving meanwhile is simply
+        // part of the snapshot.
+        let mut listed = Vec::with_capacity(mailbox.exists as usize);
+        let mut start = 1u32;
+        while start <= mailbox.exists {
+            let end = start.saturating_add(SNAPSHOT_BATCH - 1);
+            let set = if end >= mailbox.exists {
+                format!("{start}:*")
+            } else {
+                format!("{start}:{end}")
+            };
             let fetches = session
-                .uid_fetch("1:*", "(UID RFC822.SIZE FLAGS)")
+                .fetch(&set, "(UID RFC822.SIZE FLAGS)")
                 .map_err(temporary)?;
             for fetch in fetches.iter() {
                 let (Some(uid), Some(size)) = (fetch.uid, fetch.size) else {
@@ -349,6 +363,7 @@ impl ImapMaildrop {
                     listed.push((uid, u64::from(size)));
                 }
             }
+            start = end.saturating_add(1);
         }
         listed.sort_unstable();
         listed.dedup_by_key(|(uid, _)| *uid);
