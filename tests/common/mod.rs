@@ -20,6 +20,7 @@
 mod clients;
 mod dovecot;
 mod fault;
+mod gateway;
 mod inetd;
 mod postfix;
 mod process;
@@ -44,6 +45,8 @@ pub use clients::{
 };
 #[allow(unused_imports)]
 pub use fault::FaultProxy;
+#[allow(unused_imports)]
+pub use gateway::{Gateway, gateway};
 #[allow(unused_imports)]
 pub use inetd::Inetd;
 #[allow(unused_imports)]
