@@ -42,6 +42,17 @@ pub enum Command {
     Tunnel(crate::tunnel::Args),
 }
 
+impl Command {
+    /// The backend options of whichever subcommand was chosen.
+    pub fn backend(&self) -> &BackendOptions {
+        match self {
+            Command::Pop3(args) => &args.backend,
+            Command::Smtp(args) => &args.backend,
+            Command::Tunnel(args) => &args.backend,
+        }
+    }
+}
+
 /// Backend TLS and timeout options, shared by every subcommand.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BackendOptions {

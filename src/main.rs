@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use legacy_mail_proxy::cli::{Cli, Command};
-use legacy_mail_proxy::{logging, pop3, smtp, tunnel};
+use legacy_mail_proxy::{logging, pop3, smtp, tls, tunnel};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -27,6 +27,10 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.log, cli.log_level);
+    if let Some(ca_file) = &cli.command.backend().ca_file {
+        // Before any thread exists: see the function.
+        tls::use_ca_file_as_default(ca_file);
+    }
     // The default hook prints to stderr, which under xinetd is the client's socket.
     std::panic::set_hook(Box::new(|info| log::error!("internal error: {info}")));
     match cli.command {
