@@ -1,20 +1,25 @@
 //! The client's side of the connection: stdin with idle ticks, and the peer's address.
 //!
-//! Under inetd and systemd `Accept=yes`, stdin is a socket; in the demo and in tests it is a
-//! pipe. A socket read timeout would not work on a pipe, so one thread does the blocking
-//! reads and the session waits on a channel with a timeout. Ticks come on a fixed schedule,
-//! whether or not the client sends anything: each surfaces as an `ErrorKind::TimedOut`
+//! Under inetd and systemd `Accept=yes`, stdin is a socket: reads wait with a receive
+//! timeout. In the demo and in tests it is a pipe, where a socket timeout would not work, so
+//! one thread does the blocking reads and the session waits on a channel with a timeout.
+//! (The thread is not used for sockets: handing every command from one thread to another
+//! costs two wake-ups, which a busy machine turns into milliseconds.) Ticks come on a fixed
+//! schedule, whether or not the client sends anything: each surfaces as an `ErrorKind::TimedOut`
 //! read error, the session's cue to keep the backend alive and to check its idle limit
 //! (RFC 1939 §3 autologout, RFC 5321 §4.5.3.2). A client trickling one byte at a time
 //! therefore cannot hold off either.
 
 use std::io::{self, Read};
+use std::mem::ManuallyDrop;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
 use std::time::{Duration, Instant};
 
 /// A reader over stdin whose reads fail with `TimedOut` once every `tick`.
 pub struct TickingStdin {
+    /// stdin itself when it is a socket; then the fields below are unused.
+    socket: Option<ManuallyDrop<TcpStream>>,
     chunks: Receiver<io::Result<Vec<u8>>>,
     current: Vec<u8>,
     pos: usize,
@@ -25,6 +30,20 @@ pub struct TickingStdin {
 
 impl TickingStdin {
     pub fn new(tick: Duration) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: fd 0 is open for the whole process, and ManuallyDrop never closes it.
+        let socket = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(0) });
+        if socket.set_read_timeout(Some(tick)).is_ok() {
+            return TickingStdin {
+                socket: Some(socket),
+                chunks: sync_channel(0).1,
+                current: Vec::new(),
+                pos: 0,
+                tick,
+                next_tick: Instant::now() + tick,
+                eof: false,
+            };
+        }
         // A small bound keeps memory flat when the client sends faster than we relay.
         let (tx, rx) = sync_channel(4);
         std::thread::spawn(move || {
@@ -48,6 +67,7 @@ impl TickingStdin {
             }
         });
         TickingStdin {
+            socket: None,
             chunks: rx,
             current: Vec::new(),
             pos: 0,
@@ -64,6 +84,22 @@ impl Read for TickingStdin {
         if now >= self.next_tick {
             self.next_tick = now + self.tick;
             return Err(io::ErrorKind::TimedOut.into());
+        }
+        if let Some(socket) = &mut self.socket {
+            socket.set_read_timeout(Some(self.next_tick - now))?;
+            return match socket.read(buf) {
+                // A receive timeout is EAGAIN on Linux.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.next_tick = Instant::now() + self.tick;
+                    Err(io::ErrorKind::TimedOut.into())
+                }
+                other => other,
+            };
         }
         if self.pos == self.current.len() {
             if self.eof {
