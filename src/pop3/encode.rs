@@ -83,16 +83,17 @@ impl Encoder {
                     i += 1;
                 }
                 first => {
-                    let end = input[i..]
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .map_or(input.len(), |p| i + p);
+                    let end =
+                        memchr::memchr2(b'\r', b'\n', &input[i..]).map_or(input.len(), |p| i + p);
                     if self.at_line_start && first == b'.' {
                         out.push(b'.');
                     }
                     self.at_line_start = false;
                     let run = &input[i..end];
                     match self.nul {
+                        // `contains` is a memchr: the byte-by-byte copy below is only for
+                        // the rare line that holds a NUL.
+                        NulBytes::Replace if !run.contains(&0) => out.extend_from_slice(run),
                         NulBytes::Keep => out.extend_from_slice(run),
                         NulBytes::Replace => out.extend(
                             run.iter()

@@ -69,10 +69,7 @@ impl DataDecoder {
                 State::Done => break,
                 State::Text => {
                     // Fast path: copy up to the next CR or LF in one go.
-                    let run = input[i..]
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .unwrap_or(input.len() - i);
+                    let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
                     out.extend_from_slice(&input[i..i + run]);
                     i += run;
                     if i < input.len() {
