@@ -101,6 +101,40 @@ impl BackendOptions {
     }
 }
 
+/// Limits on failed logins (POP3 USER/PASS and AUTH, SMTP AUTH), shared by the servers.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoginLimits {
+    /// Seconds to wait before answering a failed login (slows password guessing; at most
+    /// 60).
+    #[arg(
+        long,
+        env = "LMP_AUTH_FAILURE_DELAY",
+        default_value = "2",
+        value_name = "SECONDS",
+        value_parser = seconds
+    )]
+    pub auth_failure_delay: f64,
+
+    /// Failed logins before the connection is closed.
+    #[arg(long, env = "LMP_MAX_AUTH_FAILURES", default_value = "3")]
+    pub max_auth_failures: u32,
+}
+
+impl LoginLimits {
+    /// The delay, or an error above 60 seconds (a typo, not a policy).
+    pub fn delay(&self) -> anyhow::Result<Duration> {
+        Duration::try_from_secs_f64(self.auth_failure_delay)
+            .ok()
+            .filter(|d| *d <= Duration::from_secs(60))
+            .ok_or_else(|| anyhow::anyhow!("--auth-failure-delay must be at most 60 seconds"))
+    }
+
+    /// At least one failure is always allowed.
+    pub fn max_failures(&self) -> u32 {
+        self.max_auth_failures.max(1)
+    }
+}
+
 /// A setting of the Python legacy-email-proxy, honoured when ours is not given.
 pub fn legacy_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())

@@ -159,19 +159,8 @@ pub struct Args {
     )]
     pub keepalive: u64,
 
-    /// Seconds to wait before answering a failed login (slows password guessing).
-    #[arg(
-        long,
-        env = "LMP_AUTH_FAILURE_DELAY",
-        default_value = "2",
-        value_name = "SECONDS",
-        value_parser = crate::cli::seconds
-    )]
-    pub auth_failure_delay: f64,
-
-    /// Failed logins before the connection is closed.
-    #[arg(long, env = "LMP_MAX_AUTH_FAILURES", default_value = "3")]
-    pub max_auth_failures: u32,
+    #[command(flatten)]
+    pub login_limits: crate::cli::LoginLimits,
 
     /// Advertise RFC 2449 EXPIRE with this value (days, or NEVER) when the IMAP server's
     /// retention policy is known. Not advertised by default.
@@ -197,8 +186,11 @@ pub fn serve(args: Args) -> ExitCode {
     let tick = Duration::from_secs(args.keepalive.max(1)).min(idle_timeout);
     let config = session::Config {
         idle_timeout,
-        auth_failure_delay: Duration::from_secs_f64(args.auth_failure_delay.min(60.0)),
-        max_auth_failures: args.max_auth_failures.max(1),
+        auth_failure_delay: args.login_limits.delay().unwrap_or_else(|e| {
+            log::error!("configuration error: {e:#}; using 60 seconds");
+            Duration::from_secs(60)
+        }),
+        max_auth_failures: args.login_limits.max_failures(),
         nul_bytes: args.nul_bytes,
         capa_expire: args.capa_expire.clone(),
     };

@@ -161,20 +161,8 @@ pub struct Args {
     )]
     pub smtp_keepalive: f64,
 
-    /// Seconds to wait before answering a failed AUTH (slows password guessing; at most
-    /// 60).
-    #[arg(
-        long,
-        env = "LMP_AUTH_FAILURE_DELAY",
-        default_value = "2",
-        value_name = "SECONDS",
-        value_parser = crate::cli::seconds
-    )]
-    pub auth_failure_delay: f64,
-
-    /// Failed AUTH attempts before the connection is closed.
-    #[arg(long, env = "LMP_MAX_AUTH_FAILURES", default_value = "3")]
-    pub max_auth_failures: u32,
+    #[command(flatten)]
+    pub login_limits: crate::cli::LoginLimits,
 
     /// Directory for the unlinked temporary file that holds messages larger than 256 KiB
     /// while they are received [default: $TMPDIR or /tmp].
@@ -353,10 +341,7 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
             args.idle_timeout
         );
     }
-    let auth_failure_delay = Duration::try_from_secs_f64(args.auth_failure_delay)
-        .ok()
-        .filter(|d| *d <= Duration::from_secs(60))
-        .context("--auth-failure-delay must be at most 60 seconds")?;
+    let auth_failure_delay = args.login_limits.delay()?;
     let keepalive = Duration::try_from_secs_f64(args.smtp_keepalive)
         .ok()
         .filter(|d| !d.is_zero())
@@ -378,7 +363,7 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
     config.tick = TICK.min(keepalive);
     config.keepalive = keepalive;
     config.auth_failure_delay = auth_failure_delay;
-    config.max_auth_failures = args.max_auth_failures.max(1);
+    config.max_auth_failures = args.login_limits.max_failures();
     config.spool_dir = args.spool_dir.unwrap_or_else(std::env::temp_dir);
 
     let backend = Backend {
