@@ -412,10 +412,26 @@ mod tests {
         }
     }
 
-    fn password_file(name: &str) -> String {
+    /// A password file that is removed when the test ends.
+    struct PasswordFile(String);
+
+    impl std::ops::Deref for PasswordFile {
+        type Target = str;
+        fn deref(&self) -> &str {
+            &self.0
+        }
+    }
+
+    impl Drop for PasswordFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn password_file(name: &str) -> PasswordFile {
         let path = std::env::temp_dir().join(format!("lmp-smtp-{}-{name}", std::process::id()));
         std::fs::write(&path, "secret\n").unwrap();
-        path.display().to_string()
+        PasswordFile(path.display().to_string())
     }
 
     #[test]
