@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Prepares a Debian 12 machine for the tests and the demo; sourced by tests/run-all and
-# tests/demo. As root it installs what the integration tests need and is missing (real
+# Prepares a Debian 12 machine for the tests, the demo and the benchmark; sourced by
+# tests/run-all, tests/demo and tests/bench/run. As root it installs what the integration tests need and is missing (real
 # Dovecot, Postfix and the reference clients), creates the unprivileged mail user, and
 # finds cargo. When everything is installed it only checks. The system's own mail
 # services are never started or configured: tests and demo run private instances in /tmp.
@@ -9,6 +9,7 @@ MAIL_USER=lmp-test # keep in sync with MAIL_USER in tests/common/mod.rs
 PACKAGES=(
     build-essential libssl-dev pkg-config
     dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix
+    dovecot-submissiond # the benchmark's Dovecot gateway (submission_relay_*)
     xinetd systemd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
 )
 
