@@ -27,10 +27,9 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.log, cli.log_level);
-    if let Some(ca_file) = &cli.command.backend().ca_file {
-        // Before any thread exists: see the function.
-        tls::use_ca_file_as_default(ca_file);
-    }
+    // Before any thread exists: see the function.
+    let default_ca_file = tls::avoid_parsing_ca_bundles(cli.command.backend().ca_file.as_deref());
+    log::debug!("OpenSSL's default CA file: {default_ca_file:?}");
     // The default hook prints to stderr, which under xinetd is the client's socket.
     std::panic::set_hook(Box::new(|info| log::error!("internal error: {info}")));
     match cli.command {

@@ -8,19 +8,71 @@ use anyhow::Context;
 use native_tls::{Certificate, TlsConnector};
 use std::path::PathBuf;
 
-/// Makes `ca_file` OpenSSL's default CA file for this process. Call it from `main` while the
-/// process is still single-threaded.
+/// Where OpenSSL finds the roots when no `--ca-file` is given: the system directory,
+/// with one `<subject hash>.<n>` link per certificate (Debian's `update-ca-certificates`
+/// keeps it in step with the bundle file).
+const SYSTEM_CERT_DIR: &str = "/etc/ssl/certs";
+
+/// What [`avoid_parsing_ca_bundles`] decided, for the debug log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultCaFile {
+    /// `--ca-file` is the whole trust store; the default file is not read.
+    Unused,
+    /// The system's hashed directory serves the roots; the default file is not read.
+    DirectoryInstead,
+    /// Left to OpenSSL: `SSL_CERT_FILE` is the admin's, or no hashed directory exists.
+    Kept,
+}
+
+/// Stops every process from parsing a CA bundle it does not need. Call it from `main` while
+/// the process is still single-threaded (it may set `SSL_CERT_FILE`).
 ///
-/// native-tls parses the system CA bundle (about 140 certificates) twice whenever it builds
-/// a connector: once for OpenSSL's default paths, once more from openssl-probe's result,
-/// even with `disable_built_in_roots`, which then throws both away. Measured here: 40–60 ms
-/// of CPU per process, more than the rest of a POP3 login. Both loads honour
-/// `SSL_CERT_FILE`, so pointing it at `--ca-file` makes them read one small file (2 ms).
-/// Trust is unchanged: with `--ca-file`, only its certificates are trusted either way.
-pub fn use_ca_file_as_default(ca_file: &std::path::Path) {
-    // SAFETY: called from `main` before any thread is spawned, so no other thread can be
-    // reading the environment.
-    unsafe { std::env::set_var("SSL_CERT_FILE", ca_file) };
+/// native-tls loads OpenSSL's default CA file twice whenever it builds a connector (OpenSSL's
+/// default paths, then openssl-probe's result), even with `disable_built_in_roots`, which
+/// then throws both away. On Debian that file holds about 140 certificates: 40–60 ms of CPU
+/// per process, more than a whole POP3 login. Pointing `SSL_CERT_FILE` at an empty file
+/// (`/dev/null`) skips both loads:
+/// - with `--ca-file`, whose certificates [`TlsOptions::connector`] adds itself (trust is
+///   unchanged: only they were trusted before, too);
+/// - without it, when the system directory has hashed links: OpenSSL then reads, during the
+///   handshake, only the root that the server's chain names. The same roots as the bundle
+///   on Debian. An admin's own `SSL_CERT_FILE` is left alone, and a system without hashed
+///   links (Fedora's /etc/pki) keeps its bundle.
+pub fn avoid_parsing_ca_bundles(ca_file: Option<&std::path::Path>) -> DefaultCaFile {
+    let decision = match ca_file {
+        Some(_) => DefaultCaFile::Unused,
+        None if std::env::var_os("SSL_CERT_FILE").is_some_and(|f| !f.is_empty()) => {
+            DefaultCaFile::Kept
+        }
+        None if has_hashed_links(std::path::Path::new(SYSTEM_CERT_DIR)) => {
+            DefaultCaFile::DirectoryInstead
+        }
+        None => DefaultCaFile::Kept,
+    };
+    if decision != DefaultCaFile::Kept {
+        // SAFETY: called from `main` before any thread is spawned, so no other thread can be
+        // reading the environment.
+        unsafe { std::env::set_var("SSL_CERT_FILE", "/dev/null") };
+    }
+    decision
+}
+
+/// Whether `dir` holds OpenSSL's `<8 hex digits>.<n>` certificate links (`openssl rehash`).
+fn has_hashed_links(dir: &std::path::Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries
+        .flatten()
+        .any(|entry| is_hashed_name(&entry.file_name()))
+}
+
+fn is_hashed_name(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name.len() > 9
+        && name[..8].iter().all(u8::is_ascii_hexdigit)
+        && name[8] == b'.'
+        && name[9..].iter().all(u8::is_ascii_digit)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -85,5 +137,40 @@ impl TlsOptions {
             .dangerous_accept_invalid_certs(self.danger_accept_invalid_certs)
             .dangerous_accept_invalid_hostnames(self.danger_accept_invalid_certs);
         Ok(builder.build_native()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn hashed_link_names_are_recognised() {
+        for name in ["002c0b4f.0", "9d04f354.1", "ABCDEF01.12"] {
+            assert!(is_hashed_name(OsStr::new(name)), "{name}");
+        }
+        for name in [
+            "ca-certificates.crt",
+            "002c0b4f.r0", // a CRL link: not a certificate
+            "002c0b4f.",
+            "002c0b4.0",
+            "002c0b4fx0",
+            "README",
+        ] {
+            assert!(!is_hashed_name(OsStr::new(name)), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_directory_counts_only_with_hashed_links() {
+        let dir = std::env::temp_dir().join(format!("lmp-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca-bundle.crt"), "").unwrap();
+        assert!(!has_hashed_links(&dir));
+        std::fs::write(dir.join("5ad8a5d6.0"), "").unwrap();
+        assert!(has_hashed_links(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!has_hashed_links(&dir), "a missing directory");
     }
 }

@@ -703,6 +703,43 @@ fn a_certificate_from_an_untrusted_ca_is_refused() {
     }
 }
 
+/// Without `--ca-file` the proxy trusts the system roots through OpenSSL's hashed directory
+/// and skips the bundle file (src/tls.rs). The test CA is offered only in such a directory,
+/// via `SSL_CERT_DIR`: the login works with the link and fails without it.
+#[test]
+fn without_a_ca_file_roots_come_from_the_hashed_directory() {
+    let s = servers();
+    let user = seeded_user("hashdir");
+    let mut args = args(Tls::Implicit);
+    let at = args.iter().position(|a| a == "--ca-file").unwrap();
+    args.drain(at..at + 2);
+    let hash = Command::new("openssl")
+        .args(["x509", "-hash", "-noout", "-in"])
+        .arg(&s.ca_file)
+        .output()
+        .expect("openssl x509 -hash");
+    let hash = String::from_utf8(hash.stdout).unwrap();
+    let with_link = s.dir.join("hashdir-with-link");
+    let without_link = s.dir.join("hashdir-empty");
+    for dir in [&with_link, &without_link] {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::os::unix::fs::symlink(&s.ca_file, with_link.join(format!("{}.0", hash.trim()))).unwrap();
+    let input = format!("{}QUIT\r\n", login(&user));
+    for (dir, expected) in [(&with_link, "+OK"), (&without_link, "-ERR [SYS/TEMP]")] {
+        let dir = dir.display().to_string();
+        // An empty SSL_CERT_FILE counts as unset (this machine's own environment may set it).
+        let envs = [("SSL_CERT_FILE", ""), ("SSL_CERT_DIR", dir.as_str())];
+        let (out, log, _) = dialogue(&args, &envs, input.as_bytes());
+        assert!(login_reply(&out).starts_with(expected), "{dir}: {log}");
+        assert!(log.contains("default CA file: DirectoryInstead"), "{log}");
+        if dir.ends_with("empty") {
+            assert!(log.contains("certificate verify failed"), "{log}");
+        }
+    }
+}
+
 #[test]
 fn backend_dying_during_retr_never_sends_the_terminating_dot() {
     let user = servers().new_user("cut");

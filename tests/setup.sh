@@ -7,7 +7,7 @@
 
 MAIL_USER=lmp-test # keep in sync with MAIL_USER in tests/common/mod.rs
 PACKAGES=(
-    build-essential libssl-dev pkg-config
+    build-essential libssl-dev pkg-config ca-certificates
     dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix
     dovecot-submissiond # the benchmark's Dovecot gateway (submission_relay_*)
     xinetd systemd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
