@@ -332,10 +332,18 @@ impl ImapMaildrop {
         lock: Option<MailboxLock>,
     ) -> Result<Self, OpenError> {
         let temporary = |e: imap::Error| OpenError::Temporary(describe(&e));
-        let capabilities = session.capabilities().map_err(temporary)?;
-        let has_uidplus = capabilities.has_str("UIDPLUS");
-        let has_move = capabilities.has_str("MOVE");
-        drop(capabilities);
+        // Only moving and expunging depend on extensions; keep and hide (the default) skip
+        // the round trip, which is a noticeable part of a short session.
+        let (has_uidplus, has_move) = match settings.policy {
+            DeletePolicy::Trash | DeletePolicy::Expunge => {
+                let capabilities = session.capabilities().map_err(temporary)?;
+                (
+                    capabilities.has_str("UIDPLUS"),
+                    capabilities.has_str("MOVE"),
+                )
+            }
+            DeletePolicy::Keep | DeletePolicy::Hide => (false, false),
+        };
         let read_only = settings.policy == DeletePolicy::Keep && !settings.mark_seen;
         let selected = if read_only {
             session.examine(&settings.mailbox)

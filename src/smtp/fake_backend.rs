@@ -22,6 +22,8 @@ pub struct Script {
     /// The one account AUTH LOGIN accepts: (user, password), each base64-encoded as on the
     /// wire.
     pub account: Option<(String, String)>,
+    /// Replies to the successive MAIL commands; then `250 2.1.0 Ok`.
+    pub mail: Vec<String>,
     /// Replies to RCPT for particular addresses (default `250 2.1.5 Ok`).
     pub rcpt: Vec<(String, String)>,
     /// Replies to the session's successive DATA commands; then `354`.
@@ -46,6 +48,9 @@ pub struct Journal {
     pub messages: Vec<Vec<u8>>,
     /// Bytes of messages whose connection ended before the final dot.
     pub incomplete: Vec<Vec<u8>>,
+    /// Command lines that were already waiting when the server read them: the client
+    /// sent them in one write with the command before (pipelining).
+    pub pipelined: Vec<String>,
 }
 
 pub struct FakeSmtp {
@@ -138,9 +143,16 @@ impl Connection {
     /// One line without its CRLF; `Err(Closed)` at EOF or after the idle limit.
     fn line(&mut self) -> Result<String, End> {
         let mut line = String::new();
+        let waiting = !self.input.buffer().is_empty();
         match self.input.read_line(&mut line) {
             Ok(0) => Err(End::Closed),
-            Ok(_) => Ok(line.trim_end_matches(['\r', '\n']).to_string()),
+            Ok(_) => {
+                let line = line.trim_end_matches(['\r', '\n']).to_string();
+                if waiting {
+                    self.journal.lock().unwrap().pipelined.push(line.clone());
+                }
+                Ok(line)
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -183,8 +195,18 @@ impl Connection {
                     self.send("503 5.5.1 Error: nested MAIL command")?
                 }
                 "MAIL" => {
-                    self.in_transaction = true;
-                    self.send("250 2.1.0 Ok")?
+                    let reply = {
+                        let mut script = self.script();
+                        match script.mail.is_empty() {
+                            true => "250 2.1.0 Ok".to_string(),
+                            false => script.mail.remove(0),
+                        }
+                    };
+                    self.in_transaction = reply.starts_with('2');
+                    self.send(&reply)?
+                }
+                "RCPT" if !self.in_transaction => {
+                    self.send("503 5.5.1 Error: need MAIL command")?
                 }
                 "RCPT" => {
                     let reply = self

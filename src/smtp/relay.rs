@@ -100,7 +100,9 @@ pub trait Relay {
     fn login(&mut self, user: &str, password: &str) -> RelayResult;
 
     /// Opens a transaction: connects and logs in when there is no live connection, then
-    /// sends `MAIL FROM:<from>` (empty `from` is the null path).
+    /// sends `MAIL FROM:<from>` (empty `from` is the null path). A relay may instead answer
+    /// `250` itself and send MAIL with the first RCPT (pipelining); the backend's verdict on
+    /// the sender is then that RCPT's reply.
     fn mail(&mut self, from: &str) -> RelayResult;
 
     /// `RCPT TO:<to>`. A rejected recipient leaves the transaction open for the others.
