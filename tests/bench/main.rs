@@ -674,6 +674,8 @@ fn results(
     );
     text.push_str("## Summary\n\n");
     text.push_str(&report::table(outcomes));
+    text.push_str("\n### Ratios within each round\n\n");
+    text.push_str(&report::rounds(outcomes));
     text.push_str(
         "\n## Set-up\n\n\
          - **direct**: the backend Dovecot's own POP3 (STLS) and Postfix's own submission \

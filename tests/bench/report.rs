@@ -135,6 +135,37 @@ pub fn table(outcomes: &[Outcome]) -> String {
     t
 }
 
+/// The proxy's ratio within each round (sample `i` of every column comes from round `i`,
+/// run back to back): the spread shows how much of a ratio of medians is the machine's
+/// noise. The targets are judged on the ratio of medians, in [`table`].
+pub fn rounds(outcomes: &[Outcome]) -> String {
+    let mut t = String::from(
+        "| workload | proxy ÷ direct: median (min–max) | proxy ÷ Dovecot: median (min–max) |\n\
+         |---|---|---|\n",
+    );
+    for o in outcomes {
+        let spread = |other: Column| {
+            let ratios: Vec<f64> = o
+                .secs(Column::Proxy)
+                .iter()
+                .zip(o.secs(other))
+                .map(|(proxy, other)| proxy / other)
+                .collect();
+            let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = ratios.iter().copied().fold(0.0, f64::max);
+            format!("{:.2} ({min:.2}–{max:.2})", median(&ratios))
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} |",
+            o.name,
+            spread(Column::Direct),
+            spread(Column::Dovecot)
+        );
+    }
+    t
+}
+
 /// Every sample, so the spread behind each median is visible.
 pub fn samples(outcomes: &[Outcome]) -> String {
     let mut t = String::from(
