@@ -6,12 +6,16 @@
 
 use anyhow::Context;
 use native_tls::{Certificate, TlsConnector};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where OpenSSL finds the roots when no `--ca-file` is given: the system directory,
 /// with one `<subject hash>.<n>` link per certificate (Debian's `update-ca-certificates`
 /// keeps it in step with the bundle file).
 const SYSTEM_CERT_DIR: &str = "/etc/ssl/certs";
+
+/// The bundle `update-ca-certificates` writes next to the links (and OpenSSL's default file
+/// on Debian, through /usr/lib/ssl/cert.pem).
+const SYSTEM_CERT_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// What [`avoid_parsing_ca_bundles`] decided, for the debug log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +40,18 @@ pub enum DefaultCaFile {
 ///   unchanged: only they were trusted before, too);
 /// - without it, when the system directory has hashed links: OpenSSL then reads, during the
 ///   handshake, only the root that the server's chain names. The same roots as the bundle
-///   on Debian. An admin's own `SSL_CERT_FILE` is left alone, and a system without hashed
-///   links (Fedora's /etc/pki) keeps its bundle.
-pub fn avoid_parsing_ca_bundles(ca_file: Option<&std::path::Path>) -> DefaultCaFile {
+///   on Debian. An admin's own `SSL_CERT_FILE` is left alone, a system without hashed
+///   links (Fedora's /etc/pki) keeps its bundle, and so does a bundle changed after the
+///   links (a certificate appended by hand).
+pub fn avoid_parsing_ca_bundles(ca_file: Option<&Path>) -> DefaultCaFile {
     let decision = match ca_file {
         Some(_) => DefaultCaFile::Unused,
         None if std::env::var_os("SSL_CERT_FILE").is_some_and(|f| !f.is_empty()) => {
             DefaultCaFile::Kept
         }
-        None if has_hashed_links(std::path::Path::new(SYSTEM_CERT_DIR)) => {
+        None if has_hashed_links(Path::new(SYSTEM_CERT_DIR))
+            && !changed_after(Path::new(SYSTEM_CERT_BUNDLE), Path::new(SYSTEM_CERT_DIR)) =>
+        {
             DefaultCaFile::DirectoryInstead
         }
         None => DefaultCaFile::Kept,
@@ -57,8 +64,19 @@ pub fn avoid_parsing_ca_bundles(ca_file: Option<&std::path::Path>) -> DefaultCaF
     decision
 }
 
+/// Whether `file` was modified after `dir`'s entries last changed: a certificate appended to
+/// the bundle by hand, which the hashed links lack. `update-ca-certificates` renames the new
+/// bundle into place, which changes the directory too, so its bundle never counts as newer.
+fn changed_after(file: &Path, dir: &Path) -> bool {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    match (modified(file), modified(dir)) {
+        (Some(file), Some(dir)) => file > dir,
+        _ => false,
+    }
+}
+
 /// Whether `dir` holds OpenSSL's `<8 hex digits>.<n>` certificate links (`openssl rehash`).
-fn has_hashed_links(dir: &std::path::Path) -> bool {
+fn has_hashed_links(dir: &Path) -> bool {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return false;
     };
@@ -172,5 +190,27 @@ mod tests {
         assert!(has_hashed_links(&dir));
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(!has_hashed_links(&dir), "a missing directory");
+    }
+
+    #[test]
+    fn a_bundle_appended_to_after_the_links_counts_as_changed() {
+        use std::time::{Duration, SystemTime};
+        let dir = std::env::temp_dir().join(format!("lmp-tls-mtime-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bundle = dir.join("ca-certificates.crt");
+        let file = std::fs::File::create(&bundle).unwrap();
+        // As update-ca-certificates leaves it: the directory changed with the bundle.
+        let then = SystemTime::now() - Duration::from_secs(60);
+        file.set_modified(then).unwrap();
+        std::fs::File::open(&dir)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+        assert!(!changed_after(&bundle, &dir));
+        // `cat extra.pem >> ca-certificates.crt`: only the bundle changes.
+        file.set_modified(SystemTime::now()).unwrap();
+        assert!(changed_after(&bundle, &dir));
+        assert!(!changed_after(&dir.join("missing"), &dir));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -104,9 +104,10 @@ pub struct SmtpRelay {
 
 struct PendingMail {
     from: String,
-    /// Whether the connection was kept from an earlier transaction: the backend may have
-    /// closed it while idle, so one failure there means "connect again", not "give up".
-    reused: bool,
+    /// The backend's refusal of this sender, given to every later RCPT of the transaction
+    /// without asking again (repeated refusals count against the client at the backend:
+    /// Postfix's smtpd_hard_error_limit).
+    refused: Option<Reply>,
 }
 
 /// Why opening a connection failed.
@@ -332,7 +333,7 @@ impl SmtpRelay {
             }
             sent = self.mail_and_rcpt(from, to);
         }
-        self.in_transaction = matches!(&sent.0, Ok(r) if r.is_success());
+        self.in_transaction = self.conn.is_some() && matches!(&sent.0, Ok(r) if r.is_success());
         sent
     }
 
@@ -348,17 +349,25 @@ impl SmtpRelay {
         let Some(to) = to else {
             return (self.command(mail, Stage::Mail), None);
         };
-        let mail_reply = self.command(Pipelined(mail, RcptCmd(to)), Stage::Mail);
-        // The RCPT reply comes even when MAIL was refused (then a 503 that means nothing to
-        // our client); it is read either way to keep the dialogue in step.
-        let rcpt_reply = match &mail_reply {
-            Ok(reply) if reply.code != 421 => self.pipelined_reply(Stage::Rcpt),
-            _ => Err(RelayError::Unavailable("MAIL failed".into())),
+        // `pipelining` is the current connection's: one opened again may have lost it.
+        let mail_reply = match self.pipelining {
+            true => self.command(Pipelined(mail, RcptCmd(to)), Stage::Mail),
+            false => self.command(mail, Stage::Mail),
         };
-        match &mail_reply {
-            Ok(reply) if reply.is_success() => (mail_reply, Some(rcpt_reply)),
-            _ => (mail_reply, None),
-        }
+        let accepted = matches!(&mail_reply, Ok(reply) if reply.is_success());
+        let rcpt_reply = if self.pipelining {
+            // The RCPT reply comes even when MAIL was refused (then a 503 that means
+            // nothing to our client); it is read either way to keep the dialogue in step.
+            match &mail_reply {
+                Ok(reply) if reply.code != 421 => Some(self.pipelined_reply(Stage::Rcpt)),
+                _ => None,
+            }
+        } else if accepted {
+            Some(self.command(RcptCmd(to), Stage::Rcpt))
+        } else {
+            None
+        };
+        (mail_reply, rcpt_reply.filter(|_| accepted))
     }
 
     /// Turns lettre's result into a reply judged for `stage`. A coded refusal is a reply;
@@ -430,7 +439,7 @@ impl Relay for SmtpRelay {
         if self.pipelining {
             self.pending_mail = Some(PendingMail {
                 from: from.to_string(),
-                reused,
+                refused: None,
             });
             return Ok(Reply::new(250, Enhanced::new(2, 1, 0), "Ok"));
         }
@@ -438,21 +447,27 @@ impl Relay for SmtpRelay {
     }
 
     fn rcpt(&mut self, to: &str) -> RelayResult {
-        let Some(pending) = self.pending_mail.take() else {
+        let Some(pending) = &self.pending_mail else {
             return self.command(RcptCmd(to), Stage::Rcpt);
         };
-        match self.open_transaction(&pending.from, Some(to), pending.reused) {
-            (_, Some(rcpt_reply)) => rcpt_reply,
-            (mail_reply, None) => {
-                if matches!(&mail_reply, Ok(reply) if reply.code != 421) {
-                    // The sender was refused: so is every recipient, each with that reply
-                    // (as from a server that checks senders at RCPT, like Postfix).
-                    self.pending_mail = Some(PendingMail {
-                        reused: self.conn.is_some(),
-                        ..pending
-                    });
+        if let Some(refusal) = &pending.refused {
+            // The sender was refused: so is every recipient, each with that reply (as
+            // from a server that checks senders at RCPT time, like Postfix).
+            return Ok(refusal.clone());
+        }
+        let from = pending.from.clone();
+        // Nothing is open at the backend yet, so a connection found dead here (idle since
+        // an earlier transaction, or since this MAIL) can always be replaced, once.
+        match self.open_transaction(&from, Some(to), true) {
+            (Ok(refusal), None) if refusal.code != 421 && self.conn.is_some() => {
+                if let Some(pending) = &mut self.pending_mail {
+                    pending.refused = Some(refusal.clone());
                 }
-                mail_reply
+                Ok(refusal)
+            }
+            (mail_reply, rcpt_reply) => {
+                self.pending_mail = None;
+                rcpt_reply.unwrap_or(mail_reply)
             }
         }
     }
@@ -515,10 +530,15 @@ impl Relay for SmtpRelay {
     }
 
     fn keepalive(&mut self) -> Result<(), RelayError> {
-        if !self.in_transaction {
-            return Ok(());
+        if self.in_transaction {
+            return self.command(Noop, Stage::Noop).map(drop);
         }
-        self.command(Noop, Stage::Noop).map(drop)
+        if self.pending_mail.is_some() && self.conn.is_some() {
+            // Nothing is open at the backend yet: if the connection is lost anyway, the
+            // first RCPT opens another, so the transaction is not lost.
+            let _ = self.command(Noop, Stage::Noop);
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -1029,7 +1049,7 @@ mod tests {
     fn a_sender_refused_by_a_pipelining_backend_is_the_reply_to_each_recipient() {
         let refusal = "553 5.7.1 <a@c.test>: Sender address rejected: not owned by user gw";
         let fake = FakeSmtp::start(pipelining(Script {
-            mail: vec![refusal.into(), refusal.into()],
+            mail: vec![refusal.into()],
             ..Script::default()
         }));
         let mut relay = relay_to(&fake);
@@ -1042,12 +1062,13 @@ mod tests {
         assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
         assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
         assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        // The refusal was asked for once, not once per recipient.
         let mails = fake
             .commands()
             .iter()
             .filter(|c| c.starts_with("MAIL"))
             .count();
-        assert_eq!(mails, 3);
+        assert_eq!(mails, 2);
         assert_eq!(fake.journal().messages.len(), 1);
     }
 
@@ -1072,6 +1093,58 @@ mod tests {
             );
             assert_eq!(journal.messages, [b"1\r\n".to_vec(), b"2\r\n".to_vec()]);
         }
+    }
+
+    #[test]
+    fn a_held_mail_is_kept_alive_and_survives_a_lost_connection() {
+        let idle = |script| Script {
+            idle_limit: Some(Duration::from_millis(300)),
+            ..pipelining(script)
+        };
+        // A slow client between MAIL and RCPT: NOOPs keep the connection.
+        let fake = FakeSmtp::start(idle(Script::default()));
+        let mut relay = relay_to(&fake);
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        for _ in 0..7 {
+            std::thread::sleep(Duration::from_millis(100));
+            relay.keepalive().unwrap();
+        }
+        assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        let journal = fake.journal();
+        assert_eq!(
+            journal.commands.iter().filter(|c| *c == "*CONNECT").count(),
+            1
+        );
+        assert!(journal.commands.contains(&"NOOP".to_string()));
+        // Without keepalives the connection opened at MAIL dies; RCPT opens another.
+        let fake = FakeSmtp::start(idle(Script::default()));
+        let mut relay = relay_to(&fake);
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+        assert!(relay.in_transaction);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        let journal = fake.journal();
+        assert_eq!(
+            journal.commands.iter().filter(|c| *c == "*CONNECT").count(),
+            2
+        );
+        assert_eq!(journal.messages.len(), 1);
+    }
+
+    #[test]
+    fn a_broken_rcpt_reply_leaves_no_transaction_behind() {
+        let fake = FakeSmtp::start(pipelining(Script {
+            rcpt: vec![("b@d.test".into(), "334 what".into())],
+            ..Script::default()
+        }));
+        let mut relay = relay_to(&fake);
+        relay.mail("a@c.test").unwrap();
+        let result = relay.rcpt("b@d.test");
+        assert!(matches!(result, Err(RelayError::Protocol(_))), "{result:?}");
+        assert!(relay.conn.is_none());
+        assert!(!relay.in_transaction);
     }
 
     #[test]
