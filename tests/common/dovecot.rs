@@ -140,15 +140,7 @@ service imap-login {{
     ssl = yes
   }}
 }}
-service pop3-login {{
-  inet_listener pop3 {{
-    address = 127.0.0.1
-    port = {pop3}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
+{pop3_login}
 service lmtp {{
   unix_listener lmtp {{
     mode = 0666
@@ -159,14 +151,35 @@ service auth {{
     mode = 0666
   }}
 }}
-service anvil {{
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
-"#
+{no_auth_penalty}
+"#,
+        pop3_login = pop3_login(*pop3),
+        no_auth_penalty = NO_AUTH_PENALTY,
     )
 }
+
+/// POP3 on 127.0.0.1:`port` only, without the POP3S listener Debian's defaults add.
+/// Shared with the benchmark's gateway Dovecot (gateway.rs).
+pub fn pop3_login(port: u16) -> String {
+    format!(
+        "service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}"
+    )
+}
+
+/// Turns off anvil's auth penalty (see [`config`]).
+pub const NO_AUTH_PENALTY: &str = "service anvil {
+  unix_listener anvil-auth-penalty {
+    mode = 0
+  }
+}";
 
 /// Starts `dovecot -F -c CONF` and waits until IMAP and POP3 greet and the sockets exist.
 pub fn start(

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::process::{ServerProcess, free_ports};
-use super::{find_binary, postfix, servers};
+use super::{dovecot, find_binary, postfix, servers};
 
 /// The running gateway Dovecot. Listeners are plain TCP on 127.0.0.1.
 pub struct Gateway {
@@ -119,26 +119,14 @@ passdb {{
 userdb {{
   driver = prefetch
 }}
-service pop3-login {{
-  inet_listener pop3 {{
-    address = 127.0.0.1
-    port = {pop3}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
+{pop3_login}
 service submission-login {{
   inet_listener submission {{
     address = 127.0.0.1
     port = {submission}
   }}
 }}
-service anvil {{
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
+{no_auth_penalty}
 "#,
             dir = dir.display(),
             pid = std::process::id(),
@@ -152,8 +140,9 @@ service anvil {{
             tls_host = s.tls_host,
             imaps = s.imaps_port,
             submissions = p.submissions_port,
-            pop3 = ports[0],
+            pop3_login = dovecot::pop3_login(ports[0]),
             submission = ports[1],
+            no_auth_penalty = dovecot::NO_AUTH_PENALTY,
         );
         fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
         let server = ServerProcess::spawn(
