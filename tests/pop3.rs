@@ -58,6 +58,12 @@ fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// Gives the option `name`, already in `args`, a new value.
+fn set_option(args: &mut [String], name: &str, value: impl ToString) {
+    let at = args.iter().position(|a| a == name).unwrap();
+    args[at + 1] = value.to_string();
+}
+
 /// Runs one proxy process with `input` on stdin; returns (stdout, stderr, success).
 fn dialogue(args: &[String], envs: &[(&str, &str)], input: &[u8]) -> (Vec<u8>, String, bool) {
     let mut child = Command::new(common::proxy_bin())
@@ -646,8 +652,7 @@ fn stopped_or_unreachable_backend_gets_sys_temp_not_auth() {
     let port = closed.local_addr().unwrap().port().to_string();
     drop(closed);
     let mut args = args(Tls::Implicit);
-    let at = args.iter().position(|a| a == "--imap-port").unwrap();
-    args[at + 1] = port;
+    set_option(&mut args, "--imap-port", port);
     let (out, log, _) = dialogue(&args, &[], format!("{}QUIT\r\n", login(&user)).as_bytes());
     assert_eq!(
         login_reply(&out),
@@ -657,8 +662,7 @@ fn stopped_or_unreachable_backend_gets_sys_temp_not_auth() {
     // A backend that accepts and hangs up at once (dying during the greeting).
     let fault = common::FaultProxy::start(servers().imap_port, 0);
     let mut plain = self::args(Tls::Plain);
-    let at = plain.iter().position(|a| a == "--imap-port").unwrap();
-    plain[at + 1] = fault.port().to_string();
+    set_option(&mut plain, "--imap-port", fault.port());
     let (out, ..) = dialogue(&plain, &[], format!("{}QUIT\r\n", login(&user)).as_bytes());
     assert!(String::from_utf8_lossy(&out).contains("-ERR [SYS/TEMP]"));
 }
@@ -755,8 +759,7 @@ fn backend_dying_during_retr_never_sends_the_terminating_dot() {
     let run = |cut_after: usize| {
         let fault = common::FaultProxy::start(servers().imap_port, cut_after);
         let mut args = args(Tls::Plain);
-        let at = args.iter().position(|a| a == "--imap-port").unwrap();
-        args[at + 1] = fault.port().to_string();
+        set_option(&mut args, "--imap-port", fault.port());
         let (out, log, ok) = dialogue(
             &args,
             &[],
@@ -1148,8 +1151,7 @@ fn by_default_nothing_but_protocol_bytes_leaves_the_process() {
 fn an_unreadable_ca_file_is_a_clear_sys_perm_not_a_silent_failure() {
     let user = seeded_user("badca");
     let mut args = args(Tls::Implicit);
-    let at = args.iter().position(|a| a == "--ca-file").unwrap();
-    args[at + 1] = "/nonexistent/ca.pem".into();
+    set_option(&mut args, "--ca-file", "/nonexistent/ca.pem");
     let (out, log, _) = dialogue(&args, &[], format!("{}QUIT\r\n", login(&user)).as_bytes());
     assert_eq!(
         login_reply(&out),
@@ -1258,8 +1260,7 @@ fn trash_without_move_and_with_a_space_in_the_folder_name() {
             "Deleted Items",
         ],
     );
-    let at = args.iter().position(|a| a == "--imap-port").unwrap();
-    args[at + 1] = imap_without_capability("MOVE").to_string();
+    set_option(&mut args, "--imap-port", imap_without_capability("MOVE"));
     let (out, log, ok) = dialogue(
         &args,
         &[],
@@ -1289,8 +1290,7 @@ fn trash_without_move_and_with_a_space_in_the_folder_name() {
 fn expunge_without_uidplus_refuses_dele_instead_of_a_plain_expunge() {
     let user = seeded_user("no-uidplus");
     let mut args = with(args(Tls::Plain), &["--delete-policy", "expunge"]);
-    let at = args.iter().position(|a| a == "--imap-port").unwrap();
-    args[at + 1] = imap_without_capability("UIDPLUS").to_string();
+    set_option(&mut args, "--imap-port", imap_without_capability("UIDPLUS"));
     let (out, log, _) = dialogue(
         &args,
         &[],

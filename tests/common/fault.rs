@@ -77,47 +77,32 @@ fn relay(client: TcpStream, server: TcpStream, cut_after: usize) {
     let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
-    // client → server, unlimited.
-    thread::spawn(move || {
-        let (mut from, mut to) = (c2, s2);
-        let mut buf = [0u8; 16384];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = to.shutdown(Shutdown::Write);
+    // client → server, unlimited; server → client, cut after `cut_after` bytes.
+    thread::spawn(move || pump(c2, s2, usize::MAX));
+    thread::spawn(move || pump(server, client, cut_after));
+}
+
+/// Copies `from` to `to`, passing a half-close on. After `limit` bytes both connections
+/// are cut, as by a server dying in the middle of a response.
+fn pump(mut from: TcpStream, mut to: TcpStream, limit: usize) {
+    let mut left = limit;
+    let mut buf = [0u8; 16384];
+    while left > 0 {
+        let want = buf.len().min(left);
+        match from.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    shutdown_all(&from, &to);
                     return;
                 }
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        shutdown_all(&from, &to);
-                        return;
-                    }
-                }
+                left -= n;
             }
         }
-    });
-    // server → client, cut after `cut_after` bytes.
-    thread::spawn(move || {
-        let (mut from, mut to) = (server, client);
-        let mut left = cut_after;
-        let mut buf = [0u8; 16384];
-        while left > 0 {
-            let want = buf.len().min(left);
-            match from.read(&mut buf[..want]) {
-                Ok(0) | Err(_) => {
-                    let _ = to.shutdown(Shutdown::Write);
-                    return;
-                }
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        shutdown_all(&from, &to);
-                        return;
-                    }
-                    left -= n;
-                }
-            }
-        }
-        let _ = to.flush();
-        shutdown_all(&from, &to);
-    });
+    }
+    let _ = to.flush();
+    shutdown_all(&from, &to);
 }
