@@ -1,4 +1,5 @@
-//! The client's side of the connection: stdin with idle ticks, and the peer's address.
+//! The client's side of the connection: stdin with idle ticks, stdout that stops at its
+//! first write error, and the peer's address.
 //!
 //! Under inetd and systemd `Accept=yes`, stdin is a socket: reads wait with a receive
 //! timeout. In the demo and in tests it is a pipe, where a socket timeout would not work, so
@@ -10,7 +11,7 @@
 //! (RFC 1939 §3 autologout, RFC 5321 §4.5.3.2). A client trickling one byte at a time
 //! therefore cannot hold off either.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
@@ -180,4 +181,186 @@ pub fn stdout_file() -> io::Result<std::fs::File> {
     Ok(std::fs::File::from(
         io::stdout().as_fd().try_clone_to_owned()?,
     ))
+}
+
+/// The client's output as the sessions use it: stdout behind a 64 KiB buffer that gives up
+/// at the first write error or stall (see [`ClientOutput`]). `send_timeout` is the one
+/// [`tune_client_socket`] set.
+pub fn client_output(
+    send_timeout: Duration,
+) -> io::Result<io::BufWriter<ClientOutput<std::fs::File>>> {
+    Ok(io::BufWriter::with_capacity(
+        64 * 1024,
+        ClientOutput::new(stdout_file()?, send_timeout),
+    ))
+}
+
+/// A writer to the client that fails every write and flush after the first failure.
+///
+/// Once a write to the client has failed (its send timeout expired, it reset the
+/// connection), nothing more may be tried: each later attempt on a client that stopped
+/// reading blocks for a whole send timeout again. A `BufWriter` retries its buffered bytes
+/// in the session's final flush and again when it is dropped, which held the process, and a
+/// POP3 mailbox lock, for several send timeouts. Behind this writer those retries fail at
+/// once, and the process ends within one send timeout.
+///
+/// A write that returns short after blocking for the send timeout counts as a failure too:
+/// the kernel returns what it managed to queue when the timeout expires, and `write_all`
+/// would otherwise start another full timeout for the rest. A client that took in less than
+/// one buffer in a whole send timeout has, for this purpose, stopped reading. (A blocking
+/// socket returns short only then; a pipe, never.)
+#[derive(Debug)]
+pub struct ClientOutput<W> {
+    inner: W,
+    send_timeout: Duration,
+    /// The first error, repeated to every later caller.
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+impl<W: Write> ClientOutput<W> {
+    pub fn new(inner: W, send_timeout: Duration) -> Self {
+        ClientOutput {
+            inner,
+            send_timeout,
+            failed: None,
+        }
+    }
+
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some((kind, why)) => Err(io::Error::new(
+                *kind,
+                format!("client connection already failed: {why}"),
+            )),
+        }
+    }
+
+    fn latch<T>(&mut self, result: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &result
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+        result
+    }
+}
+
+impl<W: Write> Write for ClientOutput<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.check()?;
+        let started = Instant::now();
+        let result = match self.inner.write(buf) {
+            // Half the timeout: the kernel counts in clock ticks, and a short write that
+            // took this long can only have been cut by the timeout.
+            Ok(n) if n < buf.len() && started.elapsed() >= self.send_timeout / 2 => {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client took {n} of {} bytes in {:.1} s (send timeout)",
+                        buf.len(),
+                        started.elapsed().as_secs_f64()
+                    ),
+                ))
+            }
+            other => other,
+        };
+        self.latch(result)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.check()?;
+        let result = self.inner.flush();
+        self.latch(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClientOutput;
+    use std::cell::Cell;
+    use std::io::{self, BufWriter, Write};
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// A client that stopped reading: every write times out, and is counted.
+    struct Stalled(Rc<Cell<u32>>);
+
+    impl Write for Stalled {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            self.0.set(self.0.get() + 1);
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A client that reads a trickle: each write blocks for the timeout, then takes a
+    /// few bytes, as a socket with SO_SNDTIMEO does.
+    struct Trickling {
+        attempts: Rc<Cell<u32>>,
+        timeout: Duration,
+    }
+
+    impl Write for Trickling {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.attempts.set(self.attempts.get() + 1);
+            std::thread::sleep(self.timeout);
+            Ok(buf.len().min(3))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn after_the_first_failed_write_nothing_is_written_again_not_even_at_drop() {
+        let attempts = Rc::new(Cell::new(0));
+        let mut out =
+            BufWriter::with_capacity(32, ClientOutput::new(Stalled(attempts.clone()), SECOND));
+        out.write_all(b"+OK 100 octets\r\n").unwrap();
+        assert!(
+            out.write_all(b"more than the buffer holds now\r\n")
+                .is_err()
+        );
+        assert_eq!(attempts.get(), 1);
+        let again = out.flush().unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::WouldBlock);
+        // Buffered, but never sent: not at the next flush, not at drop.
+        out.write_all(b"-ERR\r\n").unwrap();
+        assert!(out.flush().is_err());
+        drop(out);
+        assert_eq!(
+            attempts.get(),
+            1,
+            "a stalled client must cost one send timeout"
+        );
+    }
+
+    #[test]
+    fn a_write_cut_short_by_the_send_timeout_is_the_last_one() {
+        let attempts = Rc::new(Cell::new(0));
+        let timeout = Duration::from_millis(40);
+        let trickling = Trickling {
+            attempts: attempts.clone(),
+            timeout,
+        };
+        let mut out = ClientOutput::new(trickling, timeout);
+        let error = out.write_all(b"+OK 100 octets\r\n").unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(out.flush().is_err());
+        assert_eq!(attempts.get(), 1);
+    }
+
+    #[test]
+    fn a_working_client_gets_every_byte() {
+        let mut out = BufWriter::with_capacity(4, ClientOutput::new(Vec::new(), SECOND));
+        out.write_all(b"+OK hello\r\n").unwrap();
+        out.flush().unwrap();
+        let inner = out.into_inner().unwrap();
+        assert_eq!(inner.inner, b"+OK hello\r\n");
+    }
 }

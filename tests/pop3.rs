@@ -1397,9 +1397,26 @@ fn a_trickling_client_cannot_hold_off_the_idle_logout() {
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
 }
 
-#[test]
-fn a_client_that_stops_reading_cannot_hold_the_mailbox_forever() {
-    let user = servers().new_user("stall");
+/// Starts the proxy with both ends of a fresh TCP connection as its stdin and stdout, as
+/// inetd would; returns the process and the client's end.
+fn spawn_on_socket(args: &[String]) -> (std::process::Child, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let input = std::os::fd::OwnedFd::from(server.try_clone().unwrap());
+    let child = Command::new(common::proxy_bin())
+        .args(args)
+        .stdin(Stdio::from(input))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(server)))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn proxy");
+    (child, client)
+}
+
+/// A mailbox with one 20 MiB message: far more than the socket buffers hold.
+fn user_with_a_big_message(prefix: &str) -> User {
+    let user = servers().new_user(prefix);
     let big: Vec<u8> = b"Subject: big\r\n\r\n"
         .iter()
         .copied()
@@ -1411,36 +1428,56 @@ fn a_client_that_stops_reading_cannot_hold_the_mailbox_forever() {
         )
         .collect();
     user.seed_many(&[big]);
-    let inetd = Inetd::start(
-        common::proxy_bin(),
-        &with(args(Tls::Plain), &["--idle-timeout", "2"]),
-        &[],
-    );
-    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", inetd.port)).unwrap();
+    user
+}
+
+#[test]
+fn a_client_that_stops_reading_cannot_hold_the_mailbox_forever() {
+    let user = user_with_a_big_message("stall");
+    // The send timeout is the idle timeout.
+    let send_timeout = 3.0;
+    let (mut proxy, mut stalled) = spawn_on_socket(&with(
+        args(Tls::Plain),
+        &["--idle-timeout", &send_timeout.to_string()],
+    ));
+    let started = std::time::Instant::now();
     stalled
         .write_all(format!("{}RETR 1\r\n", login(&user)).as_bytes())
         .unwrap();
-    // Never read. The proxy must give up writing after the timeout and release the lock,
-    // so a new session gets in instead of [IN-USE].
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (out, ..) = dialogue(
-            &args(Tls::Plain),
-            &[],
-            format!("{}QUIT\r\n", login(&user)).as_bytes(),
-        );
-        let third = login_reply(&out);
-        if third == "+OK Logged in." {
-            break;
+    // Never read. The proxy gives up writing after one send timeout, and must then write
+    // nothing more: each further write to this client would block for another timeout.
+    let status = loop {
+        if let Some(status) = proxy.try_wait().unwrap() {
+            break status;
         }
-        assert!(third.starts_with("-ERR [IN-USE]"), "{third}");
         assert!(
-            std::time::Instant::now() < deadline,
-            "the stalled session still holds the mailbox"
+            started.elapsed().as_secs_f64() < 10.0 * send_timeout,
+            "the stalled session does not end"
         );
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let held = started.elapsed().as_secs_f64();
+    let mut log = String::new();
+    proxy
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    eprintln!("a client that stopped reading held the process for {held:.2} s");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("end=client connection error"), "{log}");
+    // One send timeout, plus the login and a margin for a busy machine.
+    assert!(
+        held < send_timeout + 2.0,
+        "held for {held:.2} s with a {send_timeout} s send timeout\n{log}"
+    );
+    // The lock went with the process.
+    let (out, ..) = dialogue(
+        &args(Tls::Plain),
+        &[],
+        format!("{}QUIT\r\n", login(&user)).as_bytes(),
+    );
+    assert_eq!(login_reply(&out), "+OK Logged in.");
     drop(stalled);
-    let logs = inetd.logs();
-    assert!(logs.contains("end=client connection error"), "{logs}");
 }

@@ -19,7 +19,7 @@ use anyhow::Context;
 use imap::{ImapOpener, Login};
 use maildrop::{Credentials, Maildrop, OpenError, Opener};
 use session::{End, Session};
-use std::io::{BufReader, BufWriter};
+use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -197,8 +197,8 @@ pub fn serve(args: Args) -> ExitCode {
     // A client that stops reading mid-RETR must not hold the process and its lock forever.
     crate::input::tune_client_socket(idle_timeout);
     let input = BufReader::new(TickingStdin::new(tick));
-    let output = match crate::input::stdout_file() {
-        Ok(file) => BufWriter::with_capacity(64 * 1024, file),
+    let output = match crate::input::client_output(idle_timeout) {
+        Ok(output) => output,
         Err(e) => {
             log::error!("cannot use stdout: {e}");
             return ExitCode::FAILURE;

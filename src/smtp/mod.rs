@@ -191,7 +191,15 @@ pub fn serve(args: Args) -> ExitCode {
     crate::input::tune_client_socket(config.idle_timeout);
     let mut relay = SmtpRelay::new(backend);
     let input = BufReader::with_capacity(64 * 1024, crate::input::TickingStdin::new(config.tick));
-    let output = std::io::stdout().lock();
+    // Gives up at the first failed write: retrying a client that stopped reading would
+    // cost a send timeout each time.
+    let output = match crate::input::client_output(config.idle_timeout) {
+        Ok(output) => output,
+        Err(e) => {
+            log::error!("smtp: cannot use stdout: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     Session::new(input, output, &mut relay, &config)
         .on_client_done(close_client_side)
         .run();
