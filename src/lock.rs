@@ -1,7 +1,7 @@
 //! RFC 1939 §8 exclusive access: one session per maildrop, across processes.
 //!
 //! Each session is its own process, so the lock is an advisory `flock` on a file named
-//! after the account. The kernel releases it when the process exits, however it exits, so a
+//! after the mailbox the server opened ([`key`]). The kernel releases it when the process exits, however it exits, so a
 //! crash never leaves a stale lock. All instances must share one lock directory: under
 //! systemd `Accept=yes` a per-instance `RuntimeDirectory` or `PrivateTmp` would give each
 //! connection its own and break this.
@@ -21,6 +21,57 @@ pub enum LockError {
     Held,
     /// The lock file could not be created or locked.
     Io(std::io::Error),
+}
+
+/// What a lock key does with the domain of a user name (`alice@example.org`), when the
+/// server gives no mailbox id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserDomain {
+    /// Part of the key: right for servers where `alice@a` and `alice@b` are two accounts.
+    Keep,
+    /// Cut at the first `@`, as Dovecot's `%n` does: right for servers that ignore the
+    /// domain, where otherwise each spelling of it would get its own lock.
+    Strip,
+}
+
+/// What identifies the mailbox a session opened.
+#[derive(Debug, Clone, Copy)]
+pub enum Mailbox<'a> {
+    /// The server's own id for the mailbox: the same mailbox has the same id however the
+    /// user name or the mailbox name was spelled. `kind` names where the id came from
+    /// (`mailboxid` for RFC 8474, `x-guid` for Dovecot's mailbox GUID): ids of two kinds
+    /// never share a key.
+    Id { kind: &'a str, id: &'a str },
+    /// No id from the server: the user name as logged in, and the mailbox name.
+    Named {
+        user: &'a str,
+        mailbox: &'a str,
+        domain: UserDomain,
+    },
+}
+
+/// The lock key for `mailbox` on the server `host`. Lower case and without the port: the
+/// same server reached through 993 and 143 holds the same mailboxes. A user name is
+/// lower-cased because servers commonly treat user names case-insensitively, and "Alice"
+/// and "alice" must not get two sessions on one mailbox.
+pub fn key(host: &str, mailbox: Mailbox) -> String {
+    let host = host.to_lowercase();
+    match mailbox {
+        // A host name has no ":" before a "/", so this never names a user's lock.
+        Mailbox::Id { kind, id } => format!("{kind}:{host}/{id}"),
+        Mailbox::Named {
+            user,
+            mailbox,
+            domain,
+        } => {
+            let user = user.to_lowercase();
+            let user = match domain {
+                UserDomain::Keep => user.as_str(),
+                UserDomain::Strip => user.split('@').next().unwrap_or_default(),
+            };
+            format!("{host}/{user}/{mailbox}")
+        }
+    }
 }
 
 /// Takes the lock for `key` in `dir` without waiting.
@@ -105,6 +156,42 @@ mod tests {
         let again = acquire(&dir, "imap.example:993/alice").unwrap();
         drop((other, again));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn keys_name_the_mailbox_id_when_there_is_one() {
+        let named = |user, domain| {
+            key(
+                "IMAP.Example.org",
+                Mailbox::Named {
+                    user,
+                    mailbox: "INBOX",
+                    domain,
+                },
+            )
+        };
+        // The server's id wins over every spelling of the user.
+        let id = |kind, id| key("IMAP.Example.org", Mailbox::Id { kind, id });
+        assert_eq!(
+            id("mailboxid", "F2212ea8"),
+            "mailboxid:imap.example.org/F2212ea8"
+        );
+        assert_ne!(id("mailboxid", "F2212ea8"), id("x-guid", "F2212ea8"));
+        // Without one: lower case, and the domain only as configured.
+        assert_eq!(
+            named("Alice", UserDomain::Keep),
+            "imap.example.org/alice/INBOX"
+        );
+        assert_eq!(
+            named("ALICE@Other.test", UserDomain::Keep),
+            "imap.example.org/alice@other.test/INBOX"
+        );
+        for spelling in ["alice", "ALICE@other.test", "alice@example.test"] {
+            assert_eq!(
+                named(spelling, UserDomain::Strip),
+                "imap.example.org/alice/INBOX"
+            );
+        }
     }
 
     #[test]

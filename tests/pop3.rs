@@ -562,6 +562,85 @@ fn a_second_session_on_the_same_mailbox_gets_in_use() {
     first.finish();
 }
 
+/// A lock directory of its own, so its files can be counted.
+fn private_lock_dir(args: &mut [String], name: &str) -> std::path::PathBuf {
+    let dir = servers().dir.join("pop3-locks-private").join(name);
+    set_option(args, "--lock-dir", dir.display());
+    dir
+}
+
+fn lock_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Logs in as each spelling of `user`'s name while a session holds the mailbox: each must
+/// get [IN-USE]. A wrong password with another spelling must leave no lock file behind.
+fn every_spelling_is_refused(args: &[String], user: &User, spellings: &[String]) {
+    let first = Live::login(args, user);
+    for spelling in spellings {
+        let input = format!("USER {spelling}\r\nPASS {}\r\nQUIT\r\n", user.password);
+        let (out, log, _) = dialogue(args, &[], input.as_bytes());
+        assert_eq!(
+            login_reply(&out),
+            "-ERR [IN-USE] Mailbox is locked by another POP3 session",
+            "{spelling}\n{log}"
+        );
+    }
+    let wrong = format!("USER {}@nowhere.test\r\nPASS wrong\r\nQUIT\r\n", user.name);
+    let (out, ..) = dialogue(args, &[], wrong.as_bytes());
+    assert!(login_reply(&out).starts_with("-ERR [AUTH]"));
+    first.finish();
+}
+
+fn spellings(user: &User) -> Vec<String> {
+    vec![
+        user.name.to_uppercase(),
+        format!("{}@example.test", user.name),
+        format!("{}@other.test", user.name.to_uppercase()),
+    ]
+}
+
+#[test]
+fn the_lock_is_the_mailbox_the_server_opened_however_the_user_is_spelled() {
+    let user = seeded_user("spelling");
+    let mut args = args(Tls::Plain);
+    let dir = private_lock_dir(&mut args, "mailboxid");
+    // Dovecot ignores the domain (username_format=%n): all of these open one mailbox.
+    every_spelling_is_refused(&args, &user, &spellings(&user));
+    // One lock file: the mailbox's, named after the mailbox's GUID (Dovecot 2.3 has no
+    // RFC 8474 MAILBOXID, which would come first).
+    let files = lock_files(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].starts_with("x-guid%3Alocalhost%2F"), "{files:?}");
+    // The lock went with the session.
+    let (out, ..) = dialogue(&args, &[], format!("{}QUIT\r\n", login(&user)).as_bytes());
+    assert_eq!(login_reply(&out), "+OK Logged in.");
+}
+
+#[test]
+fn without_a_mailbox_id_the_lock_key_is_the_user_name_normalised_as_configured() {
+    let user = seeded_user("no-objectid");
+    let mut args = with(args(Tls::Plain), &["--lock-user-domain", "strip"]);
+    set_option(&mut args, "--imap-port", imap_without_mailbox_ids());
+    let dir = private_lock_dir(&mut args, "strip");
+    every_spelling_is_refused(&args, &user, &spellings(&user));
+    assert_eq!(
+        lock_files(&dir),
+        [format!("localhost%2F{}%2FINBOX.lock", user.name)]
+    );
+    // The default keeps the domain (two domains may be two accounts): case still folds.
+    set_option(&mut args, "--lock-user-domain", "keep");
+    every_spelling_is_refused(&args, &user, &[user.name.to_uppercase()]);
+}
+
 #[test]
 fn wrong_password_gets_auth_and_three_failures_close() {
     let user = seeded_user("badpw");
@@ -1191,7 +1270,37 @@ fn junk_and_overlong_lines_through_the_real_binary() {
 /// Forwards 127.0.0.1 connections to Dovecot's plain IMAP port, deleting one capability
 /// from the server's CAPABILITY lines: a server without MOVE, say, for testing fallbacks.
 fn imap_without_capability(capability: &'static str) -> u16 {
+    let needle = format!(" {capability}");
+    imap_filtered(move |line| Some(without_capability(line, &needle)))
+}
+
+fn without_capability(line: Vec<u8>, needle: &str) -> Vec<u8> {
+    if line.starts_with(b"* CAPABILITY") || line.windows(12).any(|w| w == b"[CAPABILITY ") {
+        return String::from_utf8_lossy(&line)
+            .replace(needle, "")
+            .into_bytes();
+    }
+    line
+}
+
+/// A server with no id for its mailboxes: Dovecot without RFC 8474 OBJECTID (2.3 has none,
+/// but a later one would) and without its own mailbox GUID (`STATUS (X-GUID)`).
+fn imap_without_mailbox_ids() -> u16 {
+    imap_filtered(|line| {
+        let has = |needle: &[u8]| {
+            line.windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle))
+        };
+        let is_id = has(b"[MAILBOXID ") || (line.starts_with(b"* STATUS ") && has(b"X-GUID"));
+        (!is_id).then(|| without_capability(line, " OBJECTID"))
+    })
+}
+
+/// Forwards 127.0.0.1 connections to Dovecot's plain IMAP port, passing each line from the
+/// server through `edit`, which may change it or (`None`) drop it.
+fn imap_filtered(edit: impl Fn(Vec<u8>) -> Option<Vec<u8>> + Send + Sync + 'static) -> u16 {
     use std::net::{TcpListener, TcpStream};
+    let edit = std::sync::Arc::new(edit);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let target = servers().imap_port;
@@ -1205,22 +1314,17 @@ fn imap_without_capability(capability: &'static str) -> u16 {
                 let _ = std::io::copy(&mut client_in, &mut server_out);
                 let _ = server_out.shutdown(std::net::Shutdown::Write);
             });
+            let edit = edit.clone();
             std::thread::spawn(move || {
                 let mut from_server = BufReader::new(server);
                 let mut to_client = client;
-                let needle = format!(" {capability}");
                 loop {
                     let mut line = Vec::new();
                     if from_server.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
                         let _ = to_client.shutdown(std::net::Shutdown::Write);
                         return;
                     }
-                    if line.starts_with(b"* CAPABILITY")
-                        || line.windows(12).any(|w| w == b"[CAPABILITY ")
-                    {
-                        let text = String::from_utf8_lossy(&line).replace(&needle, "");
-                        line = text.into_bytes();
-                    }
+                    let Some(line) = edit(line) else { continue };
                     if to_client.write_all(&line).is_err() {
                         return;
                     }

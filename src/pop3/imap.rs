@@ -15,10 +15,10 @@ use super::maildrop::{
     BackendError, Credentials, Extent, FetchError, Maildrop, MessageInfo, MessageSink, OpenError,
     Opener, Update,
 };
+use super::selected::{Selected, status_guid};
 use crate::lock::{self, LockError, MailboxLock};
 use crate::net::{self, Stream, Timeouts, TlsMode};
 use crate::starttls::Protocol;
-use imap::types::Flag;
 use std::cell::RefCell;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -66,6 +66,16 @@ pub struct Settings {
     pub mark_seen: bool,
     /// `None` turns the RFC 1939 exclusive-access lock off.
     pub lock_dir: Option<PathBuf>,
+    /// How the lock key treats the user's domain when the server has no MAILBOXID.
+    pub lock_user_domain: lock::UserDomain,
+}
+
+/// Where and for whom the session's lock is taken, once the mailbox is selected.
+struct LockPlan {
+    dir: PathBuf,
+    host: String,
+    /// The user name that logged in to IMAP.
+    user: String,
 }
 
 pub struct ImapOpener {
@@ -150,38 +160,15 @@ impl Opener for ImapOpener {
             self.server.tls,
             user.escape_debug()
         );
-        let mut session = match client.login(user, password) {
+        let session = match client.login(user, password) {
             Ok(session) => session,
             Err((error, _client)) => return Err(login_error(error)),
         };
-        let lock = match &self.settings.lock_dir {
-            None => None,
-            Some(dir) => {
-                // Lower case: servers commonly treat user names case-insensitively, and
-                // "Alice" and "alice" must not get two sessions on one mailbox. No port:
-                // the same server reached on 993 and on 143 holds the same mailbox.
-                let key = format!(
-                    "{}/{}/{}",
-                    self.server.host.to_lowercase(),
-                    user.to_lowercase(),
-                    self.settings.mailbox
-                );
-                match lock::acquire(dir, &key) {
-                    Ok(lock) => Some(lock),
-                    Err(LockError::Held) => {
-                        let _ = session.logout();
-                        return Err(OpenError::InUse);
-                    }
-                    Err(LockError::Io(e)) => {
-                        let _ = session.logout();
-                        return Err(OpenError::Permanent(format!(
-                            "cannot create lock in {}: {e}",
-                            dir.display()
-                        )));
-                    }
-                }
-            }
-        };
+        let lock = self.settings.lock_dir.as_ref().map(|dir| LockPlan {
+            dir: dir.clone(),
+            host: self.server.host.clone(),
+            user: user.to_string(),
+        });
         match ImapMaildrop::open(session, raw, self.settings.clone(), lock) {
             Ok(maildrop) => Ok(Box::new(maildrop)),
             Err(e) => Err(e),
@@ -329,7 +316,7 @@ impl ImapMaildrop {
         mut session: ImapSession,
         raw: Shared,
         settings: Settings,
-        lock: Option<MailboxLock>,
+        lock: Option<LockPlan>,
     ) -> Result<Self, OpenError> {
         let temporary = |e: imap::Error| OpenError::Temporary(describe(&e));
         // Only moving and expunging depend on extensions; keep and hide (the default) skip
@@ -345,13 +332,9 @@ impl ImapMaildrop {
             DeletePolicy::Keep | DeletePolicy::Hide => (false, false),
         };
         let read_only = settings.policy == DeletePolicy::Keep && !settings.mark_seen;
-        let selected = if read_only {
-            session.examine(&settings.mailbox)
-        } else {
-            session.select(&settings.mailbox)
-        };
-        let mailbox = match selected {
-            Ok(mailbox) => mailbox,
+        let verb = if read_only { "EXAMINE" } else { "SELECT" };
+        let mailbox = match session.run(format!("{verb} {}", quoted(&settings.mailbox))) {
+            Ok((response, _)) => Selected::parse(&response),
             Err(imap::Error::No(no)) => {
                 return Err(OpenError::Permanent(format!(
                     "cannot open mailbox {:?}: {}",
@@ -361,20 +344,29 @@ impl ImapMaildrop {
             Err(e) => return Err(temporary(e)),
         };
         log::debug!(
-            "selected {:?}: {} messages, read-only {}, permanent flags {:?}",
+            "selected {:?}: {} messages, read-only {}, permanent flags {:?}, mailbox id {:?}",
             settings.mailbox,
             mailbox.exists,
-            mailbox.is_read_only,
-            mailbox.permanent_flags
+            mailbox.read_only,
+            mailbox.permanent_flags,
+            mailbox.mailbox_id
         );
+        // Taken before anything is read or changed: the session answers no command on
+        // this mailbox without it.
+        let lock = match lock {
+            None => None,
+            Some(plan) => match lock_selected(&plan, &raw, &mailbox, &settings) {
+                Ok(lock) => Some(lock),
+                Err(e) => {
+                    let _ = session.logout();
+                    return Err(e);
+                }
+            },
+        };
         let Some(uid_validity) = mailbox.uid_validity else {
             return Err(OpenError::Permanent("server sent no UIDVALIDITY".into()));
         };
-        let keyword_allowed = mailbox.permanent_flags.iter().any(|flag| match flag {
-            Flag::MayCreate => true,
-            Flag::Custom(name) => name.eq_ignore_ascii_case(&settings.deleted_keyword),
-            _ => false,
-        });
+        let keyword_allowed = mailbox.allows_keyword(&settings.deleted_keyword);
         let cannot_delete = match settings.policy {
             DeletePolicy::Keep => None,
             DeletePolicy::Hide if !keyword_allowed => Some(format!(
@@ -391,7 +383,7 @@ impl ImapMaildrop {
                  other clients' \\Deleted messages"
                     .into(),
             ),
-            _ if mailbox.is_read_only => Some(format!("mailbox {} is read-only", settings.mailbox)),
+            _ if mailbox.read_only => Some(format!("mailbox {} is read-only", settings.mailbox)),
             _ => None,
         };
         let mut listed = Vec::new();
@@ -432,6 +424,45 @@ impl ImapMaildrop {
         let mut uids: Vec<u32> = indexes.iter().map(|&i| self.uids[i]).collect();
         uids.sort_unstable();
         uid_set(&uids)
+    }
+}
+
+/// Locks the mailbox the server selected: by its MAILBOXID where the server has one, else by
+/// its Dovecot GUID, else by the user name as the admin chose to normalise it. Either way
+/// after a successful login and SELECT, so lock files exist only for mailboxes that exist.
+fn lock_selected(
+    plan: &LockPlan,
+    raw: &Shared,
+    selected: &Selected,
+    settings: &Settings,
+) -> Result<MailboxLock, OpenError> {
+    let guid = match &selected.mailbox_id {
+        Some(_) => None,
+        None => RawCommand::new(raw, "G0".into())
+            .mailbox_guid(&settings.mailbox)
+            .map_err(OpenError::Temporary)?,
+    };
+    let mailbox = match (&selected.mailbox_id, &guid) {
+        (Some(id), _) => lock::Mailbox::Id {
+            kind: "mailboxid",
+            id,
+        },
+        (None, Some(id)) => lock::Mailbox::Id { kind: "x-guid", id },
+        (None, None) => lock::Mailbox::Named {
+            user: &plan.user,
+            mailbox: &settings.mailbox,
+            domain: settings.lock_user_domain,
+        },
+    };
+    let key = lock::key(&plan.host, mailbox);
+    log::debug!("mailbox lock {}", key.escape_debug());
+    match lock::acquire(&plan.dir, &key) {
+        Ok(lock) => Ok(lock),
+        Err(LockError::Held) => Err(OpenError::InUse),
+        Err(LockError::Io(e)) => Err(OpenError::Permanent(format!(
+            "cannot create lock in {}: {e}",
+            plan.dir.display()
+        ))),
     }
 }
 
@@ -593,6 +624,15 @@ enum Chunk {
     Client(io::Error),
 }
 
+impl Chunk {
+    fn into_text(self) -> String {
+        match self {
+            Chunk::No(why) | Chunk::Backend(why) => why,
+            Chunk::Client(e) => e.to_string(),
+        }
+    }
+}
+
 /// Longest response line accepted outside literals; message data only comes in literals.
 const MAX_RESPONSE_LINE: usize = 64 * 1024;
 
@@ -646,10 +686,7 @@ impl RawCommand {
     /// crate, 20,000 messages took 55 MiB at once, or 20 round trips in batches, and most
     /// of the login's CPU time went to imap-proto's parser and malloc).
     fn list(mut self, hide: Option<&str>) -> Result<Vec<(u32, u64)>, String> {
-        let text = |e: Chunk| match e {
-            Chunk::No(why) | Chunk::Backend(why) => why,
-            Chunk::Client(e) => e.to_string(),
-        };
+        let text = Chunk::into_text;
         self.send("UID FETCH 1:* (UID RFC822.SIZE FLAGS)")
             .map_err(text)?;
         let mut listed = Vec::new();
@@ -672,6 +709,33 @@ impl RawCommand {
             if let Some(item) = listing_item(&line, hide) {
                 listed.extend(item);
             }
+        };
+        self.finish();
+        result
+    }
+
+    /// Dovecot's GUID of `mailbox` (`STATUS mailbox (X-GUID)`), `None` from a server that
+    /// does not know the item (it answers BAD, and the connection goes on).
+    fn mailbox_guid(mut self, mailbox: &str) -> Result<Option<String>, String> {
+        let text = Chunk::into_text;
+        self.send(&format!("STATUS {} (X-GUID)", quoted(mailbox)))
+            .map_err(text)?;
+        let mut guid = None;
+        let mut line = Vec::new();
+        let result = loop {
+            if let Err(e) = self.read_line(&mut line) {
+                break Err(text(e));
+            }
+            if self.status(&line, "STATUS").is_some() {
+                break Ok(guid);
+            }
+            if let Some(length) = literal_length(&line) {
+                if let Err(e) = self.skip(length) {
+                    break Err(text(e));
+                }
+                continue;
+            }
+            guid = guid.or_else(|| status_guid(&line));
         };
         self.finish();
         result

@@ -7,6 +7,7 @@ pub mod imap;
 pub mod maildrop;
 pub mod memory;
 pub mod reply;
+pub mod selected;
 pub mod session;
 #[cfg(test)]
 mod transcript_tests;
@@ -43,6 +44,26 @@ pub enum DeletePolicy {
     Trash,
     /// Deleted messages are flagged \Deleted and removed with UID EXPUNGE (RFC 4315).
     Expunge,
+}
+
+/// What the lock key does with the domain of a user name; used only when the IMAP server
+/// sends no MAILBOXID (RFC 8474), which identifies the mailbox itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LockUserDomain {
+    /// `alice@a.example` and `alice@b.example` are different mailboxes.
+    Keep,
+    /// The server ignores the domain (Dovecot `auth_username_format = %Ln`): every
+    /// spelling of it is the same mailbox.
+    Strip,
+}
+
+impl From<LockUserDomain> for crate::lock::UserDomain {
+    fn from(domain: LockUserDomain) -> Self {
+        match domain {
+            LockUserDomain::Keep => crate::lock::UserDomain::Keep,
+            LockUserDomain::Strip => crate::lock::UserDomain::Strip,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -136,6 +157,11 @@ pub struct Args {
         default_value = "/run/lock/legacy-mail-proxy"
     )]
     pub lock_dir: PathBuf,
+
+    /// For servers without MAILBOXID (RFC 8474 OBJECTID): whether the lock key keeps the
+    /// domain of the user name or strips it (set strip when the server ignores it).
+    #[arg(long, env = "LMP_LOCK_USER_DOMAIN", value_enum, default_value = "keep")]
+    pub lock_user_domain: LockUserDomain,
 
     /// Allow concurrent sessions on one mailbox (no lock).
     #[arg(long, env = "LMP_NO_LOCK", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
@@ -357,6 +383,7 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
             trash_mailbox: args.trash_mailbox.clone(),
             mark_seen: args.mark_seen,
             lock_dir: (!args.no_lock).then(|| args.lock_dir.clone()),
+            lock_user_domain: args.lock_user_domain.into(),
         },
     })
 }

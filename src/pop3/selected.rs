@@ -1,0 +1,205 @@
+//! What the proxy needs from a SELECT or EXAMINE response (RFC 3501 §6.3.1, §7.1), and the
+//! mailbox's own identity: RFC 8474 §4.1 `MAILBOXID` (servers with `OBJECTID`), or else
+//! Dovecot's mailbox GUID, `STATUS mailbox (X-GUID)` (Dovecot 2.2 and 2.3, which have no
+//! OBJECTID; unadvertised, and answered BAD by servers without it).
+//!
+//! Read from the raw response rather than through the `imap` crate, which drops response
+//! codes it does not know, `MAILBOXID` among them.
+
+/// The selected mailbox.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Selected {
+    /// `* n EXISTS`.
+    pub exists: u32,
+    /// `[UIDVALIDITY n]`; a mailbox without one cannot give stable UIDLs.
+    pub uid_validity: Option<u32>,
+    /// `[PERMANENTFLAGS (…)]`, as sent (`\*` included).
+    pub permanent_flags: Vec<String>,
+    /// `[READ-ONLY]` on the tagged OK.
+    pub read_only: bool,
+    /// `[MAILBOXID (id)]`: the server's name for this very mailbox, whatever user name or
+    /// mailbox name led to it. Only a well-formed objectid (RFC 8474 §7) is kept.
+    pub mailbox_id: Option<String>,
+}
+
+impl Selected {
+    /// Parses the whole response: untagged lines, then the tagged OK line last.
+    pub fn parse(response: &[u8]) -> Selected {
+        let mut selected = Selected::default();
+        let text = String::from_utf8_lossy(response);
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let line = line.trim_end();
+            let Some(rest) = line.strip_prefix("* ") else {
+                // The tagged line: "tag OK [READ-ONLY] …".
+                if i + 1 == lines.len() {
+                    selected.read_only = code(line.split_once(' ').map_or("", |(_, r)| r))
+                        .is_some_and(|(name, _)| name.eq_ignore_ascii_case("READ-ONLY"));
+                }
+                continue;
+            };
+            if let Some((number, word)) = rest.split_once(' ')
+                && word.eq_ignore_ascii_case("EXISTS")
+            {
+                selected.exists = number.parse().unwrap_or(0);
+                continue;
+            }
+            let Some((name, value)) = code(rest) else {
+                continue;
+            };
+            match name.to_ascii_uppercase().as_str() {
+                "UIDVALIDITY" => selected.uid_validity = value.parse().ok(),
+                "PERMANENTFLAGS" => {
+                    selected.permanent_flags = parenthesised(value)
+                        .unwrap_or("")
+                        .split_ascii_whitespace()
+                        .map(str::to_string)
+                        .collect();
+                }
+                "MAILBOXID" => {
+                    selected.mailbox_id = parenthesised(value)
+                        .filter(|id| is_objectid(id))
+                        .map(str::to_string);
+                }
+                _ => {}
+            }
+        }
+        selected
+    }
+
+    /// Whether `keyword` may be stored: named in PERMANENTFLAGS, or `\*` (new keywords).
+    pub fn allows_keyword(&self, keyword: &str) -> bool {
+        self.permanent_flags
+            .iter()
+            .any(|flag| flag == "\\*" || flag.eq_ignore_ascii_case(keyword))
+    }
+}
+
+/// The response code of "OK [NAME value] text": (NAME, value).
+fn code(status: &str) -> Option<(&str, &str)> {
+    let (word, rest) = status.split_once(' ')?;
+    if !word.eq_ignore_ascii_case("OK") {
+        return None;
+    }
+    let inner = rest.strip_prefix('[')?;
+    // A value may hold "]" only inside its parentheses (PERMANENTFLAGS never does).
+    let inner = &inner[..inner.find(']')?];
+    Some(inner.split_once(' ').unwrap_or((inner, "")))
+}
+
+/// The GUID in `* STATUS mailbox (X-GUID guid)`, if `line` is that line and the GUID is a
+/// well-formed objectid.
+pub fn status_guid(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?.trim_end();
+    if !text.get(..9)?.eq_ignore_ascii_case("* STATUS ") {
+        return None;
+    }
+    // The mailbox name may be quoted and hold spaces; the item list is last.
+    let items = parenthesised(&text[text.rfind('(')?..])?;
+    let mut words = items.split_ascii_whitespace();
+    while let Some(name) = words.next() {
+        let value = words.next()?;
+        if name.eq_ignore_ascii_case("X-GUID") && is_objectid(value) {
+            return Some(value.to_string());
+        }
+    }
+    None
+}
+
+/// "(x y)" → "x y".
+fn parenthesised(value: &str) -> Option<&str> {
+    value.trim().strip_prefix('(')?.strip_suffix(')')
+}
+
+/// RFC 8474 §7: objectid = 1*255(ALPHA / DIGIT / "_" / "-").
+fn is_objectid(id: &str) -> bool {
+    (1..=255).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Selected;
+
+    /// Dovecot 2.3's answer to SELECT INBOX, as seen on the wire.
+    const DOVECOT: &str = "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n\
+        * OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags permitted.\r\n\
+        * 3 EXISTS\r\n\
+        * 0 RECENT\r\n\
+        * OK [UIDVALIDITY 1733216400] UIDs valid\r\n\
+        * OK [UIDNEXT 4] Predicted next UID\r\n\
+        * OK [MAILBOXID (F2212ea87-6097-4256-9d51-71338625)] Ok\r\n\
+        * OK [HIGHESTMODSEQ 5] Highest\r\n\
+        a3 OK [READ-WRITE] Select completed (0.001 + 0.000 secs).\r\n";
+
+    #[test]
+    fn dovecot_select_gives_count_validity_flags_and_mailbox_id() {
+        let selected = Selected::parse(DOVECOT.as_bytes());
+        assert_eq!(selected.exists, 3);
+        assert_eq!(selected.uid_validity, Some(1733216400));
+        assert!(!selected.read_only);
+        assert_eq!(
+            selected.mailbox_id.as_deref(),
+            Some("F2212ea87-6097-4256-9d51-71338625")
+        );
+        assert!(selected.allows_keyword("$POP3Deleted"));
+    }
+
+    #[test]
+    fn without_objectid_there_is_no_mailbox_id() {
+        let response = DOVECOT.replace(
+            "* OK [MAILBOXID (F2212ea87-6097-4256-9d51-71338625)] Ok\r\n",
+            "",
+        );
+        assert_eq!(Selected::parse(response.as_bytes()).mailbox_id, None);
+    }
+
+    #[test]
+    fn an_id_that_is_not_an_objectid_is_ignored() {
+        for bad in ["()", "(../x)", "(a b)", "(a/b)"] {
+            let response = format!("* OK [MAILBOXID {bad}] Ok\r\na1 OK done\r\n");
+            assert_eq!(
+                Selected::parse(response.as_bytes()).mailbox_id,
+                None,
+                "{bad}"
+            );
+        }
+        let long = format!("* OK [MAILBOXID ({})] Ok\r\na1 OK\r\n", "x".repeat(256));
+        assert_eq!(Selected::parse(long.as_bytes()).mailbox_id, None);
+    }
+
+    #[test]
+    fn dovecot_status_x_guid() {
+        use super::status_guid;
+        assert_eq!(
+            status_guid(b"* STATUS INBOX (X-GUID b61665115027116b6810000083ecc375)\r\n").as_deref(),
+            Some("b61665115027116b6810000083ecc375")
+        );
+        assert_eq!(
+            status_guid(b"* STATUS \"Deleted Items\" (MESSAGES 3 X-GUID ab12)\r\n").as_deref(),
+            Some("ab12")
+        );
+        assert_eq!(status_guid(b"* STATUS INBOX (MESSAGES 3)\r\n"), None);
+        assert_eq!(status_guid(b"* STATUS INBOX (X-GUID ../x)\r\n"), None);
+        assert_eq!(status_guid(b"* OK (X-GUID ab12)\r\n"), None);
+        assert_eq!(status_guid(b"a1 OK done\r\n"), None);
+    }
+
+    #[test]
+    fn examine_is_read_only_and_keywords_need_permission() {
+        let response = "* 0 EXISTS\r\n\
+            * OK [PERMANENTFLAGS (\\Deleted \\Seen $POP3Deleted)] Limited\r\n\
+            * OK [UIDVALIDITY 7] UIDs valid\r\n\
+            a2 OK [READ-ONLY] Examine completed.\r\n";
+        let selected = Selected::parse(response.as_bytes());
+        assert!(selected.read_only);
+        assert_eq!(selected.exists, 0);
+        assert!(selected.allows_keyword("$pop3deleted"));
+        assert!(!selected.allows_keyword("$Other"));
+        let none = Selected::parse(b"* 2 EXISTS\r\na1 OK [READ-WRITE] ok\r\n");
+        assert_eq!(none.uid_validity, None);
+        assert!(!none.allows_keyword("$POP3Deleted"));
+    }
+}
