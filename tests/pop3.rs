@@ -1585,3 +1585,21 @@ fn a_client_that_stops_reading_cannot_hold_the_mailbox_forever() {
     assert_eq!(login_reply(&out), "+OK Logged in.");
     drop(stalled);
 }
+
+#[test]
+fn a_nul_in_user_or_pass_is_a_plain_err_and_no_error_in_the_log() {
+    let user = servers().new_user("nul");
+    let input = format!(
+        "USER {0}\0x\r\nPASS {1}\r\nUSER {0}\r\nPASS {1}\0\r\nQUIT\r\n",
+        user.name, user.password
+    );
+    let (out, log, _) = dialogue(&args(Tls::Plain), &[], input.as_bytes());
+    let refused = "-ERR NUL is not allowed in a user name or password\r\n";
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!(
+            "+OK legacy-mail-proxy POP3 ready.\r\n+OK\r\n{refused}+OK\r\n{refused}+OK Bye.\r\n"
+        )
+    );
+    assert!(!log.contains("ERROR"), "{log}");
+}

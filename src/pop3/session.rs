@@ -297,7 +297,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             unreachable!("dispatch checked the state");
         };
         let Some(user) = user.take() else {
-            return self.reply(Reply::err("Give USER first"));
+            return self.bad_command(Reply::err("Give USER first"));
         };
         self.login(&user, &text(password))
     }
@@ -307,7 +307,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             return self.write(b"+OK\r\nPLAIN\r\n.\r\n");
         };
         if !mechanism.eq_ignore_ascii_case("PLAIN") {
-            return self.reply(Reply::err("Unsupported authentication mechanism"));
+            return self.bad_command(Reply::err("Unsupported authentication mechanism"));
         }
         let response = match initial {
             // RFC 5034 §4: "=" is an empty initial response.
@@ -317,20 +317,22 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 self.write(b"+ \r\n")?;
                 match self.next_line()? {
                     Some(line) => line,
-                    None => return self.reply(Reply::err("Authentication response too long")),
+                    None => {
+                        return self.bad_command(Reply::err("Authentication response too long"));
+                    }
                 }
             }
         };
         if response == b"*" {
-            return self.reply(Reply::err("Authentication cancelled"));
+            return self.bad_command(Reply::err("Authentication cancelled"));
         }
         let Some(decoded) = crate::base64::decode(&response) else {
-            return self.reply(Reply::err("Invalid base64 in authentication response"));
+            return self.bad_command(Reply::err("Invalid base64 in authentication response"));
         };
         // RFC 4616: authzid NUL authcid NUL passwd.
         let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
         let [authzid, authcid, password] = parts.as_slice() else {
-            return self.reply(Reply::err("Malformed PLAIN response"));
+            return self.bad_command(Reply::err("Malformed PLAIN response"));
         };
         let (authzid, user, password) = (text(authzid), text(authcid), text(password));
         if !authzid.is_empty() && authzid != user {
@@ -339,7 +341,15 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         self.login(&user, &password)
     }
 
+    /// Every way of logging in ends here, so each failure costs the same delay and counts
+    /// toward the same limit. A malformed attempt that never reaches the backend counts as
+    /// a bad command instead: a client cannot repeat it for free.
     fn login(&mut self, user: &str, password: &str) -> Flow {
+        // No IMAP server accepts NUL in LOGIN (RFC 3501 quoted strings cannot hold it), and
+        // one that is sent gets BAD, which would read as the server's fault.
+        if user.contains('\0') || password.contains('\0') {
+            return self.bad_command(Reply::err("NUL is not allowed in a user name or password"));
+        }
         self.summary.user = Some(user.to_string());
         let credentials = Credentials { user, password };
         match self.opener.open(&credentials) {

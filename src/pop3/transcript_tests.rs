@@ -667,3 +667,79 @@ fn the_debug_log_never_shows_passwords_or_sasl_data() {
     assert_eq!(redacted(b"RETR 1"), "RETR 1");
     assert_eq!(redacted(b"USER a\x1bb"), "USER a\\u{1b}b");
 }
+
+#[test]
+fn malformed_logins_count_toward_the_bad_command_limit() {
+    let no_nuls = crate::base64::encode(b"no-nuls");
+    // Five kinds of malformed login, none of which reaches the backend: four rounds make
+    // twenty bad commands.
+    let round = format!(
+        "PASS x\r\nAUTH PLAIN *\r\nAUTH PLAIN\r\n*\r\nAUTH PLAIN !!!!\r\nAUTH PLAIN {no_nuls}\r\n"
+    );
+    let input = format!("{}USER alice\r\nPASS pa ss\"\\é\r\n", round.repeat(4));
+    let (out, summary, opener) = transcript(opener, input.as_bytes());
+    assert_eq!(summary.end, End::TooManyBadCommands, "{out}");
+    assert!(
+        out.ends_with("-ERR Invalid base64 in authentication response\r\n-ERR Too many bad commands, closing.\r\n"),
+        "{out}"
+    );
+    assert!(
+        out.starts_with(&format!("{GREETING}-ERR Give USER first\r\n")),
+        "{out}"
+    );
+    assert!(opener.journal.borrow().logins.is_empty());
+}
+
+#[test]
+fn nul_in_user_or_password_is_the_clients_error_not_the_servers() {
+    // A backend that would answer [SYS/PERM] if it were asked: it must not be.
+    let unusable = || MemoryOpener {
+        open_error: Some(|| OpenError::Permanent("LOGIN: BAD".into())),
+        ..opener()
+    };
+    let input = "USER al\0ice\r\nPASS secret\r\nUSER alice\r\nPASS pa\0ss\r\nQUIT\r\n";
+    let (out, summary, _) = transcript(unusable, input.as_bytes());
+    let refused = "-ERR NUL is not allowed in a user name or password\r\n";
+    assert_eq!(
+        out,
+        format!("{GREETING}+OK\r\n{refused}+OK\r\n{refused}+OK Bye.\r\n")
+    );
+    assert_eq!(summary.end, End::Quit);
+    // Counted as bad commands.
+    let input = "USER al\0ice\r\nPASS secret\r\n".repeat(20);
+    let (out, summary, _) = transcript(unusable, input.as_bytes());
+    assert_eq!(summary.end, End::TooManyBadCommands, "{out}");
+}
+
+#[test]
+fn every_way_of_logging_in_pays_the_delay_and_counts_toward_the_limit() {
+    let wrong = crate::base64::encode(b"\0alice\0nope");
+    let ways = [
+        "USER alice\r\nPASS nope\r\n".to_string(),
+        format!("AUTH PLAIN {wrong}\r\n"),
+        format!("AUTH PLAIN\r\n{wrong}\r\n"),
+    ];
+    let delay = Duration::from_millis(150);
+    for way in &ways {
+        let started = std::time::Instant::now();
+        let config = Config {
+            auth_failure_delay: delay,
+            ..config()
+        };
+        let (out, _) = run_with(&mut opener(), config, way.as_bytes(), 64);
+        assert!(
+            started.elapsed() >= delay,
+            "{way:?} answered without the delay"
+        );
+        assert!(
+            out.ends_with("-ERR [AUTH] Authentication failed.\r\n"),
+            "{out}"
+        );
+    }
+    // One of each: the third closes the connection, and the right password that follows
+    // is never tried.
+    let input = format!("{}USER alice\r\nPASS pa ss\"\\é\r\n", ways.concat());
+    let (out, summary, opener) = transcript(opener, input.as_bytes());
+    assert_eq!(summary.end, End::TooManyAuthFailures, "{out}");
+    assert!(opener.journal.borrow().logins.is_empty());
+}
