@@ -27,7 +27,8 @@ pub fn init(target: LogTarget, level: LevelFilter) {
             };
             // Only the local socket: `syslog::init` would fall back to the network.
             if let Ok(logger) = syslog::unix(formatter)
-                && log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger))).is_ok()
+                && log::set_boxed_logger(Box::new(WithoutNoise(syslog::BasicLogger::new(logger))))
+                    .is_ok()
             {
                 log::set_max_level(level);
             }
@@ -36,11 +37,43 @@ pub fn init(target: LogTarget, level: LevelFilter) {
             // systemd sets JOURNAL_STREAM when stderr is connected to the journal; a
             // "<N>" prefix then gives each line its syslog priority (sd-daemon(3)).
             let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-            if log::set_boxed_logger(Box::new(StderrLogger { journal })).is_ok() {
+            if log::set_boxed_logger(Box::new(WithoutNoise(StderrLogger { journal }))).is_ok() {
                 log::set_max_level(level);
             }
         }
     }
+}
+
+/// Passes every record on except those that say nothing true about this process.
+struct WithoutNoise<L>(L);
+
+impl<L: log::Log> log::Log for WithoutNoise<L> {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+    fn log(&self, record: &log::Record) {
+        if !is_noise(record) {
+            self.0.log(record);
+        }
+    }
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
+/// native-tls logs `load_verify_locations cert file error … no certificate or crl found`
+/// for every connector it builds when `SSL_CERT_FILE` holds no certificate. That reads
+/// like a CA problem, but it is only `tls::avoid_parsing_ca_bundles` at work: it points
+/// `SSL_CERT_FILE` at /dev/null on purpose, and the real roots (`--ca-file`, or the
+/// system's hashed directory) are loaded elsewhere. The record is dropped only then; with
+/// an admin's own `SSL_CERT_FILE` it means what it says and is kept.
+fn is_noise(record: &log::Record) -> bool {
+    record.target().starts_with("native_tls")
+        && record
+            .args()
+            .to_string()
+            .starts_with("load_verify_locations cert file error")
+        && std::env::var_os("SSL_CERT_FILE").is_some_and(|file| file == "/dev/null")
 }
 
 struct StderrLogger {

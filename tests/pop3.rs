@@ -1603,3 +1603,20 @@ fn a_nul_in_user_or_pass_is_a_plain_err_and_no_error_in_the_log() {
     );
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+#[test]
+fn a_valid_ca_file_logs_no_certificate_error_at_debug_level() {
+    let user = servers().new_user("ca-quiet");
+    // args() gives --ca-file and --log-level debug.
+    for tls in [Tls::Implicit, Tls::Starttls] {
+        let (out, log, _) = dialogue(
+            &args(tls),
+            &[],
+            format!("{}QUIT\r\n", login(&user)).as_bytes(),
+        );
+        assert_eq!(login_reply(&out), "+OK Logged in.", "{log}");
+        assert!(log.contains("DEBUG"), "{log}");
+        assert!(!log.contains("load_verify_locations"), "{log}");
+        assert!(!log.contains("no certificate or crl found"), "{log}");
+    }
+}
