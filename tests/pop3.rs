@@ -1620,3 +1620,79 @@ fn a_valid_ca_file_logs_no_certificate_error_at_debug_level() {
         assert!(!log.contains("no certificate or crl found"), "{log}");
     }
 }
+
+/// Runs `input` through a proxy whose IMAP server goes silent once the proxy has sent
+/// `trigger` and `then_bytes` more bytes have come back; returns the output, the log and
+/// the seconds until the proxy exited.
+fn with_stalling_backend(
+    tls: Tls,
+    backend_timeout: f64,
+    trigger: &'static [u8],
+    then_bytes: usize,
+    input: &str,
+) -> (String, String, f64) {
+    let port = match tls {
+        Tls::Implicit => servers().imaps_port,
+        Tls::Starttls | Tls::Plain => servers().imap_port,
+    };
+    let stall = common::FaultProxy::stall(port, trigger, then_bytes);
+    let mut args = with(
+        args(tls),
+        &["--backend-timeout", &backend_timeout.to_string()],
+    );
+    set_option(&mut args, "--imap-port", stall.port());
+    let started = std::time::Instant::now();
+    let (out, log, _) = dialogue(&args, &[], input.as_bytes());
+    let took = started.elapsed().as_secs_f64();
+    (String::from_utf8_lossy(&out).into_owned(), log, took)
+}
+
+#[test]
+fn a_backend_that_stalls_mid_retr_or_mid_login_costs_one_backend_timeout() {
+    let user = servers().new_user("backend-stall");
+    let body: Vec<u8> = b"Subject: stalls\r\n\r\n"
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(*b"0123456789abcdef0123456789abcdef\r\n", 30_000).flatten())
+        .collect();
+    user.seed_many(&[body]);
+    let timeout = 2.0;
+    // Login and process start-up, with room for a busy machine; a second timeout is not.
+    let margin = 1.5;
+
+    // In clear text the stall comes after the FETCH command; through TLS, where the
+    // command cannot be seen, after 100 kB from the start.
+    for (tls, trigger) in [(Tls::Plain, &b"BODY.PEEK[]"[..]), (Tls::Implicit, b"")] {
+        let (out, log, took) = with_stalling_backend(
+            tls,
+            timeout,
+            trigger,
+            100_000,
+            &format!("{}RETR 1\r\nQUIT\r\n", login(&user)),
+        );
+        eprintln!("{tls:?}, stalled mid-RETR: the client was released after {took:.2} s");
+        assert!(out.contains("+OK 1"), "{out:.200}\n{log}");
+        assert!(!out.ends_with(".\r\n") && !out.contains("+OK Bye"), "{log}");
+        assert!(
+            log.contains("timed out waiting for the IMAP server"),
+            "{log}"
+        );
+        assert!(took < timeout + margin, "{took:.2} s\n{log}");
+    }
+
+    let (out, log, took) = with_stalling_backend(
+        Tls::Plain,
+        timeout,
+        b"LOGIN",
+        0,
+        &format!("{}QUIT\r\n", login(&user)),
+    );
+    eprintln!("stalled mid-LOGIN: the client was answered after {took:.2} s");
+    assert_eq!(
+        login_reply(out.as_bytes()),
+        "-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later",
+        "{log}"
+    );
+    assert!(out.ends_with("+OK Bye.\r\n"), "{out}");
+    assert!(took < timeout + margin, "{took:.2} s\n{log}");
+}

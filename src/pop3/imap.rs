@@ -291,10 +291,6 @@ fn describe(error: &imap::Error) -> String {
     }
 }
 
-fn backend(error: imap::Error) -> BackendError {
-    BackendError(describe(&error))
-}
-
 /// An open IMAP session on the selected mailbox, with the snapshot taken at login.
 pub struct ImapMaildrop {
     session: ImapSession,
@@ -308,6 +304,9 @@ pub struct ImapMaildrop {
     /// Why the delete policy cannot work on this server, found at login.
     cannot_delete: Option<String>,
     has_move: bool,
+    /// Why the connection cannot be used any more (a timeout or a cut, possibly in the
+    /// middle of a response): later commands fail at once, and close sends no LOGOUT.
+    broken: Option<String>,
     _lock: Option<MailboxLock>,
 }
 
@@ -416,6 +415,7 @@ impl ImapMaildrop {
             messages,
             cannot_delete,
             has_move,
+            broken: None,
             _lock: lock,
         })
     }
@@ -501,6 +501,7 @@ impl Maildrop for ImapMaildrop {
         extent: Extent,
         sink: &mut dyn MessageSink,
     ) -> Result<(), FetchError> {
+        self.usable().map_err(FetchError::Backend)?;
         let uid = self.uids[index];
         let mut offset = 0usize;
         // TOP usually needs only the header: start small and grow, so header downloads
@@ -530,8 +531,15 @@ impl Maildrop for ImapMaildrop {
                         "message vanished while being fetched".into(),
                     )));
                 }
-                Err(Chunk::Client(e)) => return Err(FetchError::Client(e)),
-                Err(Chunk::No(why) | Chunk::Backend(why)) => {
+                Err(Chunk::Client(e)) => {
+                    // The rest of the response is still coming: the connection is out of
+                    // step with its commands.
+                    self.broken = Some("the client failed in the middle of a message".into());
+                    return Err(FetchError::Client(e));
+                }
+                Err(Chunk::No(why)) => return Err(FetchError::Backend(BackendError(why))),
+                Err(Chunk::Backend(why)) => {
+                    self.broken = Some(why.clone());
                     return Err(FetchError::Backend(BackendError(why)));
                 }
             };
@@ -547,11 +555,10 @@ impl Maildrop for ImapMaildrop {
         if !self.settings.mark_seen {
             return Ok(());
         }
+        self.usable()?;
         let set = self.uids[index].to_string();
-        self.session
-            .uid_store(set, "+FLAGS.SILENT (\\Seen)")
-            .map(drop)
-            .map_err(backend)
+        let stored = self.session.uid_store(set, "+FLAGS.SILENT (\\Seen)");
+        stored.map(drop).map_err(|e| self.lost(e))
     }
 
     fn check_delete(&self) -> Result<(), String> {
@@ -562,45 +569,81 @@ impl Maildrop for ImapMaildrop {
     }
 
     fn keepalive(&mut self) -> Result<(), BackendError> {
-        self.session.noop().map_err(backend)
+        self.usable()?;
+        let noop = self.session.noop();
+        noop.map_err(|e| self.lost(e))
     }
 
     fn delete(&mut self, indexes: &[usize]) -> Result<Update, BackendError> {
         if let Some(why) = &self.cannot_delete {
             return Err(BackendError(why.clone()));
         }
-        let set = self.uid_set(indexes);
-        let session = &mut self.session;
-        match self.settings.policy {
-            DeletePolicy::Keep => return Ok(Update::Kept),
-            DeletePolicy::Hide => {
-                let flags = format!("+FLAGS.SILENT ({})", self.settings.deleted_keyword);
-                session.uid_store(&set, flags).map_err(backend)?;
-            }
-            DeletePolicy::Expunge => {
-                session
-                    .uid_store(&set, "+FLAGS.SILENT (\\Deleted)")
-                    .map_err(backend)?;
-                session.uid_expunge(&set).map_err(backend)?;
-            }
-            DeletePolicy::Trash => {
-                let trash = self.settings.trash_mailbox.as_str();
-                match move_to(session, &set, trash, self.has_move) {
-                    // RFC 3501 §6.4.7: the trash mailbox does not exist yet. Only then is
-                    // a retry safe: after another NO, a COPY may already have happened.
-                    Err(imap::Error::No(no)) if is_trycreate(&no) => {
-                        session.create(trash).map_err(backend)?;
-                        move_to(session, &set, trash, self.has_move).map_err(backend)?;
-                    }
-                    other => other.map_err(backend)?,
-                }
-            }
+        if self.settings.policy == DeletePolicy::Keep {
+            return Ok(Update::Kept);
         }
-        Ok(Update::Applied)
+        self.usable()?;
+        let set = self.uid_set(indexes);
+        let applied = self.apply_delete(&set);
+        applied.map(|()| Update::Applied).map_err(|e| self.lost(e))
     }
 
     fn close(&mut self) {
-        let _ = self.session.logout();
+        match &self.broken {
+            // LOGOUT's answer would be waited for in vain, for another --backend-timeout.
+            Some(why) => log::debug!("no LOGOUT: the IMAP connection is unusable ({why})"),
+            None => {
+                let _ = self.session.logout();
+            }
+        }
+    }
+}
+
+impl ImapMaildrop {
+    /// Fails at once when an earlier command left the connection unusable.
+    fn usable(&self) -> Result<(), BackendError> {
+        match &self.broken {
+            Some(why) => Err(BackendError(format!("IMAP connection lost earlier: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The error of a command; unless the server answered it (NO, BAD), the connection is
+    /// now unusable: timed out, cut, or stopped in the middle of a response.
+    fn lost(&mut self, error: imap::Error) -> BackendError {
+        let why = describe(&error);
+        if !matches!(error, imap::Error::No(_) | imap::Error::Bad(_)) {
+            self.broken = Some(why.clone());
+        }
+        BackendError(why)
+    }
+
+    /// Applies the delete policy to the UIDs in `set` (UPDATE state, RFC 1939 §6).
+    fn apply_delete(&mut self, set: &str) -> imap::Result<()> {
+        let session = &mut self.session;
+        match self.settings.policy {
+            DeletePolicy::Keep => {}
+            DeletePolicy::Hide => {
+                let flags = format!("+FLAGS.SILENT ({})", self.settings.deleted_keyword);
+                session.uid_store(set, flags)?;
+            }
+            DeletePolicy::Expunge => {
+                session.uid_store(set, "+FLAGS.SILENT (\\Deleted)")?;
+                session.uid_expunge(set)?;
+            }
+            DeletePolicy::Trash => {
+                let trash = self.settings.trash_mailbox.as_str();
+                match move_to(session, set, trash, self.has_move) {
+                    // RFC 3501 §6.4.7: the trash mailbox does not exist yet. Only then is
+                    // a retry safe: after another NO, a COPY may already have happened.
+                    Err(imap::Error::No(no)) if is_trycreate(&no) => {
+                        session.create(trash)?;
+                        move_to(session, set, trash, self.has_move)?;
+                    }
+                    other => other?,
+                }
+            }
+        }
+        Ok(())
     }
 }
 

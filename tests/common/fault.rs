@@ -1,6 +1,8 @@
 //! A TCP forwarder that simulates a backend dying halfway: it relays 127.0.0.1
 //! connections to a target port and, once a given number of bytes has come from the
-//! server, delivers exactly those bytes and then drops both connections.
+//! server, delivers exactly those bytes and then drops both connections. Or
+//! ([`FaultProxy::stall`]) one that goes silent halfway: the connections stay open and
+//! nothing more comes from the server, as with a hung server or a lost route.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -42,6 +44,47 @@ impl FaultProxy {
                 }
             })
             .expect("spawn fault proxy");
+        FaultProxy {
+            port,
+            stop,
+            connections,
+        }
+    }
+
+    /// Listens on a free 127.0.0.1 port and forwards each connection to
+    /// 127.0.0.1:`target_port` until the client has sent `trigger` (say `b"LOGIN"`, or
+    /// `b"BODY.PEEK[]"`; empty: from the start, for TLS, where nothing can be seen); from
+    /// then on `then_bytes` more bytes come from the server, and after them nothing: both
+    /// connections stay open, silent, until the client closes its side.
+    pub fn stall(target_port: u16, trigger: &'static [u8], then_bytes: usize) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (stop2, conns2) = (Arc::clone(&stop), Arc::clone(&connections));
+        thread::Builder::new()
+            .name(format!("stall-proxy-{port}"))
+            .spawn(move || {
+                for client in listener.incoming() {
+                    if stop2.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(client) = client else { continue };
+                    conns2.fetch_add(1, Ordering::SeqCst);
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                        let _ = client.shutdown(Shutdown::Both);
+                        continue;
+                    };
+                    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                        continue;
+                    };
+                    let triggered = Arc::new(AtomicBool::new(trigger.is_empty()));
+                    let seen = Arc::clone(&triggered);
+                    thread::spawn(move || watch_for(c2, s2, trigger, &seen));
+                    thread::spawn(move || stall_after(server, client, &triggered, then_bytes));
+                }
+            })
+            .expect("spawn stall proxy");
         FaultProxy {
             port,
             stop,
@@ -105,4 +148,62 @@ fn pump(mut from: TcpStream, mut to: TcpStream, limit: usize) {
     }
     let _ = to.flush();
     shutdown_all(&from, &to);
+}
+
+/// Copies client → server, setting `triggered` once `trigger` has gone by.
+fn watch_for(mut from: TcpStream, mut to: TcpStream, trigger: &[u8], triggered: &AtomicBool) {
+    let mut recent: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                recent.extend_from_slice(&buf[..n]);
+                if !trigger.is_empty() && recent.windows(trigger.len()).any(|w| w == trigger) {
+                    triggered.store(true, Ordering::SeqCst);
+                }
+                // Keep just enough to find a trigger split across reads.
+                let keep = recent.len().min(trigger.len());
+                recent.drain(..recent.len() - keep);
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Copies server → client; once `triggered`, only `limit` more bytes, then it reads and
+/// drops what the server sends, so the client sees a server that has gone silent. Even
+/// the server's close is not passed on then: a hung server or a lost route sends nothing.
+fn stall_after(mut from: TcpStream, mut to: TcpStream, triggered: &AtomicBool, limit: usize) {
+    let mut left = limit;
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let stalled = triggered.load(Ordering::SeqCst) && left == 0;
+                if !stalled {
+                    let _ = to.shutdown(Shutdown::Write);
+                }
+                // The client's side stays open through `watch_for`'s handle until the
+                // client closes it.
+                return;
+            }
+            Ok(n) => n,
+        };
+        let forward = if triggered.load(Ordering::SeqCst) {
+            let forward = n.min(left);
+            left -= forward;
+            forward
+        } else {
+            n
+        };
+        if forward > 0 && to.write_all(&buf[..forward]).is_err() {
+            return;
+        }
+    }
 }
