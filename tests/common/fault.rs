@@ -22,6 +22,34 @@ impl FaultProxy {
     /// (counted per connection, TLS bytes included), both sides are shut down.
     /// `usize::MAX` never cuts.
     pub fn start(target_port: u16, cut_after_bytes_from_server: usize) -> FaultProxy {
+        FaultProxy::serve(target_port, move |client, server| {
+            relay(client, server, cut_after_bytes_from_server)
+        })
+    }
+
+    /// Listens on a free 127.0.0.1 port and forwards each connection to
+    /// 127.0.0.1:`target_port` until the client has sent `trigger` (say `b"LOGIN"`, or
+    /// `b"BODY.PEEK[]"`; empty: from the start, for TLS, where nothing can be seen); from
+    /// then on `then_bytes` more bytes come from the server, and after them nothing: both
+    /// connections stay open, silent, until the client closes its side.
+    pub fn stall(target_port: u16, trigger: &'static [u8], then_bytes: usize) -> FaultProxy {
+        FaultProxy::serve(target_port, move |client, server| {
+            let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                return;
+            };
+            let triggered = Arc::new(AtomicBool::new(trigger.is_empty()));
+            let seen = Arc::clone(&triggered);
+            thread::spawn(move || watch_for(c2, s2, trigger, &seen));
+            thread::spawn(move || stall_after(server, client, &triggered, then_bytes));
+        })
+    }
+
+    /// Accepts connections on a free 127.0.0.1 port, connects each to
+    /// 127.0.0.1:`target_port`, and hands both to `forward`.
+    fn serve(
+        target_port: u16,
+        forward: impl Fn(TcpStream, TcpStream) + Send + 'static,
+    ) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -40,51 +68,10 @@ impl FaultProxy {
                         let _ = client.shutdown(Shutdown::Both);
                         continue;
                     };
-                    relay(client, server, cut_after_bytes_from_server);
+                    forward(client, server);
                 }
             })
             .expect("spawn fault proxy");
-        FaultProxy {
-            port,
-            stop,
-            connections,
-        }
-    }
-
-    /// Listens on a free 127.0.0.1 port and forwards each connection to
-    /// 127.0.0.1:`target_port` until the client has sent `trigger` (say `b"LOGIN"`, or
-    /// `b"BODY.PEEK[]"`; empty: from the start, for TLS, where nothing can be seen); from
-    /// then on `then_bytes` more bytes come from the server, and after them nothing: both
-    /// connections stay open, silent, until the client closes its side.
-    pub fn stall(target_port: u16, trigger: &'static [u8], then_bytes: usize) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
-        let port = listener.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(AtomicUsize::new(0));
-        let (stop2, conns2) = (Arc::clone(&stop), Arc::clone(&connections));
-        thread::Builder::new()
-            .name(format!("stall-proxy-{port}"))
-            .spawn(move || {
-                for client in listener.incoming() {
-                    if stop2.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(client) = client else { continue };
-                    conns2.fetch_add(1, Ordering::SeqCst);
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
-                        let _ = client.shutdown(Shutdown::Both);
-                        continue;
-                    };
-                    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
-                        continue;
-                    };
-                    let triggered = Arc::new(AtomicBool::new(trigger.is_empty()));
-                    let seen = Arc::clone(&triggered);
-                    thread::spawn(move || watch_for(c2, s2, trigger, &seen));
-                    thread::spawn(move || stall_after(server, client, &triggered, then_bytes));
-                }
-            })
-            .expect("spawn stall proxy");
         FaultProxy {
             port,
             stop,
