@@ -436,6 +436,9 @@ fn lock_selected(
     selected: &Selected,
     settings: &Settings,
 ) -> Result<MailboxLock, OpenError> {
+    // Asked after SELECT, and only when SELECT named no MAILBOXID, so servers with
+    // OBJECTID pay no round trip. Dovecot then adds [CLIENTBUG] to its OK (a STATUS on the
+    // selected mailbox), which changes nothing.
     let guid = match &selected.mailbox_id {
         Some(_) => None,
         None => RawCommand::new(raw, "G0".into())
