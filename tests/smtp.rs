@@ -37,6 +37,26 @@ impl Proxy {
         Self::to(postfix().submissions_port, "implicit", account)
     }
 
+    /// Implicit TLS, without --smtp-user: the client's AUTH decides
+    /// (`--client-auth passthrough`).
+    fn passthrough() -> Proxy {
+        let mut proxy = Proxy::to(
+            postfix().submissions_port,
+            "implicit",
+            &servers().new_user("unused"),
+        );
+        let at = proxy.args.iter().position(|a| a == "--smtp-user").unwrap();
+        proxy.args.drain(at..at + 2);
+        let at = proxy
+            .args
+            .iter()
+            .position(|a| a == "--client-auth")
+            .unwrap();
+        proxy.args[at + 1] = "passthrough".into();
+        proxy.env.clear();
+        proxy
+    }
+
     fn starttls(account: &User) -> Proxy {
         Self::to(postfix().submission_port, "starttls", account)
     }
@@ -790,16 +810,7 @@ fn passthrough_auth_logs_in_upstream_with_the_clients_credentials() {
     let s = servers();
     let sender = s.new_user_with_password("pass-sender", "p\u{e4}ss w\"rd");
     let rcpt = s.new_user("pass-rcpt");
-    let mut proxy = Proxy::implicit(&sender);
-    // No --smtp-user: the client's AUTH decides.
-    let at = proxy.args.iter().position(|a| a == "--smtp-user").unwrap();
-    proxy.args.drain(at..at + 2);
-    let at = proxy
-        .args
-        .iter()
-        .position(|a| a == "--client-auth")
-        .unwrap();
-    proxy.args[at + 1] = "passthrough".into();
+    let proxy = Proxy::passthrough();
     let b64 = |s: &str| {
         let out = Command::new("base64")
             .arg("-w0")
@@ -1212,4 +1223,106 @@ fn a_backend_offering_only_auth_login_is_logged_in_to_with_login() {
         "Postfix did not log a LOGIN for {}",
         sender.name
     );
+}
+
+/// Sends `input` in one write to a proxy listening at `port`, then reads until the proxy
+/// closes; returns the replies.
+fn raw_client(port: u16, input: &[u8]) -> String {
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    client.write_all(input).unwrap();
+    let mut out = String::new();
+    let _ = client.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn a_scanners_sloppy_smtp_is_delivered_through_postfix() {
+    let s = servers();
+    let sender = s.new_user("sloppy-sender");
+    let rcpt = s.new_user("sloppy-rcpt");
+    let proxy = Proxy::implicit(&sender).arg("--sender-domain", MAIL_DOMAIN_FOR_SCANNERS);
+    let (port, log) = proxy.listen();
+    // A bare HELO and an unbracketed IP address in EHLO are greeted.
+    let out = raw_client(port, b"HELO\r\nEHLO 192.168.1.20\r\nQUIT\r\n");
+    assert!(
+        out.starts_with(
+            "220 proxy.test ESMTP ready\r\n250 proxy.test\r\n250-proxy.test greets 192.168.1.20\r\n"
+        ),
+        "{out}"
+    );
+    // No HELO, a sender without a domain, a space after TO:, a 1500-character line, no
+    // Date: or Message-ID:, and QUIT pipelined after the final dot.
+    let long = "y".repeat(1500);
+    let input = format!(
+        "MAIL FROM:<scanner>\r\nRCPT TO: <{}>\r\nDATA\r\nSubject: scan\r\n\r\n{long}\r\n.\r\nQUIT\r\n",
+        rcpt.email
+    );
+    let out = raw_client(port, input.as_bytes());
+    assert_eq!(
+        queued_replies(&out),
+        1,
+        "{out}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(out.ends_with("221 2.0.0 Bye\r\n"), "{out}");
+    wait_for(&rcpt, 1, Duration::from_secs(30));
+    let stored = imap_fetch_all(&rcpt);
+    let text = String::from_utf8_lossy(&stored[0].1).into_owned();
+    assert!(
+        text.contains(&format!(
+            "Return-Path: <scanner@{MAIL_DOMAIN_FOR_SCANNERS}>"
+        )),
+        "{text}"
+    );
+    let message = String::from_utf8_lossy(&without_trace(&stored[0].1)).into_owned();
+    assert!(message.starts_with("Subject: scan\r\nDate: "), "{message}");
+    assert_eq!(message.matches("\r\nMessage-ID: <").count(), 1, "{message}");
+    // The gateway passes the long line on whole; Postfix folds it at 998 characters
+    // (smtp_line_length_limit) on its way to the mailbox. No byte is lost.
+    assert_eq!(
+        message
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap()
+            .replace("\r\n ", ""),
+        format!("{long}\r\n"),
+        "{message}"
+    );
+}
+
+/// The domain `--sender-domain` gives scanners in these tests.
+const MAIL_DOMAIN_FOR_SCANNERS: &str = "scanners.test";
+
+#[test]
+fn auth_login_with_the_user_name_on_the_auth_line_logs_in_upstream() {
+    let s = servers();
+    let sender = s.new_user("authlogin-ir");
+    let (port, log) = Proxy::passthrough().listen();
+    // smtplib sends `AUTH LOGIN <user>` (an initial response) and then the password.
+    let out = python(
+        &format!(
+            r#"
+import os, smtplib
+s = smtplib.SMTP("127.0.0.1", {port})
+s.ehlo("printer")
+s.user, s.password = os.environ["LMP_USER"], os.environ["LMP_PASS"]
+code, text = s.auth("LOGIN", s.auth_login, initial_response_ok=True)
+print(code, text.decode())
+s.quit()
+"#
+        ),
+        &[("LMP_USER", &sender.name), ("LMP_PASS", &sender.password)],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("235 "),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("(AUTH LOGIN)"), "{log}");
 }

@@ -111,6 +111,18 @@ pub struct Args {
     #[arg(long, env = "LMP_FORCE_SENDER", value_name = "ADDRESS")]
     pub force_sender: Option<String>,
 
+    /// Domain added to a sender given without one (`MAIL FROM:<scanner>`, as scanners and
+    /// printers send), making it `scanner@DOMAIN`. Without it such a sender is refused
+    /// with a reply naming this option, unless --force-sender replaces it anyway.
+    #[arg(long, env = "LMP_SENDER_DOMAIN", value_name = "DOMAIN")]
+    pub sender_domain: Option<String>,
+
+    /// Refuse MAIL until the client has said HELO or EHLO with a name (Postfix's
+    /// smtpd_helo_required = yes). By default, as in Postfix, MAIL without HELO and a bare
+    /// HELO are accepted: scanners and printers do both.
+    #[arg(long, env = "LMP_REQUIRE_HELO", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
+    pub require_helo: bool,
+
     /// Replace the address in each message's From: header (the display name is kept), or
     /// add From: when missing. For servers that refuse other senders (Office 365
     /// `554 5.2.252 SendAsDenied`).
@@ -311,6 +323,12 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
                 .map_err(|e| anyhow::anyhow!("{option} {address}: {}", e.reply().summary()))?;
         }
     }
+    if let Some(domain) = &args.sender_domain {
+        command::check_address(&format!("x@{domain}"), false)
+            .ok()
+            .filter(|_| !domain.contains('@'))
+            .with_context(|| format!("--sender-domain {domain} is not a domain"))?;
+    }
     for entry in &args.allowed_senders {
         let entry = entry.trim();
         let valid = match entry.strip_prefix('@') {
@@ -354,6 +372,8 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
     config.auth = auth;
     config.allowed_senders = AllowedSenders::new(&args.allowed_senders);
     config.force_sender = args.force_sender;
+    config.sender_domain = args.sender_domain;
+    config.require_helo = args.require_helo;
     config.edits = HeaderEdits {
         rewrite_from: args.rewrite_from,
         reply_to: args.reply_to,
@@ -486,12 +506,18 @@ mod tests {
             ("--rewrite-from", "nobody"),
             ("--reply-to", "x@y>"),
             ("--allowed-senders", "@"),
+            ("--sender-domain", "a@b"),
+            ("--sender-domain", "lan example"),
         ] {
             assert!(settings_of(&[option, value]).is_err(), "{option} {value}");
         }
         let (config, _) = settings_of(&["--allowed-senders", "a@b.example,@c.example"]).unwrap();
         assert!(config.allowed_senders.allows("x@c.example"));
         assert!(!config.allowed_senders.allows("x@b.example"));
+        let (config, _) =
+            settings_of(&["--sender-domain", "lan.example", "--require-helo"]).unwrap();
+        assert_eq!(config.sender_domain.as_deref(), Some("lan.example"));
+        assert!(config.require_helo);
     }
 
     #[test]

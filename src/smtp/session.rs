@@ -35,6 +35,11 @@ pub struct Config {
     pub allowed_senders: AllowedSenders,
     /// Envelope sender used upstream instead of the client's.
     pub force_sender: Option<String>,
+    /// Completes a sender without a domain (`MAIL FROM:<scanner>`) as `scanner@domain`.
+    pub sender_domain: Option<String>,
+    /// HELO/EHLO, with a name, before MAIL (Postfix's `smtpd_helo_required = yes`).
+    /// Off by default, as in Postfix: devices skip HELO or send it bare.
+    pub require_helo: bool,
     pub edits: HeaderEdits,
     /// RFC 5321 §4.5.3.2.7: at least 5 minutes without a command or data.
     pub idle_timeout: Duration,
@@ -62,6 +67,8 @@ impl Config {
             auth: ClientAuth::None,
             allowed_senders: AllowedSenders::default(),
             force_sender: None,
+            sender_domain: None,
+            require_helo: false,
             edits: HeaderEdits {
                 id_domain: hostname.to_string(),
                 ..HeaderEdits::default()
@@ -329,6 +336,15 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     // ---- HELO / EHLO -------------------------------------------------------------------
 
     fn hello(&mut self, name: String, extended: bool) -> io::Result<Flow> {
+        if name.is_empty() && self.config.require_helo {
+            // Postfix's answer to a bare HELO; with --require-helo MAIL then gets 503.
+            let verb = if extended { "EHLO" } else { "HELO" };
+            return self.bad(&Reply::new(
+                501,
+                Enhanced::new(5, 5, 4),
+                format!("Syntax: {verb} hostname"),
+            ));
+        }
         // RFC 5321 §4.1.4: EHLO/HELO in a transaction aborts it, like RSET.
         self.end_transaction();
         self.state = State::Ready;
@@ -339,8 +355,12 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         }
         // Only extensions the relay honours: no STARTTLS (the client side is the local
         // trusted link), no DSN, CHUNKING or SMTPUTF8 (lettre's connection cannot relay them).
+        let greets = match self.helo.as_str() {
+            "" => host.clone(),
+            helo => format!("{host} greets {helo}"),
+        };
         let mut lines = vec![
-            format!("{host} greets {}", self.helo),
+            greets,
             "PIPELINING".to_string(),
             format!("SIZE {}", self.config.max_message_size),
             "8BITMIME".to_string(),
@@ -354,11 +374,14 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
 
     // ---- MAIL --------------------------------------------------------------------------
 
-    fn mail(&mut self, mail: command::MailFrom) -> io::Result<Flow> {
+    fn mail(&mut self, mut mail: command::MailFrom) -> io::Result<Flow> {
         match self.state {
-            State::Fresh => return self.bad(&need("Send HELO/EHLO first")),
+            // Postfix's default (smtpd_helo_required = no): scanners skip HELO.
+            State::Fresh if self.config.require_helo => {
+                return self.bad(&need("Send HELO/EHLO first"));
+            }
             State::Mail(_) => return self.bad(&need("Nested MAIL command")),
-            State::Ready => {}
+            State::Fresh | State::Ready => {}
         }
         if self.config.auth.enabled() && self.user.is_none() {
             return self.ok(Reply::new(
@@ -369,6 +392,30 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         }
         if mail.size.is_some_and(|s| s > self.config.max_message_size) {
             return self.ok(too_big());
+        }
+        if !mail.address.is_empty() && !mail.address.contains('@') {
+            match (&self.config.sender_domain, &self.config.force_sender) {
+                (Some(domain), _) => mail.address = format!("{}@{domain}", mail.address),
+                // Replaced upstream anyway; the bare name is kept for the logs.
+                (None, Some(_)) => {}
+                (None, None) => {
+                    log::warn!(
+                        "smtp: client={} sender <{}> has no domain: set --sender-domain to \
+                         complete it, or --force-sender to replace it",
+                        self.config.client,
+                        mail.address
+                    );
+                    return self.bad(&Reply::new(
+                        501,
+                        Enhanced::new(5, 1, 3),
+                        format!(
+                            "<{}>: sender needs a domain; the gateway's admin can set \
+                             --sender-domain or --force-sender",
+                            mail.address
+                        ),
+                    ));
+                }
+            }
         }
         if !self.config.allowed_senders.allows(&mail.address) {
             log::warn!(

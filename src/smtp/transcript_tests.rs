@@ -334,8 +334,10 @@ fn pipelined_commands_are_answered_in_order() {
 
 #[test]
 fn commands_out_of_sequence_get_503_and_the_session_goes_on() {
+    let mut strict = config();
+    strict.require_helo = true;
     let run = transcript(
-        &config(),
+        &strict,
         "MAIL FROM:<a@c>\r\nRCPT TO:<b@d>\r\nDATA\r\nEHLO c.example\r\nDATA\r\nMAIL FROM:<a@c>\r\nMAIL FROM:<a@c>\r\nDATA\r\nRSET\r\nRCPT TO:<b@d>\r\nQUIT\r\n",
     );
     assert_eq!(
@@ -363,6 +365,85 @@ fn commands_out_of_sequence_get_503_and_the_session_goes_on() {
 }
 
 #[test]
+fn scanners_sloppy_smtp_is_accepted_as_postfix_accepts_it() {
+    let mut c = config();
+    c.sender_domain = Some("lan.example".into());
+    // Bytes a device may send: no HELO before MAIL, a sender without a domain, a space
+    // after `TO:`, a 5000-character line, no Date:/Message-ID:, QUIT pipelined after the
+    // final dot; then a bare HELO and an EHLO with an unbracketed IP address.
+    let long = "x".repeat(5000);
+    let message = format!("Subject: scan\r\n\r\n{long}\r\n");
+    let run = transcript(
+        &c,
+        &format!(
+            "MAIL FROM:<scanner>\r\nRCPT TO: <desk@corp.example>\r\nDATA\r\n{message}.\r\nHELO\r\nEHLO 192.168.1.20\r\nQUIT\r\n"
+        ),
+    );
+    assert_eq!(
+        run.out,
+        replies(&[
+            GREETING,
+            "250 2.1.0 Ok\r\n",
+            "250 2.1.5 Ok\r\n",
+            "354 End data with <CR><LF>.<CR><LF>\r\n",
+            "250 2.0.0 Ok: queued as Q1\r\n",
+            "250 mx.test\r\n",
+            &EHLO_REPLY.replace("c.example", "192.168.1.20"),
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+    let delivered = &normal_deliveries(&run.relay.delivered)[0];
+    assert_eq!(delivered.from, "scanner@lan.example");
+    assert_eq!(delivered.to, ["desk@corp.example"]);
+    assert_eq!(
+        String::from_utf8_lossy(&delivered.data),
+        format!("Subject: scan\r\nDate: (generated)\r\nMessage-ID: (generated)\r\n\r\n{long}\r\n")
+    );
+}
+
+#[test]
+fn a_sender_without_a_domain_is_refused_with_the_option_to_set_or_forced() {
+    let input = "HELO c\r\nMAIL FROM:<scanner>\r\nQUIT\r\n";
+    let run = transcript(&config(), input);
+    assert!(
+        run.out.contains(
+            "\r\n501 5.1.3 <scanner>: sender needs a domain; the gateway's admin can set --sender-domain or --force-sender\r\n"
+        ),
+        "{}",
+        run.out
+    );
+    assert!(run.relay.log.is_empty());
+    let mut c = config();
+    c.force_sender = Some("gw@corp.example".into());
+    let run = transcript(&c, input);
+    assert!(run.out.contains("\r\n250 2.1.0 Ok\r\n"), "{}", run.out);
+    assert_eq!(run.relay.log[1], "MAIL FROM:<gw@corp.example>");
+}
+
+#[test]
+fn require_helo_refuses_mail_before_a_named_helo() {
+    let mut c = config();
+    c.require_helo = true;
+    let run = transcript(
+        &c,
+        "MAIL FROM:<a@c>\r\nHELO\r\nEHLO\r\nMAIL FROM:<a@c>\r\nHELO c\r\nMAIL FROM:<a@c>\r\nQUIT\r\n",
+    );
+    assert_eq!(
+        run.out,
+        replies(&[
+            GREETING,
+            "503 5.5.1 Send HELO/EHLO first\r\n",
+            "501 5.5.4 Syntax: HELO hostname\r\n",
+            "501 5.5.4 Syntax: EHLO hostname\r\n",
+            "503 5.5.1 Send HELO/EHLO first\r\n",
+            "250 mx.test\r\n",
+            "250 2.1.0 Ok\r\n",
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+}
+
+#[test]
 fn data_after_only_refused_recipients_is_554() {
     let run = transcript_with(
         &config(),
@@ -385,7 +466,7 @@ fn syntax_errors_unknown_commands_and_long_lines() {
     let run = transcript(
         &config(),
         &format!(
-            "EHLO\r\nFOO\r\n{long}{huge}EHLO c.example\r\nMAIL FROM:<a b@c>\r\nMAIL FROM:<a@c> SMTPUTF8\r\nMAIL FROM:<j\u{f6}@c>\r\nSTARTTLS\r\nAUTH PLAIN\r\nBDAT 10 LAST\r\nQUIT\r\n"
+            "EHLO a\x01b\r\nFOO\r\n{long}{huge}EHLO c.example\r\nMAIL FROM:<a b@c>\r\nMAIL FROM:<a@c> SMTPUTF8\r\nMAIL FROM:<j\u{f6}@c>\r\nSTARTTLS\r\nAUTH PLAIN\r\nBDAT 10 LAST\r\nQUIT\r\n"
         ),
     );
     assert_eq!(
