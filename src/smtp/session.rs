@@ -679,7 +679,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             Mechanism::Plain => "PLAIN",
             Mechanism::Login => "LOGIN",
             Mechanism::Other(_) => {
-                return self.ok(Reply::new(
+                return self.bad(&Reply::new(
                     504,
                     Enhanced::new(5, 5, 4),
                     "Unrecognized authentication type",
@@ -720,7 +720,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 Ok(reply) => reply.relayed(),
                 Err(e) => {
                     log::warn!("smtp: client={} AUTH {mechanism}: {e}", self.config.client);
-                    return self.ok(Reply::new(
+                    // Not a failed login (no password was judged), but each attempt costs
+                    // a backend connection: an error, so that it cannot go on forever.
+                    return self.bad(&Reply::new(
                         454,
                         Enhanced::new(4, 7, 0),
                         "Temporary authentication failure",
@@ -775,9 +777,10 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             }
         };
         if encoded == b"*" {
-            // RFC 4954 §4: the client cancelled; 501.
+            // RFC 4954 §4: the client cancelled; 501. Counted as an error, like bad base64,
+            // or a client could repeat it until the idle timeout.
             return self
-                .ok(Reply::new(
+                .bad(&Reply::new(
                     501,
                     Enhanced::new(5, 0, 0),
                     "Authentication cancelled",

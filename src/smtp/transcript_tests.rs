@@ -826,6 +826,75 @@ fn auth_login_and_plain_with_a_challenge() {
 }
 
 #[test]
+fn cancelled_and_malformed_auth_count_towards_the_error_limit() {
+    // Each of these, repeated, must end the session within 20 errors: a cancel at the
+    // first or the second challenge, bad base64 in an initial response or a challenge
+    // response, an unknown mechanism, malformed AUTH lines.
+    let steps = [
+        "AUTH PLAIN\r\n*\r\n",
+        "AUTH LOGIN\r\n*\r\n",
+        &format!("AUTH LOGIN {}\r\n*\r\n", b64("scanner")),
+        "AUTH PLAIN !!!!\r\n",
+        "AUTH LOGIN\r\n!!!!\r\n",
+        "AUTH CRAM-MD5\r\n",
+        "AUTH PLAIN a b\r\n",
+    ];
+    for step in steps {
+        let run = transcript(
+            &local_auth(),
+            &format!("EHLO c.example\r\n{}", step.repeat(25)),
+        );
+        assert!(
+            run.out.ends_with("421 4.7.0 mx.test Too many errors\r\n"),
+            "{step:?}: {}",
+            run.out
+        );
+    }
+}
+
+#[test]
+fn every_way_of_logging_in_counts_towards_the_failure_limit() {
+    let wrong_login = |initial: bool| match initial {
+        true => format!("AUTH LOGIN {}\r\n{}\r\n", b64("scanner"), b64("wrong")),
+        false => format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("scanner"), b64("wrong")),
+    };
+    let wrong_plain = |initial: bool| {
+        let message = b64("\0scanner\0wrong");
+        match initial {
+            true => format!("AUTH PLAIN {message}\r\n"),
+            false => format!("AUTH PLAIN\r\n{message}\r\n"),
+        }
+    };
+    // A PLAIN message that is not `authzid NUL user NUL password` is a failed login too.
+    let malformed = format!("AUTH PLAIN {}\r\n", b64("scanner wrong"));
+    let input = format!(
+        "EHLO c.example\r\n{}{}{}NOOP\r\n",
+        wrong_login(true),
+        wrong_login(false),
+        wrong_plain(false)
+    );
+    let run = transcript(&local_auth(), &input);
+    assert!(
+        run.out
+            .ends_with("535 5.7.8 Authentication credentials invalid\r\n421 4.7.0 mx.test Too many failed authentications\r\n"),
+        "{}",
+        run.out
+    );
+    let input = format!(
+        "EHLO c.example\r\n{}{malformed}{}NOOP\r\n",
+        wrong_plain(true),
+        wrong_login(true)
+    );
+    let run = transcript(&local_auth(), &input);
+    assert!(
+        run.out
+            .ends_with("421 4.7.0 mx.test Too many failed authentications\r\n"),
+        "{}",
+        run.out
+    );
+}
+
+#[test]
 fn bad_auth_input_and_too_many_failures() {
     let bad = b64("\0scanner\0bad");
     let input = format!(
