@@ -12,7 +12,8 @@ mod common;
 mod fake_backend;
 
 use common::{
-    User, imap_fetch_all, postfix, proxy_bin, python, require_client, servers, wait_until,
+    FaultProxy, User, imap_fetch_all, postfix, proxy_bin, python, require_client, servers,
+    wait_until,
 };
 use fake_backend::{FakeSmtp, Script};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -115,6 +116,13 @@ impl Proxy {
     fn arg(mut self, name: &str, value: &str) -> Proxy {
         self.args.push(name.into());
         self.args.push(value.into());
+        self
+    }
+
+    /// Replaces the value of an option already given.
+    fn set(mut self, name: &str, value: &str) -> Proxy {
+        let at = self.args.iter().position(|a| a == name).unwrap();
+        self.args[at + 1] = value.into();
         self
     }
 
@@ -1325,4 +1333,108 @@ s.quit()
     );
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("(AUTH LOGIN)"), "{log}");
+}
+
+/// A scripted backend offering only AUTH LOGIN, with the account `gw`/`pw`.
+fn login_backend() -> FakeSmtp {
+    FakeSmtp::start(Script {
+        extensions: vec!["AUTH LOGIN".into()],
+        // "gw" and "pw", base64-encoded as on the wire.
+        account: Some(("Z3c=".into(), "cHc=".into())),
+        ..Script::default()
+    })
+}
+
+/// Bytes `login_backend` sends before each step of the proxy's login: its greeting and
+/// the reply to lettre's EHLO (16 + 26), the reply to the proxy's second EHLO (26), the
+/// two AUTH LOGIN challenges (18 each).
+const LOGIN_STEPS: [(usize, &str); 4] = [
+    (42, "during the second EHLO"),
+    (68, "after AUTH LOGIN"),
+    (86, "after the user name"),
+    (104, "after the password"),
+];
+
+/// The proxy logging in as `gw` to 127.0.0.1:`port` (plain text), with
+/// --backend-timeout `timeout`.
+fn logging_in_to(port: u16, timeout: &str) -> Proxy {
+    Proxy::fake(port)
+        .set("--backend-timeout", timeout)
+        .arg("--smtp-user", "gw")
+        .env("LMP_SMTP_PASSWORD", "pw")
+}
+
+/// Sends EHLO and MAIL on the proxy's socket; returns the reply to MAIL, how long it
+/// took, and the log once QUIT has ended the session.
+fn mail_reply_and_log(proxy: &Proxy) -> (String, Duration, String) {
+    let (child, client) = spawn_on_socket(proxy);
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let started = Instant::now();
+    (&client)
+        .write_all(b"EHLO client.test\r\nMAIL FROM:<a@lan.test>\r\n")
+        .unwrap();
+    // The EHLO reply ends with its first `250 ` line; the next line answers MAIL.
+    while !line.starts_with("250 ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    let reply = line;
+    let took = started.elapsed();
+    (&client).write_all(b"QUIT\r\n").unwrap();
+    let log = wait_exit(child, Duration::from_secs(30), "QUIT after MAIL");
+    (reply, took, log)
+}
+
+#[test]
+fn a_connection_cut_during_the_relays_login_is_an_outage_not_a_wrong_password() {
+    let backend = login_backend();
+    // The whole login works through the fault proxy when nothing is cut.
+    let whole = FaultProxy::start(backend.port, usize::MAX);
+    let (reply, _, log) = mail_reply_and_log(&logging_in_to(whole.port(), "30"));
+    assert_eq!(reply, "250 2.1.0 Ok\r\n", "{log}");
+    for (cut, when) in &LOGIN_STEPS[1..] {
+        let fault = FaultProxy::start(backend.port, *cut);
+        let (reply, _, log) = mail_reply_and_log(&logging_in_to(fault.port(), "30"));
+        assert_eq!(
+            reply, "451 4.4.2 Backend unavailable: connection lost; try again later\r\n",
+            "cut {when}: {log}"
+        );
+        assert!(
+            log.contains("backend failed at MAIL: backend connection lost:")
+                && log.contains("logging in as gw"),
+            "cut {when}: {log}"
+        );
+        assert!(
+            !log.contains("--smtp-user") && !log.contains(": ERROR: "),
+            "cut {when}: the password is blamed: {log}"
+        );
+    }
+}
+
+#[test]
+fn a_backend_that_stalls_during_the_relays_login_holds_the_client_once_the_timeout() {
+    let backend = login_backend();
+    let timeout = Duration::from_secs(3);
+    for (stall, when) in LOGIN_STEPS {
+        let fault = FaultProxy::stall(backend.port, stall);
+        let (reply, took, log) = mail_reply_and_log(&logging_in_to(fault.port(), "3"));
+        eprintln!("stall {when}: the client waited {took:?} for its reply to MAIL");
+        assert_eq!(
+            reply, "451 4.4.2 Backend unavailable: connection lost; try again later\r\n",
+            "stall {when}: {log}"
+        );
+        assert!(
+            took >= timeout && took < timeout + Duration::from_millis(1500),
+            "stall {when}: the client waited {took:?} with --backend-timeout 3\n{log}"
+        );
+        assert!(
+            log.contains("backend failed at MAIL: backend connection lost:")
+                && !log.contains("--smtp-user"),
+            "stall {when}: {log}"
+        );
+    }
 }

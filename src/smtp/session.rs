@@ -862,19 +862,26 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                     "Relay login failed; try again later",
                 )
             }
-            RelayError::Unavailable(_) | RelayError::Protocol(_) => {
+            RelayError::Unavailable(_) | RelayError::Lost(_) | RelayError::Protocol(_) => {
                 log::warn!(
                     "smtp: client={} backend failed at {during}: {error}",
                     self.config.client
                 );
-                if during == Stage::Mail {
-                    Reply::new(
+                match (during, error) {
+                    // RFC 3463 X.4.1: no answer from the host.
+                    (Stage::Mail, RelayError::Unavailable(_)) => Reply::new(
                         451,
                         Enhanced::new(4, 4, 1),
                         "Backend unavailable; try again later",
-                    )
-                } else {
-                    lost_backend()
+                    ),
+                    // X.4.2: the connection was made, then broke (at MAIL: while the
+                    // relay logged in, or a kept connection found dead).
+                    (Stage::Mail, _) => Reply::new(
+                        451,
+                        Enhanced::new(4, 4, 2),
+                        "Backend unavailable: connection lost; try again later",
+                    ),
+                    _ => lost_backend(),
                 }
             }
             RelayError::Local(why) => {

@@ -671,6 +671,21 @@ fn a_refused_proxy_login_gives_4xx() {
 }
 
 #[test]
+fn a_connection_lost_during_the_relay_login_is_4_4_2_not_a_refused_login() {
+    let run = transcript_with(
+        &config(),
+        |r| r.login_cut = true,
+        b"HELO c\r\nMAIL FROM:<a@c>\r\nQUIT\r\n",
+    );
+    assert!(
+        run.out
+            .contains("\r\n451 4.4.2 Backend unavailable: connection lost; try again later\r\n"),
+        "{}",
+        run.out
+    );
+}
+
+#[test]
 fn the_backends_refusal_of_the_message_is_passed_on() {
     let run = transcript_with(
         &config(),
