@@ -1438,3 +1438,65 @@ fn a_backend_that_stalls_during_the_relays_login_holds_the_client_once_the_timeo
         );
     }
 }
+
+/// A client that sends one message and closes the connection right after its final dot,
+/// without waiting for the reply; returns the log of its session once it has ended.
+fn send_and_leave(port: u16, log: &std::path::Path, from: &str, to: &str, message: &str) -> String {
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    client
+        .write_all(
+            format!("EHLO device.test\r\nMAIL FROM:<{from}>\r\nRCPT TO:<{to}>\r\nDATA\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("354 ") {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "no 354");
+    }
+    // Everything sent so far is read, so closing sends a FIN, not a reset: the proxy's
+    // socket is in CLOSE-WAIT when the backend answers the final dot.
+    client
+        .write_all(format!("{message}.\r\n").as_bytes())
+        .unwrap();
+    drop(reader);
+    drop(client);
+    let read_log = || std::fs::read_to_string(log).unwrap();
+    wait_until(
+        "the session's last log line",
+        Duration::from_secs(30),
+        || read_log().contains("smtp session end:"),
+    );
+    read_log()
+}
+
+#[test]
+fn a_client_gone_after_its_final_dot_has_its_message_delivered_and_its_fate_logged() {
+    let s = servers();
+    let sender = s.new_user("gone-sender");
+    let rcpt = s.new_user("gone-rcpt");
+    let (port, log) = Proxy::implicit(&sender).listen();
+    let message = format!("{}\r\nleft before the reply\r\n", dated("gone"));
+    let log = send_and_leave(port, &log, &sender.email, &rcpt.email, &message);
+    assert_eq!(String::from_utf8_lossy(&only_message(&rcpt)), message);
+    assert!(
+        log.contains("gone before the reply to its message: the backend accepted it; the client may not know, and may send it again: 250 2.0.0 Ok: queued as "),
+        "{log}"
+    );
+    // A backend that takes its time and then refuses the message.
+    let fake = FakeSmtp::start(Script {
+        end_of_data: vec!["554 5.7.1 Message refused".into()],
+        end_of_data_delay: Duration::from_millis(500),
+        ..Script::default()
+    });
+    let (port, log) = Proxy::fake(fake.port).listen();
+    let log = send_and_leave(port, &log, "a@lan.test", "b@example.test", &message);
+    assert!(
+        log.contains("gone before the reply to its message: the backend refused it; the client may never learn of it: 554 5.7.1 Message refused"),
+        "{log}"
+    );
+}

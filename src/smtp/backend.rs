@@ -548,6 +548,12 @@ impl Relay for SmtpRelay {
         }
         self.in_transaction = false;
         let io_timeout = self.backend.timeouts.io;
+        // The reply to the final dot is waited for in full even if the client has gone,
+        // so that the session can log the message's fate. Nothing is locked meanwhile:
+        // the SMTP side takes no lock file (the mailbox lock is POP3's), the connect
+        // watchdog is not running, and the session's StdoutLock only guards this process's
+        // own stdout. Held are the two sockets and the spool file (unlinked, in
+        // --spool-dir), which the process gives back when it ends.
         let wait = self.backend.end_of_data_timeout.max(io_timeout);
         let socket = self.socket;
         let conn = self.conn.as_mut().expect("DATA was answered");

@@ -206,6 +206,7 @@ pub fn serve(args: Args) -> ExitCode {
     let output = std::io::stdout().lock();
     Session::new(input, output, &mut relay, &config)
         .on_client_done(close_client_side)
+        .client_closed_check(client_has_closed)
         .run();
     ExitCode::SUCCESS
 }
@@ -220,6 +221,33 @@ fn close_client_side() {
     // shutdown fails harmlessly with ENOTSOCK on a pipe. Every reply has been flushed.
     let socket = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(1) });
     let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
+/// Whether the client has closed its side of the connection (its FIN or RST has arrived,
+/// with nothing left unread in the socket). Bytes it pipelined after its message are in the
+/// session's buffer by then, not in the socket. On a pipe (tests, the demo) it says no.
+fn client_has_closed() -> bool {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 0 stays open for the whole process and ManuallyDrop never closes it. The
+    // short read timeout is replaced before the next read (`TickingStdin` sets its own).
+    let socket = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(0) });
+    if socket
+        .set_read_timeout(Some(Duration::from_millis(1)))
+        .is_err()
+    {
+        return false;
+    }
+    match socket.peek(&mut [0]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::Interrupted
+        ),
+    }
 }
 
 /// Turns the options (and the legacy environment variables) into a session configuration

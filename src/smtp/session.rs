@@ -205,6 +205,8 @@ pub struct Session<'a, R: BufRead, W: Write> {
     stats: Stats,
     /// Runs once the client has had its last reply, before the backend is left.
     client_done: Option<Box<dyn FnOnce() + 'a>>,
+    /// Says whether the client has closed its side of the connection.
+    client_closed: Box<dyn FnMut() -> bool + 'a>,
 }
 
 impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
@@ -226,6 +228,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             spool: None,
             stats: Stats::default(),
             client_done: None,
+            client_closed: Box::new(|| false),
         }
     }
 
@@ -234,6 +237,14 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     /// on the backend's answer to QUIT.
     pub fn on_client_done(mut self, f: impl FnOnce() + 'a) -> Self {
         self.client_done = Some(Box::new(f));
+        self
+    }
+
+    /// `f` tells whether the client has closed its side of the connection; asked when the
+    /// backend has answered a message, so that the log says when the client may never see
+    /// that answer. Without it the client is taken to be there.
+    pub fn client_closed_check(mut self, f: impl FnMut() -> bool + 'a) -> Self {
+        self.client_closed = Box::new(f);
         self
     }
 
@@ -530,6 +541,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             return Ok(Flow::Close(reason));
         }
         let reply = self.relay_message(&mut spool);
+        if (self.client_closed)() {
+            self.log_fate_unseen(&reply);
+        }
         self.spool = Some(spool);
         // RFC 5321 §4.1.1.4: after the reply to the final dot the transaction is over.
         self.state = State::Ready;
@@ -632,6 +646,24 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         };
         self.log_message(spool, Outcome::of(&reply), &reply.summary());
         reply
+    }
+
+    /// Says what became of a message whose client closed the connection while the backend
+    /// had it (a device that gave up waiting: its socket is in CLOSE-WAIT here). The reply
+    /// is still sent, for a client that only half-closed, but it may never be read.
+    fn log_fate_unseen(&self, reply: &Reply) {
+        let fate = if reply.is_success() {
+            "the backend accepted it; the client may not know, and may send it again"
+        } else if reply.is_transient() {
+            "the backend deferred it; the client may never learn of it"
+        } else {
+            "the backend refused it; the client may never learn of it"
+        };
+        log::warn!(
+            "smtp: client={} gone before the reply to its message: {fate}: {}",
+            self.config.client,
+            reply.summary()
+        );
     }
 
     /// The one log line per message (the session line is in `run`).

@@ -714,6 +714,36 @@ fn the_backends_refusal_of_the_message_is_passed_on() {
 }
 
 #[test]
+fn a_client_gone_after_its_final_dot_is_asked_about_once_the_backend_answered() {
+    // The check runs after the backend's answer (so the log can tell the message's fate)
+    // and the reply is still written, for a client that only half-closed.
+    let message = format!("{DATED}\r\nx\r\n");
+    let input = format!("HELO c\r\nMAIL FROM:<a@c>\r\nRCPT TO:<b@d>\r\nDATA\r\n{message}.\r\n");
+    let mut relay = MemoryRelay::default();
+    let asked = std::cell::RefCell::new(Vec::new());
+    let mut out = Vec::new();
+    let config = config();
+    Session::new(
+        BufReader::new(feed(input.as_bytes(), input.len(), false)),
+        &mut out,
+        &mut relay,
+        &config,
+    )
+    .client_closed_check(|| {
+        asked.borrow_mut().push(());
+        true
+    })
+    .run();
+    assert_eq!(asked.borrow().len(), 1);
+    assert!(
+        String::from_utf8_lossy(&out).ends_with("250 2.0.0 Ok: queued as Q1\r\n"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(relay.delivered.len(), 1);
+}
+
+#[test]
 fn the_client_leaving_mid_data_sends_nothing_upstream() {
     let run = transcript(
         &config(),
