@@ -1,6 +1,7 @@
 //! The SMTP server core: one session with one client, generic over `BufRead + Write`.
 //!
-//! RFC 5321 §3 (transactions), §4.1.1 (commands), §4.1.4 (order: HELO/EHLO first, EHLO and
+//! RFC 5321 §3 (transactions), §4.1.1 (commands), §4.1.4 (order: HELO/EHLO first, though
+//! like Postfix by default MAIL without it is accepted unless `require_helo`; EHLO and
 //! RSET clear the transaction), §4.2 (reply codes), §4.5.3.1 (limits), §4.5.3.2 (timeouts);
 //! RFC 2920 (pipelining: replies strictly in command order), RFC 1870 (SIZE), RFC 6152
 //! (8BITMIME), RFC 2034 (enhanced status codes), RFC 4954 (AUTH).
