@@ -12,7 +12,8 @@ mod common;
 mod fake_backend;
 
 use common::{
-    User, imap_fetch_all, postfix, proxy_bin, python, require_client, servers, wait_until,
+    FaultProxy, User, imap_fetch_all, postfix, proxy_bin, python, require_client, servers,
+    wait_until,
 };
 use fake_backend::{FakeSmtp, Script};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,6 +36,26 @@ impl Proxy {
     /// any client (`--client-auth none`).
     fn implicit(account: &User) -> Proxy {
         Self::to(postfix().submissions_port, "implicit", account)
+    }
+
+    /// Implicit TLS, without --smtp-user: the client's AUTH decides
+    /// (`--client-auth passthrough`).
+    fn passthrough() -> Proxy {
+        let mut proxy = Proxy::to(
+            postfix().submissions_port,
+            "implicit",
+            &servers().new_user("unused"),
+        );
+        let at = proxy.args.iter().position(|a| a == "--smtp-user").unwrap();
+        proxy.args.drain(at..at + 2);
+        let at = proxy
+            .args
+            .iter()
+            .position(|a| a == "--client-auth")
+            .unwrap();
+        proxy.args[at + 1] = "passthrough".into();
+        proxy.env.clear();
+        proxy
     }
 
     fn starttls(account: &User) -> Proxy {
@@ -95,6 +116,13 @@ impl Proxy {
     fn arg(mut self, name: &str, value: &str) -> Proxy {
         self.args.push(name.into());
         self.args.push(value.into());
+        self
+    }
+
+    /// Replaces the value of an option already given.
+    fn set(mut self, name: &str, value: &str) -> Proxy {
+        let at = self.args.iter().position(|a| a == name).unwrap();
+        self.args[at + 1] = value.into();
         self
     }
 
@@ -790,16 +818,7 @@ fn passthrough_auth_logs_in_upstream_with_the_clients_credentials() {
     let s = servers();
     let sender = s.new_user_with_password("pass-sender", "p\u{e4}ss w\"rd");
     let rcpt = s.new_user("pass-rcpt");
-    let mut proxy = Proxy::implicit(&sender);
-    // No --smtp-user: the client's AUTH decides.
-    let at = proxy.args.iter().position(|a| a == "--smtp-user").unwrap();
-    proxy.args.drain(at..at + 2);
-    let at = proxy
-        .args
-        .iter()
-        .position(|a| a == "--client-auth")
-        .unwrap();
-    proxy.args[at + 1] = "passthrough".into();
+    let proxy = Proxy::passthrough();
     let b64 = |s: &str| {
         let out = Command::new("base64")
             .arg("-w0")
@@ -1211,5 +1230,273 @@ fn a_backend_offering_only_auth_login_is_logged_in_to_with_login() {
         )),
         "Postfix did not log a LOGIN for {}",
         sender.name
+    );
+}
+
+/// Sends `input` in one write to a proxy listening at `port`, then reads until the proxy
+/// closes; returns the replies.
+fn raw_client(port: u16, input: &[u8]) -> String {
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    client.write_all(input).unwrap();
+    let mut out = String::new();
+    let _ = client.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn a_scanners_sloppy_smtp_is_delivered_through_postfix() {
+    let s = servers();
+    let sender = s.new_user("sloppy-sender");
+    let rcpt = s.new_user("sloppy-rcpt");
+    let proxy = Proxy::implicit(&sender).arg("--sender-domain", MAIL_DOMAIN_FOR_SCANNERS);
+    let (port, log) = proxy.listen();
+    // A bare HELO and an unbracketed IP address in EHLO are greeted.
+    let out = raw_client(port, b"HELO\r\nEHLO 192.168.1.20\r\nQUIT\r\n");
+    assert!(
+        out.starts_with(
+            "220 proxy.test ESMTP ready\r\n250 proxy.test\r\n250-proxy.test greets 192.168.1.20\r\n"
+        ),
+        "{out}"
+    );
+    // No HELO, a sender without a domain, a space after TO:, a 1500-character line, no
+    // Date: or Message-ID:, and QUIT pipelined after the final dot.
+    let long = "y".repeat(1500);
+    let input = format!(
+        "MAIL FROM:<scanner>\r\nRCPT TO: <{}>\r\nDATA\r\nSubject: scan\r\n\r\n{long}\r\n.\r\nQUIT\r\n",
+        rcpt.email
+    );
+    let out = raw_client(port, input.as_bytes());
+    assert_eq!(
+        queued_replies(&out),
+        1,
+        "{out}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(out.ends_with("221 2.0.0 Bye\r\n"), "{out}");
+    wait_for(&rcpt, 1, Duration::from_secs(30));
+    let stored = imap_fetch_all(&rcpt);
+    let text = String::from_utf8_lossy(&stored[0].1).into_owned();
+    assert!(
+        text.contains(&format!(
+            "Return-Path: <scanner@{MAIL_DOMAIN_FOR_SCANNERS}>"
+        )),
+        "{text}"
+    );
+    let message = String::from_utf8_lossy(&without_trace(&stored[0].1)).into_owned();
+    assert!(message.starts_with("Subject: scan\r\nDate: "), "{message}");
+    assert_eq!(message.matches("\r\nMessage-ID: <").count(), 1, "{message}");
+    // The gateway passes the long line on whole; Postfix folds it at 998 characters
+    // (smtp_line_length_limit) on its way to the mailbox. No byte is lost.
+    assert_eq!(
+        message
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap()
+            .replace("\r\n ", ""),
+        format!("{long}\r\n"),
+        "{message}"
+    );
+}
+
+/// The domain `--sender-domain` gives scanners in these tests.
+const MAIL_DOMAIN_FOR_SCANNERS: &str = "scanners.test";
+
+#[test]
+fn auth_login_with_the_user_name_on_the_auth_line_logs_in_upstream() {
+    let s = servers();
+    let sender = s.new_user("authlogin-ir");
+    let (port, log) = Proxy::passthrough().listen();
+    // smtplib sends `AUTH LOGIN <user>` (an initial response) and then the password.
+    let out = python(
+        &format!(
+            r#"
+import os, smtplib
+s = smtplib.SMTP("127.0.0.1", {port})
+s.ehlo("printer")
+s.user, s.password = os.environ["LMP_USER"], os.environ["LMP_PASS"]
+code, text = s.auth("LOGIN", s.auth_login, initial_response_ok=True)
+print(code, text.decode())
+s.quit()
+"#
+        ),
+        &[("LMP_USER", &sender.name), ("LMP_PASS", &sender.password)],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("235 "),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("(AUTH LOGIN)"), "{log}");
+}
+
+/// A scripted backend offering only AUTH LOGIN, with the account `gw`/`pw`.
+fn login_backend() -> FakeSmtp {
+    FakeSmtp::start(Script {
+        extensions: vec!["AUTH LOGIN".into()],
+        // "gw" and "pw", base64-encoded as on the wire.
+        account: Some(("Z3c=".into(), "cHc=".into())),
+        ..Script::default()
+    })
+}
+
+/// Bytes `login_backend` sends before each step of the proxy's login: its greeting and
+/// the reply to lettre's EHLO (16 + 26), the reply to the proxy's second EHLO (26), the
+/// two AUTH LOGIN challenges (18 each).
+const LOGIN_STEPS: [(usize, &str); 4] = [
+    (42, "during the second EHLO"),
+    (68, "after AUTH LOGIN"),
+    (86, "after the user name"),
+    (104, "after the password"),
+];
+
+/// The proxy logging in as `gw` to 127.0.0.1:`port` (plain text), with
+/// --backend-timeout `timeout`.
+fn logging_in_to(port: u16, timeout: &str) -> Proxy {
+    Proxy::fake(port)
+        .set("--backend-timeout", timeout)
+        .arg("--smtp-user", "gw")
+        .env("LMP_SMTP_PASSWORD", "pw")
+}
+
+/// Sends EHLO and MAIL on the proxy's socket; returns the reply to MAIL, how long it
+/// took, and the log once QUIT has ended the session.
+fn mail_reply_and_log(proxy: &Proxy) -> (String, Duration, String) {
+    let (child, client) = spawn_on_socket(proxy);
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let started = Instant::now();
+    (&client)
+        .write_all(b"EHLO client.test\r\nMAIL FROM:<a@lan.test>\r\n")
+        .unwrap();
+    // The EHLO reply ends with its first `250 ` line; the next line answers MAIL.
+    while !line.starts_with("250 ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    let reply = line;
+    let took = started.elapsed();
+    (&client).write_all(b"QUIT\r\n").unwrap();
+    let log = wait_exit(child, Duration::from_secs(30), "QUIT after MAIL");
+    (reply, took, log)
+}
+
+#[test]
+fn a_connection_cut_during_the_relays_login_is_an_outage_not_a_wrong_password() {
+    let backend = login_backend();
+    // The whole login works through the fault proxy when nothing is cut.
+    let whole = FaultProxy::start(backend.port, usize::MAX);
+    let (reply, _, log) = mail_reply_and_log(&logging_in_to(whole.port(), "30"));
+    assert_eq!(reply, "250 2.1.0 Ok\r\n", "{log}");
+    for (cut, when) in &LOGIN_STEPS[1..] {
+        let fault = FaultProxy::start(backend.port, *cut);
+        let (reply, _, log) = mail_reply_and_log(&logging_in_to(fault.port(), "30"));
+        assert_eq!(
+            reply, "451 4.4.2 Backend unavailable: connection lost; try again later\r\n",
+            "cut {when}: {log}"
+        );
+        assert!(
+            log.contains("backend failed at MAIL: backend connection lost:")
+                && log.contains("logging in as gw"),
+            "cut {when}: {log}"
+        );
+        assert!(
+            !log.contains("--smtp-user") && !log.contains(": ERROR: "),
+            "cut {when}: the password is blamed: {log}"
+        );
+    }
+}
+
+#[test]
+fn a_backend_that_stalls_during_the_relays_login_holds_the_client_once_the_timeout() {
+    let backend = login_backend();
+    let timeout = Duration::from_secs(3);
+    for (stall, when) in LOGIN_STEPS {
+        let fault = FaultProxy::stall(backend.port, b"", stall);
+        let (reply, took, log) = mail_reply_and_log(&logging_in_to(fault.port(), "3"));
+        eprintln!("stall {when}: the client waited {took:?} for its reply to MAIL");
+        assert_eq!(
+            reply, "451 4.4.2 Backend unavailable: connection lost; try again later\r\n",
+            "stall {when}: {log}"
+        );
+        assert!(
+            took >= timeout && took < timeout + Duration::from_millis(1500),
+            "stall {when}: the client waited {took:?} with --backend-timeout 3\n{log}"
+        );
+        assert!(
+            log.contains("backend failed at MAIL: backend connection lost:")
+                && !log.contains("--smtp-user"),
+            "stall {when}: {log}"
+        );
+    }
+}
+
+/// A client that sends one message and closes the connection right after its final dot,
+/// without waiting for the reply; returns the log of its session once it has ended.
+fn send_and_leave(port: u16, log: &std::path::Path, from: &str, to: &str, message: &str) -> String {
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    client
+        .write_all(
+            format!("EHLO device.test\r\nMAIL FROM:<{from}>\r\nRCPT TO:<{to}>\r\nDATA\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("354 ") {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "no 354");
+    }
+    // Everything sent so far is read, so closing sends a FIN, not a reset: the proxy's
+    // socket is in CLOSE-WAIT when the backend answers the final dot.
+    client
+        .write_all(format!("{message}.\r\n").as_bytes())
+        .unwrap();
+    drop(reader);
+    drop(client);
+    let read_log = || std::fs::read_to_string(log).unwrap();
+    wait_until(
+        "the session's last log line",
+        Duration::from_secs(30),
+        || read_log().contains("smtp session end:"),
+    );
+    read_log()
+}
+
+#[test]
+fn a_client_gone_after_its_final_dot_has_its_message_delivered_and_its_fate_logged() {
+    let s = servers();
+    let sender = s.new_user("gone-sender");
+    let rcpt = s.new_user("gone-rcpt");
+    let (port, log) = Proxy::implicit(&sender).listen();
+    let message = format!("{}\r\nleft before the reply\r\n", dated("gone"));
+    let log = send_and_leave(port, &log, &sender.email, &rcpt.email, &message);
+    assert_eq!(String::from_utf8_lossy(&only_message(&rcpt)), message);
+    assert!(
+        log.contains("gone before the reply to its message: the backend accepted it; the client may not know, and may send it again: 250 2.0.0 Ok: queued as "),
+        "{log}"
+    );
+    // A backend that takes its time and then refuses the message.
+    let fake = FakeSmtp::start(Script {
+        end_of_data: vec!["554 5.7.1 Message refused".into()],
+        end_of_data_delay: Duration::from_millis(500),
+        ..Script::default()
+    });
+    let (port, log) = Proxy::fake(fake.port).listen();
+    let log = send_and_leave(port, &log, "a@lan.test", "b@example.test", &message);
+    assert!(
+        log.contains("gone before the reply to its message: the backend refused it; the client may never learn of it: 554 5.7.1 Message refused"),
+        "{log}"
     );
 }

@@ -24,7 +24,7 @@ use super::reply::{Enhanced, Reply};
 use crate::net::{Timeouts, TlsMode};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{SmtpConnection, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Ehlo, Noop, Rset};
+use lettre::transport::smtp::commands::{Auth, Data, Ehlo, Noop, Quit, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension};
 use lettre::transport::smtp::response::Response;
 use std::fmt;
@@ -236,24 +236,78 @@ impl SmtpRelay {
             conn.starttls(params, &hello).map_err(failed)?;
         }
         self.socket = local;
-        self.pipelining = announces_pipelining(&mut conn, &hello);
+        self.pipelining = announces_pipelining(&mut conn, &hello).map_err(|e| {
+            OpenError::Failed(RelayError::Lost(format!(
+                "{}:{}: asking for its extensions (EHLO): {e}",
+                b.host, b.port
+            )))
+        })?;
         let Some(credentials) = credentials else {
             return Ok((conn, None));
         };
-        // PLAIN, or LOGIN for servers such as Exchange that lack PLAIN.
-        match conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials) {
-            Ok(response) => Ok((conn, Some(reply_of(&response)))),
-            Err(e) => match e.status() {
-                Some(code) => Err(OpenError::AuthRefused(Reply::from_backend(
-                    code.into(),
-                    &[error_text(&e)],
-                ))),
-                // No PLAIN or LOGIN offered (often: AUTH only after TLS), or a garbled reply.
-                None => Err(OpenError::Failed(RelayError::LoginRefused(
-                    self.describe(&e),
-                ))),
-            },
+        let reply = self.authenticate(&mut conn, credentials)?;
+        Ok((conn, Some(reply)))
+    }
+
+    /// AUTH PLAIN, or LOGIN for servers such as Exchange that lack PLAIN (RFC 4954).
+    ///
+    /// Driven here rather than by lettre's `auth`, which after a failed LOGIN step sends
+    /// QUIT on the broken connection and waits for its answer: a stalled backend then
+    /// held the client for twice --backend-timeout. Each step here waits once, and a
+    /// connection that fails is dropped without a word.
+    ///
+    /// A coded refusal is [`OpenError::AuthRefused`]; a cut or a stall is
+    /// [`RelayError::Lost`], never a wrong password.
+    fn authenticate(
+        &self,
+        conn: &mut SmtpConnection,
+        credentials: &Credentials,
+    ) -> Result<Reply, OpenError> {
+        let b = &self.backend;
+        let user = self.login_name();
+        // A reply with a code is the server's verdict. Anything else (a cut shows as
+        // "incomplete response", a stall as a network error) loses the connection; the
+        // error's text says which.
+        let failed = |e: lettre::transport::smtp::Error| match e.status() {
+            Some(code) => {
+                OpenError::AuthRefused(Reply::from_backend(code.into(), &[error_text(&e)]))
+            }
+            None => OpenError::Failed(RelayError::Lost(format!(
+                "{}:{}: logging in as {user}: {e}",
+                b.host, b.port
+            ))),
+        };
+        let mechanism = conn
+            .server_info()
+            .get_auth_mechanism(&[Mechanism::Plain, Mechanism::Login])
+            .ok_or_else(|| {
+                // Often: the server offers AUTH only after TLS.
+                OpenError::Failed(RelayError::Protocol(format!(
+                    "{}:{} offers neither AUTH PLAIN nor AUTH LOGIN",
+                    b.host, b.port
+                )))
+            })?;
+        let command = Auth::new(mechanism, credentials.clone(), None).map_err(failed)?;
+        let mut response = conn.command(command).map_err(failed)?;
+        // PLAIN needs no challenge, LOGIN two; a server that asks for more is broken.
+        for _ in 0..2 {
+            if !response.has_code(334) {
+                break;
+            }
+            let command = Auth::new_from_response(mechanism, credentials.clone(), &response)
+                .map_err(failed)?;
+            response = conn.command(command).map_err(failed)?;
         }
+        let reply = reply_of(&response);
+        if reply.code != 235 {
+            return Err(OpenError::Failed(RelayError::Protocol(format!(
+                "{}:{}: AUTH answered {}",
+                b.host,
+                b.port,
+                reply.summary()
+            ))));
+        }
+        Ok(reply)
     }
 
     /// Opens a connection with the credentials in force, for a transaction.
@@ -274,8 +328,19 @@ impl SmtpRelay {
             Err(OpenError::AuthRefused(reply)) if reply.is_transient() => Err(
                 RelayError::Unavailable(format!("login deferred: {}", reply.summary())),
             ),
-            Err(OpenError::AuthRefused(reply)) => Err(RelayError::LoginRefused(format!(
-                "{}:{} user {}: {}",
+            // RFC 4954 §6: only 535 says the credentials are wrong.
+            Err(OpenError::AuthRefused(reply)) if reply.code == 535 => {
+                Err(RelayError::LoginRefused(format!(
+                    "{}:{} user {}: {}",
+                    self.backend.host,
+                    self.backend.port,
+                    self.login_name(),
+                    reply.summary()
+                )))
+            }
+            // 534 (mechanism too weak), 538 (encryption required), 530…: a setup problem.
+            Err(OpenError::AuthRefused(reply)) => Err(RelayError::Protocol(format!(
+                "{}:{} refused the login of user {} for a reason other than the password: {}",
                 self.backend.host,
                 self.backend.port,
                 self.login_name(),
@@ -303,7 +368,7 @@ impl SmtpRelay {
     /// Reads the reply to a command sent earlier in the same write.
     fn pipelined_reply(&mut self, stage: Stage) -> RelayResult {
         let Some(conn) = self.conn.as_mut() else {
-            return Err(RelayError::Unavailable("backend connection lost".into()));
+            return Err(RelayError::Lost("backend connection lost".into()));
         };
         let result = conn.read_response();
         self.judge(result, stage)
@@ -321,7 +386,7 @@ impl SmtpRelay {
     ) -> (RelayResult, Option<RelayResult>) {
         let mut sent = self.mail_and_rcpt(from, to);
         let dead = match &sent.0 {
-            Err(RelayError::Unavailable(_)) => true,
+            Err(RelayError::Unavailable(_) | RelayError::Lost(_)) => true,
             Ok(reply) => reply.code == 421,
             Err(_) => false,
         };
@@ -384,7 +449,7 @@ impl SmtpRelay {
                 None => {
                     let why = self.describe(&e);
                     self.drop_connection();
-                    return Err(RelayError::Unavailable(why));
+                    return Err(RelayError::Lost(why));
                 }
             },
         };
@@ -483,12 +548,18 @@ impl Relay for SmtpRelay {
         }
         self.in_transaction = false;
         let io_timeout = self.backend.timeouts.io;
+        // The reply to the final dot is waited for in full even if the client has gone,
+        // so that the session can log the message's fate. Nothing is locked meanwhile:
+        // the SMTP side takes no lock file (the mailbox lock is POP3's), the connect
+        // watchdog is not running, and the session's StdoutLock only guards this process's
+        // own stdout. Held are the two sockets and the spool file (unlinked, in
+        // --spool-dir), which the process gives back when it ends.
         let wait = self.backend.end_of_data_timeout.max(io_timeout);
         let socket = self.socket;
         let conn = self.conn.as_mut().expect("DATA was answered");
         if let Err(e) = conn.set_timeout(Some(wait)) {
             self.drop_connection();
-            return Err(RelayError::Unavailable(format!("setting a timeout: {e}")));
+            return Err(RelayError::Lost(format!("setting a timeout: {e}")));
         }
         let mut chunks = Chunks {
             reader: message,
@@ -519,7 +590,7 @@ impl Relay for SmtpRelay {
             );
             log::warn!("smtp: {}:{}: {why}", self.backend.host, self.backend.port);
             self.drop_connection();
-            return Err(RelayError::Unavailable(why));
+            return Err(RelayError::Lost(why));
         }
         if let Some(conn) = self.conn.as_mut()
             && conn.set_timeout(Some(io_timeout)).is_err()
@@ -552,7 +623,8 @@ impl Relay for SmtpRelay {
 
     fn quit(&mut self) {
         if let Some(mut conn) = self.conn.take() {
-            let _ = conn.quit();
+            // Not `conn.quit()`: on a failure it sends QUIT a second time and waits again.
+            let _ = conn.command(Quit);
         }
         self.socket = None;
         self.pending_mail = None;
@@ -562,17 +634,23 @@ impl Relay for SmtpRelay {
 
 /// Whether the server lists PIPELINING in its EHLO reply. lettre keeps only the extensions
 /// it uses itself, so this asks once more on a fresh connection, before AUTH, where a
-/// second EHLO resets nothing (RFC 5321 §4.1.4). No answer means no pipelining; a broken
-/// connection shows at the next command.
-fn announces_pipelining(conn: &mut SmtpConnection, hello: &ClientId) -> bool {
-    conn.command(Ehlo::new(hello.clone()))
-        .is_ok_and(|response| {
-            response.message().any(|line| {
-                line.split_whitespace()
-                    .next()
-                    .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
-            })
-        })
+/// second EHLO resets nothing (RFC 5321 §4.1.4). A refusal means no pipelining; no answer
+/// is an error, so that a stalled backend costs one --backend-timeout, not two.
+fn announces_pipelining(
+    conn: &mut SmtpConnection,
+    hello: &ClientId,
+) -> Result<bool, lettre::transport::smtp::Error> {
+    match conn.command(Ehlo::new(hello.clone())) {
+        Ok(response) => Ok(response.message().any(|line| {
+            line.split_whitespace()
+                .next()
+                .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
+        })),
+        // A refused EHLO: no pipelining.
+        Err(e) if e.status().is_some() => Ok(false),
+        // A cut or a stall: going on would only wait once more, at AUTH or MAIL.
+        Err(e) => Err(e),
+    }
 }
 
 /// Yields the message in pieces for `message_iter`, without its final CRLF: lettre appends
@@ -967,7 +1045,7 @@ mod tests {
         open_transaction(&mut relay);
         let result = send(&mut relay, b"x\r\n");
         assert!(
-            matches!(&result, Err(RelayError::Unavailable(why)) if why.contains("may have accepted")),
+            matches!(&result, Err(RelayError::Lost(why)) if why.contains("may have accepted")),
             "{result:?}"
         );
     }

@@ -22,6 +22,7 @@ const PATH_MAX: usize = 254;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// The client's name; empty when it gave none (old devices send a bare `HELO`).
     Ehlo(String),
     Helo(String),
     Mail(MailFrom),
@@ -162,8 +163,11 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
 }
 
 fn hello(rest: &str) -> Result<String, ParseError> {
-    // Only logged; many devices send odd names, so any printable first word will do.
+    // Only logged; many devices send odd names (an unbracketed IP address, no name at
+    // all), so any printable first word, or none, will do. The session decides whether a
+    // missing name is refused (--require-helo).
     match rest.split_whitespace().next() {
+        None => Ok(String::new()),
         Some(name) if name.bytes().all(|b| b.is_ascii_graphic()) => Ok(name.to_string()),
         _ => Err(ParseError::Syntax("Syntax: EHLO hostname")),
     }
@@ -257,7 +261,13 @@ fn path(arg: &str, reverse: bool) -> Result<(String, &str), ParseError> {
             Err(ParseError::BadAddress("Empty recipient"))
         };
     }
-    check_address(address, !reverse)?;
+    if reverse && !address.contains('@') {
+        // A bare local part (`MAIL FROM:<scanner>`, as devices send): checked like a full
+        // address, and the session completes it (--sender-domain) or refuses it.
+        check_address(&format!("{address}@x"), false)?;
+    } else {
+        check_address(address, !reverse)?;
+    }
     Ok((address.to_string(), params))
 }
 
@@ -378,7 +388,13 @@ mod tests {
             parse(b"EHLO client.example"),
             Ok(Command::Ehlo("client.example".into()))
         );
-        assert!(parse(b"EHLO").is_err());
+        assert_eq!(parse(b"EHLO"), Ok(Command::Ehlo(String::new())));
+        assert_eq!(parse(b"HELO  "), Ok(Command::Helo(String::new())));
+        assert_eq!(
+            parse(b"EHLO 192.168.1.20"),
+            Ok(Command::Ehlo("192.168.1.20".into()))
+        );
+        assert!(parse(b"EHLO \x01").is_err());
     }
 
     #[test]
@@ -439,6 +455,14 @@ mod tests {
             Err(ParseError::Syntax(_))
         ));
         assert_eq!(mail_of("MAIL FROM:<jö@b>"), Err(ParseError::NonAscii));
+        // A bare local part is left for the session to complete or refuse; it is checked
+        // like any address.
+        assert_eq!(mail_of("MAIL FROM:<scanner>").unwrap().address, "scanner");
+        assert_eq!(mail_of("MAIL FROM:scanner").unwrap().address, "scanner");
+        assert!(matches!(
+            mail_of("MAIL FROM:<scan ner>"),
+            Err(ParseError::BadAddress(_))
+        ));
     }
 
     #[test]
@@ -458,6 +482,7 @@ mod tests {
             assert!(rcpt_of(bad).is_err(), "{bad:?}");
         }
         assert_eq!(rcpt_of("RCPT TO:<Postmaster>").unwrap(), "Postmaster");
+        assert_eq!(rcpt_of("RCPT TO: <a@b>").unwrap(), "a@b");
         assert_eq!(rcpt_of("RCPT TO:<\"a b\"@c>").unwrap(), "\"a b\"@c");
         assert_eq!(rcpt_of("RCPT TO:<a@[127.0.0.1]>").unwrap(), "a@[127.0.0.1]");
         assert_eq!(

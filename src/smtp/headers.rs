@@ -8,9 +8,11 @@
 //! Only the header block is touched, and within it only the fields being changed: every
 //! other byte, every body byte, folding and field order stay as sent. mailparse's
 //! `parse_header` gives each field's exact span, folded lines included. The header block
-//! ends at the first empty line, or at the first line that is not a header field (some
-//! devices send a body with no header at all); a message that starts with such a line gets
-//! the added fields and an empty line before it, so it stays body.
+//! ends where mailparse ends it: at the first empty line (or the end of the message). A
+//! line without a colon inside the block is a broken field, not the start of the body, so
+//! a Date: after it still counts and none is added. Only a message whose very first line
+//! is not a header field has no header block (some devices send a body with no header at
+//! all): it gets the added fields and an empty line before it, so it stays body.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -52,8 +54,8 @@ pub fn edit(
         let name = field.name(head);
         if name.eq_ignore_ascii_case(b"from") {
             has_from = true;
-            if let Some(addr) = &edits.rewrite_from {
-                out.extend_from_slice(&rewrite_from(raw, field.colon - field.start, addr));
+            if let (Some(addr), Some(colon)) = (&edits.rewrite_from, field.colon) {
+                out.extend_from_slice(&rewrite_from(raw, colon - field.start, addr));
                 changes.push("from-rewritten");
                 continue;
             }
@@ -98,13 +100,16 @@ pub fn edit(
 #[derive(Debug)]
 struct Field {
     start: usize,
-    colon: usize,
+    /// `None` for a line without a colon inside the block (a broken header line).
+    colon: Option<usize>,
     end: usize,
 }
 
 impl Field {
+    /// The field name; empty for a line without a colon, which matches no field.
     fn name<'a>(&self, head: &'a [u8]) -> &'a [u8] {
-        head[self.start..self.colon].trim_ascii_end()
+        self.colon
+            .map_or(&[][..], |colon| head[self.start..colon].trim_ascii_end())
     }
 }
 
@@ -112,21 +117,30 @@ fn fields(head: &[u8], complete: bool) -> Result<Vec<Field>, HeaderError> {
     let mut fields = Vec::new();
     let mut pos = 0;
     while pos < head.len() && !head[pos..].starts_with(b"\r\n") {
-        let Some(colon) = field_name_end(&head[pos..]) else {
-            if !complete && !head[pos..].contains(&b'\n') {
+        let line_end = head[pos..].iter().position(|&b| b == b'\n');
+        let colon = field_name_end(&head[pos..]).map(|c| pos + c);
+        if colon.is_none() && pos == 0 {
+            if !complete && line_end.is_none() {
                 // The line is cut off by the memory limit: cannot tell what it is.
                 return Err(HeaderError::TooLarge);
             }
-            break; // not a header field: the body starts here
+            break; // no header block at all: the message is all body
+        }
+        // Past the first field the block ends only at the empty line, as mailparse (and
+        // Dovecot) read it: a line without a colon is a field with an empty value, not
+        // the start of the body, so fields after it still count as present. A line
+        // mailparse refuses (a space after a line without a colon) is kept the same way.
+        let used = match mailparse::parse_header(&head[pos..]) {
+            Ok((_, used)) if colon.is_some() => used,
+            _ => line_end.map_or(head.len() - pos, |i| i + 1),
         };
-        let (_, used) = mailparse::parse_header(&head[pos..]).map_err(|_| HeaderError::TooLarge)?;
         if pos + used == head.len() && !complete {
             // The field (or its folding) may continue past what we hold.
             return Err(HeaderError::TooLarge);
         }
         fields.push(Field {
             start: pos,
-            colon: pos + colon,
+            colon,
             end: pos + used,
         });
         pos += used;
@@ -442,6 +456,37 @@ mod tests {
             String::from_utf8(out)
                 .unwrap()
                 .ends_with(">\r\n\r\nbody\r\n")
+        );
+    }
+
+    #[test]
+    fn a_line_without_a_colon_does_not_end_the_header_block() {
+        // The client's Date: and Message-ID: come after the broken line: nothing is added.
+        let msg = "Subject: a\r\nbroken line\r\nDate: x\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n";
+        assert_eq!(edited(msg, &edits(None, None)), msg);
+        // Only Message-ID: is missing: it goes at the end of the block, after the Date:.
+        let msg = "Subject: a\r\nbroken line\r\nDate: x\r\n\r\nbody\r\n";
+        let out = edited(msg, &edits(None, None));
+        assert_eq!(out.matches("Date:").count(), 1, "{out}");
+        assert!(
+            out.starts_with("Subject: a\r\nbroken line\r\nDate: x\r\nMessage-ID: <"),
+            "{out}"
+        );
+        assert!(out.ends_with("@proxy.example>\r\n\r\nbody\r\n"), "{out}");
+        // A line starting with a space after a broken line (mailparse refuses it) and a
+        // From: after both: still one block, and the From: is the one rewritten.
+        let msg = format!("X: 1\r\nbroken\r\n odd\r\nFrom: <a@lan>\r\n{DATED}\r\nFrom: body\r\n");
+        assert_eq!(
+            edited(&msg, &edits(Some("me@c"), None)),
+            format!("X: 1\r\nbroken\r\n odd\r\nFrom: <me@c>\r\n{DATED}\r\nFrom: body\r\n")
+        );
+        // No empty line at all: the whole message is the block, as mailparse reads it.
+        let msg = format!("Subject: s\r\nno colon\r\n{DATED}");
+        assert_eq!(edited(&msg, &edits(None, None)), msg);
+        // A broken line at the end of what is held in memory may go on: too large.
+        assert_eq!(
+            edit(b"Subject: s\r\nbroken", false, &edits(None, None), at(0)).unwrap_err(),
+            HeaderError::TooLarge
         );
     }
 

@@ -31,8 +31,10 @@ pub struct MemoryRelay {
     pub rcpt_replies: Vec<(String, Reply)>,
     /// Every connection attempt fails.
     pub down: bool,
-    /// The configured login is refused.
+    /// The configured login is refused (`535`).
     pub login_refused: bool,
+    /// The connection is cut while the relay logs in.
+    pub login_cut: bool,
     /// Accounts for passthrough logins.
     pub accounts: Vec<(String, String)>,
     /// Overrides the reply to the next DATA command (`354` by default).
@@ -55,6 +57,11 @@ impl MemoryRelay {
         }
         if self.down {
             return Err(RelayError::Unavailable("connection refused".into()));
+        }
+        if self.login_cut {
+            return Err(RelayError::Lost(
+                "logging in: Connection error: connection reset".into(),
+            ));
         }
         if self.login_refused {
             return Err(RelayError::LoginRefused(
@@ -79,7 +86,7 @@ impl MemoryRelay {
         if drop_here {
             self.drop_at = None;
             self.lose_connection();
-            return Err(RelayError::Unavailable("connection lost".into()));
+            return Err(RelayError::Lost("connection lost".into()));
         }
         Ok(())
     }

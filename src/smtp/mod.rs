@@ -111,6 +111,18 @@ pub struct Args {
     #[arg(long, env = "LMP_FORCE_SENDER", value_name = "ADDRESS")]
     pub force_sender: Option<String>,
 
+    /// Domain added to a sender given without one (`MAIL FROM:<scanner>`, as scanners and
+    /// printers send), making it `scanner@DOMAIN`. Without it such a sender is refused
+    /// with a reply naming this option, unless --force-sender replaces it anyway.
+    #[arg(long, env = "LMP_SENDER_DOMAIN", value_name = "DOMAIN")]
+    pub sender_domain: Option<String>,
+
+    /// Refuse MAIL until the client has said HELO or EHLO with a name (Postfix's
+    /// smtpd_helo_required = yes). By default, as in Postfix, MAIL without HELO and a bare
+    /// HELO are accepted: scanners and printers do both.
+    #[arg(long, env = "LMP_REQUIRE_HELO", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
+    pub require_helo: bool,
+
     /// Replace the address in each message's From: header (the display name is kept), or
     /// add From: when missing. For servers that refuse other senders (Office 365
     /// `554 5.2.252 SendAsDenied`).
@@ -202,6 +214,7 @@ pub fn serve(args: Args) -> ExitCode {
     };
     Session::new(input, output, &mut relay, &config)
         .on_client_done(close_client_side)
+        .client_closed_check(client_has_closed)
         .run();
     ExitCode::SUCCESS
 }
@@ -216,6 +229,33 @@ fn close_client_side() {
     // shutdown fails harmlessly with ENOTSOCK on a pipe. Every reply has been flushed.
     let socket = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(1) });
     let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
+/// Whether the client has closed its side of the connection (its FIN or RST has arrived,
+/// with nothing left unread in the socket). Bytes it pipelined after its message are in the
+/// session's buffer by then, not in the socket. On a pipe (tests, the demo) it says no.
+fn client_has_closed() -> bool {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 0 stays open for the whole process and ManuallyDrop never closes it. The
+    // short read timeout is replaced before the next read (`TickingStdin` sets its own).
+    let socket = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(0) });
+    if socket
+        .set_read_timeout(Some(Duration::from_millis(1)))
+        .is_err()
+    {
+        return false;
+    }
+    match socket.peek(&mut [0]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::Interrupted
+        ),
+    }
 }
 
 /// Turns the options (and the legacy environment variables) into a session configuration
@@ -319,6 +359,12 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
                 .map_err(|e| anyhow::anyhow!("{option} {address}: {}", e.reply().summary()))?;
         }
     }
+    if let Some(domain) = &args.sender_domain {
+        command::check_address(&format!("x@{domain}"), false)
+            .ok()
+            .filter(|_| !domain.contains('@'))
+            .with_context(|| format!("--sender-domain {domain} is not a domain"))?;
+    }
     for entry in &args.allowed_senders {
         let entry = entry.trim();
         let valid = match entry.strip_prefix('@') {
@@ -362,6 +408,8 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
     config.auth = auth;
     config.allowed_senders = AllowedSenders::new(&args.allowed_senders);
     config.force_sender = args.force_sender;
+    config.sender_domain = args.sender_domain;
+    config.require_helo = args.require_helo;
     config.edits = HeaderEdits {
         rewrite_from: args.rewrite_from,
         reply_to: args.reply_to,
@@ -494,12 +542,18 @@ mod tests {
             ("--rewrite-from", "nobody"),
             ("--reply-to", "x@y>"),
             ("--allowed-senders", "@"),
+            ("--sender-domain", "a@b"),
+            ("--sender-domain", "lan example"),
         ] {
             assert!(settings_of(&[option, value]).is_err(), "{option} {value}");
         }
         let (config, _) = settings_of(&["--allowed-senders", "a@b.example,@c.example"]).unwrap();
         assert!(config.allowed_senders.allows("x@c.example"));
         assert!(!config.allowed_senders.allows("x@b.example"));
+        let (config, _) =
+            settings_of(&["--sender-domain", "lan.example", "--require-helo"]).unwrap();
+        assert_eq!(config.sender_domain.as_deref(), Some("lan.example"));
+        assert!(config.require_helo);
     }
 
     #[test]

@@ -16,14 +16,18 @@ use std::io::Read;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayError {
-    /// No usable backend connection: DNS, TCP, TLS, timeout, lost connection.
+    /// No backend connection could be made: DNS, TCP, TLS, no greeting.
     Unavailable(String),
+    /// A connection was made, then broke or stopped answering (a cut, a stall past
+    /// --backend-timeout), during login or later.
+    Lost(String),
     /// The backend answered something that does not fit the exchange (RFC 5321 §4.3.2),
     /// such as `250` to DATA or `354` to the final dot. Its connection has been dropped:
     /// nothing it says can be trusted any more.
     Protocol(String),
-    /// The backend refused the login the relay uses (--smtp-user, or in passthrough mode
-    /// the client's credentials when they are used again on a new connection).
+    /// The backend answered AUTH with `535` (RFC 4954 §6: credentials invalid) for the
+    /// login the relay uses (--smtp-user, or in passthrough mode the client's credentials
+    /// when they are used again on a new connection). Only this blames the password.
     LoginRefused(String),
     /// A local failure (reading the spooled message).
     Local(String),
@@ -33,6 +37,7 @@ impl fmt::Display for RelayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RelayError::Unavailable(why) => write!(f, "backend unavailable: {why}"),
+            RelayError::Lost(why) => write!(f, "backend connection lost: {why}"),
             RelayError::Protocol(why) => write!(f, "backend protocol error: {why}"),
             RelayError::LoginRefused(why) => write!(f, "backend refused the login: {why}"),
             RelayError::Local(why) => write!(f, "local error: {why}"),

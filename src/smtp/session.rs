@@ -1,6 +1,7 @@
 //! The SMTP server core: one session with one client, generic over `BufRead + Write`.
 //!
-//! RFC 5321 §3 (transactions), §4.1.1 (commands), §4.1.4 (order: HELO/EHLO first, EHLO and
+//! RFC 5321 §3 (transactions), §4.1.1 (commands), §4.1.4 (order: HELO/EHLO first, though
+//! like Postfix by default MAIL without it is accepted unless `require_helo`; EHLO and
 //! RSET clear the transaction), §4.2 (reply codes), §4.5.3.1 (limits), §4.5.3.2 (timeouts);
 //! RFC 2920 (pipelining: replies strictly in command order), RFC 1870 (SIZE), RFC 6152
 //! (8BITMIME), RFC 2034 (enhanced status codes), RFC 4954 (AUTH).
@@ -35,6 +36,11 @@ pub struct Config {
     pub allowed_senders: AllowedSenders,
     /// Envelope sender used upstream instead of the client's.
     pub force_sender: Option<String>,
+    /// Completes a sender without a domain (`MAIL FROM:<scanner>`) as `scanner@domain`.
+    pub sender_domain: Option<String>,
+    /// HELO/EHLO, with a name, before MAIL (Postfix's `smtpd_helo_required = yes`).
+    /// Off by default, as in Postfix: devices skip HELO or send it bare.
+    pub require_helo: bool,
     pub edits: HeaderEdits,
     /// RFC 5321 §4.5.3.2.7: at least 5 minutes without a command or data.
     pub idle_timeout: Duration,
@@ -62,6 +68,8 @@ impl Config {
             auth: ClientAuth::None,
             allowed_senders: AllowedSenders::default(),
             force_sender: None,
+            sender_domain: None,
+            require_helo: false,
             edits: HeaderEdits {
                 id_domain: hostname.to_string(),
                 ..HeaderEdits::default()
@@ -198,6 +206,8 @@ pub struct Session<'a, R: BufRead, W: Write> {
     stats: Stats,
     /// Runs once the client has had its last reply, before the backend is left.
     client_done: Option<Box<dyn FnOnce() + 'a>>,
+    /// Says whether the client has closed its side of the connection.
+    client_closed: Box<dyn FnMut() -> bool + 'a>,
 }
 
 impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
@@ -219,6 +229,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             spool: None,
             stats: Stats::default(),
             client_done: None,
+            client_closed: Box::new(|| false),
         }
     }
 
@@ -227,6 +238,14 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     /// on the backend's answer to QUIT.
     pub fn on_client_done(mut self, f: impl FnOnce() + 'a) -> Self {
         self.client_done = Some(Box::new(f));
+        self
+    }
+
+    /// `f` tells whether the client has closed its side of the connection; asked when the
+    /// backend has answered a message, so that the log says when the client may never see
+    /// that answer. Without it the client is taken to be there.
+    pub fn client_closed_check(mut self, f: impl FnMut() -> bool + 'a) -> Self {
+        self.client_closed = Box::new(f);
         self
     }
 
@@ -329,6 +348,15 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     // ---- HELO / EHLO -------------------------------------------------------------------
 
     fn hello(&mut self, name: String, extended: bool) -> io::Result<Flow> {
+        if name.is_empty() && self.config.require_helo {
+            // Postfix's answer to a bare HELO; with --require-helo MAIL then gets 503.
+            let verb = if extended { "EHLO" } else { "HELO" };
+            return self.bad(&Reply::new(
+                501,
+                Enhanced::new(5, 5, 4),
+                format!("Syntax: {verb} hostname"),
+            ));
+        }
         // RFC 5321 §4.1.4: EHLO/HELO in a transaction aborts it, like RSET.
         self.end_transaction();
         self.state = State::Ready;
@@ -339,8 +367,12 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         }
         // Only extensions the relay honours: no STARTTLS (the client side is the local
         // trusted link), no DSN, CHUNKING or SMTPUTF8 (lettre's connection cannot relay them).
+        let greets = match self.helo.as_str() {
+            "" => host.clone(),
+            helo => format!("{host} greets {helo}"),
+        };
         let mut lines = vec![
-            format!("{host} greets {}", self.helo),
+            greets,
             "PIPELINING".to_string(),
             format!("SIZE {}", self.config.max_message_size),
             "8BITMIME".to_string(),
@@ -354,11 +386,14 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
 
     // ---- MAIL --------------------------------------------------------------------------
 
-    fn mail(&mut self, mail: command::MailFrom) -> io::Result<Flow> {
+    fn mail(&mut self, mut mail: command::MailFrom) -> io::Result<Flow> {
         match self.state {
-            State::Fresh => return self.bad(&need("Send HELO/EHLO first")),
+            // Postfix's default (smtpd_helo_required = no): scanners skip HELO.
+            State::Fresh if self.config.require_helo => {
+                return self.bad(&need("Send HELO/EHLO first"));
+            }
             State::Mail(_) => return self.bad(&need("Nested MAIL command")),
-            State::Ready => {}
+            State::Fresh | State::Ready => {}
         }
         if self.config.auth.enabled() && self.user.is_none() {
             return self.ok(Reply::new(
@@ -369,6 +404,30 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         }
         if mail.size.is_some_and(|s| s > self.config.max_message_size) {
             return self.ok(too_big());
+        }
+        if !mail.address.is_empty() && !mail.address.contains('@') {
+            match (&self.config.sender_domain, &self.config.force_sender) {
+                (Some(domain), _) => mail.address = format!("{}@{domain}", mail.address),
+                // Replaced upstream anyway; the bare name is kept for the logs.
+                (None, Some(_)) => {}
+                (None, None) => {
+                    log::warn!(
+                        "smtp: client={} sender <{}> has no domain: set --sender-domain to \
+                         complete it, or --force-sender to replace it",
+                        self.config.client,
+                        mail.address
+                    );
+                    return self.bad(&Reply::new(
+                        501,
+                        Enhanced::new(5, 1, 3),
+                        format!(
+                            "<{}>: sender needs a domain; the gateway's admin can set \
+                             --sender-domain or --force-sender",
+                            mail.address
+                        ),
+                    ));
+                }
+            }
         }
         if !self.config.allowed_senders.allows(&mail.address) {
             log::warn!(
@@ -483,6 +542,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             return Ok(Flow::Close(reason));
         }
         let reply = self.relay_message(&mut spool);
+        if (self.client_closed)() {
+            self.log_fate_unseen(&reply);
+        }
         self.spool = Some(spool);
         // RFC 5321 §4.1.1.4: after the reply to the final dot the transaction is over.
         self.state = State::Ready;
@@ -587,6 +649,24 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         reply
     }
 
+    /// Says what became of a message whose client closed the connection while the backend
+    /// had it (a device that gave up waiting: its socket is in CLOSE-WAIT here). The reply
+    /// is still sent, for a client that only half-closed, but it may never be read.
+    fn log_fate_unseen(&self, reply: &Reply) {
+        let fate = if reply.is_success() {
+            "the backend accepted it; the client may not know, and may send it again"
+        } else if reply.is_transient() {
+            "the backend deferred it; the client may never learn of it"
+        } else {
+            "the backend refused it; the client may never learn of it"
+        };
+        log::warn!(
+            "smtp: client={} gone before the reply to its message: {fate}: {}",
+            self.config.client,
+            reply.summary()
+        );
+    }
+
     /// The one log line per message (the session line is in `run`).
     fn log_message(&mut self, spool: &Spool, outcome: Outcome, reply: &str) {
         let State::Mail(tx) = &self.state else {
@@ -632,7 +712,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             Mechanism::Plain => "PLAIN",
             Mechanism::Login => "LOGIN",
             Mechanism::Other(_) => {
-                return self.ok(Reply::new(
+                return self.bad(&Reply::new(
                     504,
                     Enhanced::new(5, 5, 4),
                     "Unrecognized authentication type",
@@ -673,7 +753,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 Ok(reply) => reply.relayed(),
                 Err(e) => {
                     log::warn!("smtp: client={} AUTH {mechanism}: {e}", self.config.client);
-                    return self.ok(Reply::new(
+                    // Not a failed login (no password was judged), but each attempt costs
+                    // a backend connection: an error, so that it cannot go on forever.
+                    return self.bad(&Reply::new(
                         454,
                         Enhanced::new(4, 7, 0),
                         "Temporary authentication failure",
@@ -728,9 +810,10 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             }
         };
         if encoded == b"*" {
-            // RFC 4954 §4: the client cancelled; 501.
+            // RFC 4954 §4: the client cancelled; 501. Counted as an error, like bad base64,
+            // or a client could repeat it until the idle timeout.
             return self
-                .ok(Reply::new(
+                .bad(&Reply::new(
                     501,
                     Enhanced::new(5, 0, 0),
                     "Authentication cancelled",
@@ -812,19 +895,26 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                     "Relay login failed; try again later",
                 )
             }
-            RelayError::Unavailable(_) | RelayError::Protocol(_) => {
+            RelayError::Unavailable(_) | RelayError::Lost(_) | RelayError::Protocol(_) => {
                 log::warn!(
                     "smtp: client={} backend failed at {during}: {error}",
                     self.config.client
                 );
-                if during == Stage::Mail {
-                    Reply::new(
+                match (during, error) {
+                    // RFC 3463 X.4.1: no answer from the host.
+                    (Stage::Mail, RelayError::Unavailable(_)) => Reply::new(
                         451,
                         Enhanced::new(4, 4, 1),
                         "Backend unavailable; try again later",
-                    )
-                } else {
-                    lost_backend()
+                    ),
+                    // X.4.2: the connection was made, then broke (at MAIL: while the
+                    // relay logged in, or a kept connection found dead).
+                    (Stage::Mail, _) => Reply::new(
+                        451,
+                        Enhanced::new(4, 4, 2),
+                        "Backend unavailable: connection lost; try again later",
+                    ),
+                    _ => lost_backend(),
                 }
             }
             RelayError::Local(why) => {

@@ -334,8 +334,10 @@ fn pipelined_commands_are_answered_in_order() {
 
 #[test]
 fn commands_out_of_sequence_get_503_and_the_session_goes_on() {
+    let mut strict = config();
+    strict.require_helo = true;
     let run = transcript(
-        &config(),
+        &strict,
         "MAIL FROM:<a@c>\r\nRCPT TO:<b@d>\r\nDATA\r\nEHLO c.example\r\nDATA\r\nMAIL FROM:<a@c>\r\nMAIL FROM:<a@c>\r\nDATA\r\nRSET\r\nRCPT TO:<b@d>\r\nQUIT\r\n",
     );
     assert_eq!(
@@ -363,6 +365,85 @@ fn commands_out_of_sequence_get_503_and_the_session_goes_on() {
 }
 
 #[test]
+fn scanners_sloppy_smtp_is_accepted_as_postfix_accepts_it() {
+    let mut c = config();
+    c.sender_domain = Some("lan.example".into());
+    // Bytes a device may send: no HELO before MAIL, a sender without a domain, a space
+    // after `TO:`, a 5000-character line, no Date:/Message-ID:, QUIT pipelined after the
+    // final dot; then a bare HELO and an EHLO with an unbracketed IP address.
+    let long = "x".repeat(5000);
+    let message = format!("Subject: scan\r\n\r\n{long}\r\n");
+    let run = transcript(
+        &c,
+        &format!(
+            "MAIL FROM:<scanner>\r\nRCPT TO: <desk@corp.example>\r\nDATA\r\n{message}.\r\nHELO\r\nEHLO 192.168.1.20\r\nQUIT\r\n"
+        ),
+    );
+    assert_eq!(
+        run.out,
+        replies(&[
+            GREETING,
+            "250 2.1.0 Ok\r\n",
+            "250 2.1.5 Ok\r\n",
+            "354 End data with <CR><LF>.<CR><LF>\r\n",
+            "250 2.0.0 Ok: queued as Q1\r\n",
+            "250 mx.test\r\n",
+            &EHLO_REPLY.replace("c.example", "192.168.1.20"),
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+    let delivered = &normal_deliveries(&run.relay.delivered)[0];
+    assert_eq!(delivered.from, "scanner@lan.example");
+    assert_eq!(delivered.to, ["desk@corp.example"]);
+    assert_eq!(
+        String::from_utf8_lossy(&delivered.data),
+        format!("Subject: scan\r\nDate: (generated)\r\nMessage-ID: (generated)\r\n\r\n{long}\r\n")
+    );
+}
+
+#[test]
+fn a_sender_without_a_domain_is_refused_with_the_option_to_set_or_forced() {
+    let input = "HELO c\r\nMAIL FROM:<scanner>\r\nQUIT\r\n";
+    let run = transcript(&config(), input);
+    assert!(
+        run.out.contains(
+            "\r\n501 5.1.3 <scanner>: sender needs a domain; the gateway's admin can set --sender-domain or --force-sender\r\n"
+        ),
+        "{}",
+        run.out
+    );
+    assert!(run.relay.log.is_empty());
+    let mut c = config();
+    c.force_sender = Some("gw@corp.example".into());
+    let run = transcript(&c, input);
+    assert!(run.out.contains("\r\n250 2.1.0 Ok\r\n"), "{}", run.out);
+    assert_eq!(run.relay.log[1], "MAIL FROM:<gw@corp.example>");
+}
+
+#[test]
+fn require_helo_refuses_mail_before_a_named_helo() {
+    let mut c = config();
+    c.require_helo = true;
+    let run = transcript(
+        &c,
+        "MAIL FROM:<a@c>\r\nHELO\r\nEHLO\r\nMAIL FROM:<a@c>\r\nHELO c\r\nMAIL FROM:<a@c>\r\nQUIT\r\n",
+    );
+    assert_eq!(
+        run.out,
+        replies(&[
+            GREETING,
+            "503 5.5.1 Send HELO/EHLO first\r\n",
+            "501 5.5.4 Syntax: HELO hostname\r\n",
+            "501 5.5.4 Syntax: EHLO hostname\r\n",
+            "503 5.5.1 Send HELO/EHLO first\r\n",
+            "250 mx.test\r\n",
+            "250 2.1.0 Ok\r\n",
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+}
+
+#[test]
 fn data_after_only_refused_recipients_is_554() {
     let run = transcript_with(
         &config(),
@@ -385,7 +466,7 @@ fn syntax_errors_unknown_commands_and_long_lines() {
     let run = transcript(
         &config(),
         &format!(
-            "EHLO\r\nFOO\r\n{long}{huge}EHLO c.example\r\nMAIL FROM:<a b@c>\r\nMAIL FROM:<a@c> SMTPUTF8\r\nMAIL FROM:<j\u{f6}@c>\r\nSTARTTLS\r\nAUTH PLAIN\r\nBDAT 10 LAST\r\nQUIT\r\n"
+            "EHLO a\x01b\r\nFOO\r\n{long}{huge}EHLO c.example\r\nMAIL FROM:<a b@c>\r\nMAIL FROM:<a@c> SMTPUTF8\r\nMAIL FROM:<j\u{f6}@c>\r\nSTARTTLS\r\nAUTH PLAIN\r\nBDAT 10 LAST\r\nQUIT\r\n"
         ),
     );
     assert_eq!(
@@ -575,18 +656,25 @@ fn an_unreachable_backend_gives_4xx_so_the_client_retries() {
 }
 
 #[test]
-fn a_refused_proxy_login_gives_4xx() {
-    let run = transcript_with(
-        &config(),
-        |r| r.login_refused = true,
-        b"HELO c\r\nMAIL FROM:<a@c>\r\nQUIT\r\n",
-    );
-    assert!(
-        run.out
-            .contains("451 4.3.5 Relay login failed; try again later\r\n"),
-        "{}",
-        run.out
-    );
+fn a_refused_proxy_login_gives_4_3_5_and_a_lost_connection_4_4_2() {
+    // Only a 535 from the backend is a refused login; a cut while logging in is an outage.
+    for (refused, expected) in [
+        (true, "451 4.3.5 Relay login failed; try again later\r\n"),
+        (
+            false,
+            "451 4.4.2 Backend unavailable: connection lost; try again later\r\n",
+        ),
+    ] {
+        let run = transcript_with(
+            &config(),
+            |r| {
+                r.login_refused = refused;
+                r.login_cut = !refused;
+            },
+            b"HELO c\r\nMAIL FROM:<a@c>\r\nQUIT\r\n",
+        );
+        assert!(run.out.contains(expected), "{}", run.out);
+    }
 }
 
 #[test]
@@ -615,6 +703,36 @@ fn the_backends_refusal_of_the_message_is_passed_on() {
         .as_bytes(),
     );
     assert!(run.out.contains("\r\n451 4.4.2 Timeout\r\n"), "{}", run.out);
+}
+
+#[test]
+fn a_client_gone_after_its_final_dot_is_asked_about_once_the_backend_answered() {
+    // The check runs after the backend's answer (so the log can tell the message's fate)
+    // and the reply is still written, for a client that only half-closed.
+    let message = format!("{DATED}\r\nx\r\n");
+    let input = format!("HELO c\r\nMAIL FROM:<a@c>\r\nRCPT TO:<b@d>\r\nDATA\r\n{message}.\r\n");
+    let mut relay = MemoryRelay::default();
+    let asked = std::cell::RefCell::new(Vec::new());
+    let mut out = Vec::new();
+    let config = config();
+    Session::new(
+        BufReader::new(feed(input.as_bytes(), input.len(), false)),
+        &mut out,
+        &mut relay,
+        &config,
+    )
+    .client_closed_check(|| {
+        asked.borrow_mut().push(());
+        true
+    })
+    .run();
+    assert_eq!(asked.borrow().len(), 1);
+    assert!(
+        String::from_utf8_lossy(&out).ends_with("250 2.0.0 Ok: queued as Q1\r\n"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(relay.delivered.len(), 1);
 }
 
 #[test]
@@ -741,6 +859,75 @@ fn auth_login_and_plain_with_a_challenge() {
             "235 2.7.0 Authentication successful\r\n",
             "221 2.0.0 Bye\r\n",
         ])
+    );
+}
+
+#[test]
+fn cancelled_and_malformed_auth_count_towards_the_error_limit() {
+    // Each of these, repeated, must end the session within 20 errors: a cancel at the
+    // first or the second challenge, bad base64 in an initial response or a challenge
+    // response, an unknown mechanism, malformed AUTH lines.
+    let steps = [
+        "AUTH PLAIN\r\n*\r\n",
+        "AUTH LOGIN\r\n*\r\n",
+        &format!("AUTH LOGIN {}\r\n*\r\n", b64("scanner")),
+        "AUTH PLAIN !!!!\r\n",
+        "AUTH LOGIN\r\n!!!!\r\n",
+        "AUTH CRAM-MD5\r\n",
+        "AUTH PLAIN a b\r\n",
+    ];
+    for step in steps {
+        let run = transcript(
+            &local_auth(),
+            &format!("EHLO c.example\r\n{}", step.repeat(25)),
+        );
+        assert!(
+            run.out.ends_with("421 4.7.0 mx.test Too many errors\r\n"),
+            "{step:?}: {}",
+            run.out
+        );
+    }
+}
+
+#[test]
+fn every_way_of_logging_in_counts_towards_the_failure_limit() {
+    let wrong_login = |initial: bool| match initial {
+        true => format!("AUTH LOGIN {}\r\n{}\r\n", b64("scanner"), b64("wrong")),
+        false => format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("scanner"), b64("wrong")),
+    };
+    let wrong_plain = |initial: bool| {
+        let message = b64("\0scanner\0wrong");
+        match initial {
+            true => format!("AUTH PLAIN {message}\r\n"),
+            false => format!("AUTH PLAIN\r\n{message}\r\n"),
+        }
+    };
+    // A PLAIN message that is not `authzid NUL user NUL password` is a failed login too.
+    let malformed = format!("AUTH PLAIN {}\r\n", b64("scanner wrong"));
+    let input = format!(
+        "EHLO c.example\r\n{}{}{}NOOP\r\n",
+        wrong_login(true),
+        wrong_login(false),
+        wrong_plain(false)
+    );
+    let run = transcript(&local_auth(), &input);
+    assert!(
+        run.out
+            .ends_with("535 5.7.8 Authentication credentials invalid\r\n421 4.7.0 mx.test Too many failed authentications\r\n"),
+        "{}",
+        run.out
+    );
+    let input = format!(
+        "EHLO c.example\r\n{}{malformed}{}NOOP\r\n",
+        wrong_plain(true),
+        wrong_login(true)
+    );
+    let run = transcript(&local_auth(), &input);
+    assert!(
+        run.out
+            .ends_with("421 4.7.0 mx.test Too many failed authentications\r\n"),
+        "{}",
+        run.out
     );
 }
 
