@@ -11,6 +11,7 @@ pub mod lines;
 pub mod lock;
 pub mod logging;
 pub mod net;
+pub mod oauth2;
 pub mod pop3;
 pub mod secret;
 pub mod smtp;
