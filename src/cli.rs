@@ -159,3 +159,17 @@ pub fn seconds(value: &str) -> Result<f64, String> {
         _ => Err(format!("{value:?} is not a number of seconds")),
     }
 }
+
+/// Where OAuth2 accounts live: shared by the `oauth2` admin commands, `pop3` and `smtp`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OAuth2Options {
+    /// Directory of the OAuth2 token store, one file per account. Shared by every instance
+    /// (like the lock directory) and writable by the service user only.
+    #[arg(
+        long,
+        env = "LMP_OAUTH2_DIR",
+        default_value = "/var/lib/legacy-mail-proxy/oauth2",
+        value_name = "DIR"
+    )]
+    pub oauth2_dir: PathBuf,
+}
