@@ -76,3 +76,6 @@ pub trait TokenSource {
     /// second rejection as [`TokenError::Revoked`].
     fn renew(&mut self, rejected: &AccessToken) -> Result<AccessToken, TokenError>;
 }
+
+pub mod login;
+pub mod sasl;
