@@ -11,6 +11,7 @@
 //! never sent, because it would also remove messages other clients flagged `\Deleted`.
 
 use super::DeletePolicy;
+use super::imap_oauth2::{self, Offers};
 use super::maildrop::{
     BackendError, Credentials, Extent, FetchError, Maildrop, MessageInfo, MessageSink, OpenError,
     Opener, Update,
@@ -18,6 +19,8 @@ use super::maildrop::{
 use super::selected::{Selected, status_guid};
 use crate::lock::{self, LockError, MailboxLock};
 use crate::net::{self, Stream, Timeouts, TlsMode};
+use crate::oauth2::login::{Account, Failure, Refusal};
+use crate::oauth2::sasl::Target;
 use crate::starttls::Protocol;
 use std::cell::RefCell;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -53,6 +56,9 @@ pub enum Login {
         password: String,
         client: Option<(String, String)>,
     },
+    /// The OAuth2 account in [`ImapOpener::oauth2`], with `AUTHENTICATE OAUTHBEARER` or
+    /// `XOAUTH2`. `client` is what clients must present, `None` to accept any.
+    OAuth2 { client: Option<(String, String)> },
 }
 
 /// Everything the IMAP maildrop needs besides the server.
@@ -81,6 +87,8 @@ struct LockPlan {
 pub struct ImapOpener {
     pub server: Server,
     pub settings: Settings,
+    /// The account of [`Login::OAuth2`].
+    pub oauth2: Option<Account>,
 }
 
 type ImapSession = imap::Session<Shared>;
@@ -128,6 +136,25 @@ impl Write for Shared {
     }
 }
 
+/// With a configured login, the client must present the configured client credentials
+/// (`None`: anyone may log in).
+fn check_client(
+    expected: &Option<(String, String)>,
+    credentials: &Credentials,
+) -> Result<(), OpenError> {
+    let Some((client_user, client_password)) = expected else {
+        return Ok(());
+    };
+    // Both compared, always, so timing tells nothing about which was wrong.
+    let user_ok = crate::secret::equal(client_user.as_bytes(), credentials.user.as_bytes());
+    let password_ok =
+        crate::secret::equal(client_password.as_bytes(), credentials.password.as_bytes());
+    match user_ok & password_ok {
+        true => Ok(()),
+        false => Err(OpenError::Auth("client credentials do not match".into())),
+    }
+}
+
 impl Opener for ImapOpener {
     fn open(&mut self, credentials: &Credentials) -> Result<Box<dyn Maildrop>, OpenError> {
         let (user, password) = match &self.settings.login {
@@ -137,22 +164,16 @@ impl Opener for ImapOpener {
                 password,
                 client,
             } => {
-                if let Some((client_user, client_password)) = client {
-                    // Both compared, always, so timing tells nothing about which was wrong.
-                    let user_ok =
-                        crate::secret::equal(client_user.as_bytes(), credentials.user.as_bytes());
-                    let password_ok = crate::secret::equal(
-                        client_password.as_bytes(),
-                        credentials.password.as_bytes(),
-                    );
-                    if !(user_ok & password_ok) {
-                        return Err(OpenError::Auth("client credentials do not match".into()));
-                    }
-                }
+                check_client(client, credentials)?;
                 (user.as_str(), password.as_str())
             }
+            Login::OAuth2 { client } => {
+                check_client(client, credentials)?;
+                let (session, raw, user) = self.oauth2_login()?;
+                return self.select(session, raw, &user);
+            }
         };
-        let (client, raw) = connect(&self.server)?;
+        let (client, raw, _) = connect(&self.server)?;
         log::debug!(
             "connected to {}:{} ({:?}), logging in as {}",
             self.server.host,
@@ -164,6 +185,24 @@ impl Opener for ImapOpener {
             Ok(session) => session,
             Err((error, _client)) => return Err(login_error(error)),
         };
+        self.select(session, raw, user)
+    }
+}
+
+/// A connection ready for LOGIN, and its greeting (`None` after STARTTLS).
+type Connected = (imap::Client<Shared>, Shared, Option<Vec<u8>>);
+
+/// A connection ready for AUTHENTICATE, and what its server offers.
+type Unauthenticated = (imap::Client<Shared>, Shared, Offers);
+
+impl ImapOpener {
+    /// Opens the maildrop on a logged-in session of `user`.
+    fn select(
+        &self,
+        session: ImapSession,
+        raw: Shared,
+        user: &str,
+    ) -> Result<Box<dyn Maildrop>, OpenError> {
         let lock = self.settings.lock_dir.as_ref().map(|dir| LockPlan {
             dir: dir.clone(),
             host: self.server.host.clone(),
@@ -174,10 +213,84 @@ impl Opener for ImapOpener {
             Err(e) => Err(e),
         }
     }
+
+    /// Logs in with the OAuth2 account: one token, and after a rejection one renewal and
+    /// one retry, on the same connection when the server keeps it open (RFC 3501 allows
+    /// another AUTHENTICATE after NO), else on a new one. A token that cannot be had, or
+    /// a renewed one rejected too, is `[SYS/TEMP]` for the client (its own password was
+    /// right) and the session's one log line tells the admin what to run.
+    fn oauth2_login(&mut self) -> Result<(ImapSession, Shared, String), OpenError> {
+        let Some(account) = self.oauth2.as_mut() else {
+            return Err(OpenError::Permanent("no OAuth2 account configured".into()));
+        };
+        let server = &self.server;
+        let target = Target {
+            host: &server.host,
+            port: server.port,
+        };
+        let mut kept: Option<Unauthenticated> = None;
+        let result = account.login(|user, token| {
+            let reused = kept.is_some();
+            let (client, raw, offers) = match kept.take() {
+                Some(connection) => connection,
+                None => connect_for_oauth2(server).map_err(Refusal::Failed)?,
+            };
+            match imap_oauth2::authenticate(client, &offers, user, token, target) {
+                Ok(session) => Ok((session, raw, user.to_string())),
+                Err((refusal, Some(client))) => {
+                    kept = Some((client, raw, offers));
+                    Err(refusal)
+                }
+                // The server closed the connection after rejecting the first token.
+                Err((Refusal::Failed(_), None)) if reused => {
+                    let (client, raw, offers) =
+                        connect_for_oauth2(server).map_err(Refusal::Failed)?;
+                    imap_oauth2::authenticate(client, &offers, user, token, target)
+                        .map(|session| (session, raw, user.to_string()))
+                        .map_err(|(refusal, _)| refusal)
+                }
+                Err((refusal, None)) => Err(refusal),
+            }
+        });
+        let error = match result {
+            Ok(done) => return Ok(done),
+            Err(Failure::Failed(e)) => e,
+            Err(Failure::Token(e)) => OpenError::Temporary(account.advice(&e)),
+        };
+        Err(error)
+    }
 }
 
-/// Connects and reads the greeting; after this the client is ready for LOGIN.
-fn connect(server: &Server) -> Result<(imap::Client<Shared>, Shared), OpenError> {
+/// Connects, and learns from the greeting or a CAPABILITY command which OAuth2 mechanism
+/// the server takes and whether it has SASL-IR.
+fn connect_for_oauth2(server: &Server) -> Result<Unauthenticated, OpenError> {
+    let (mut client, raw, greeting) = connect(server)?;
+    let offers = match greeting.as_deref().and_then(Offers::from_greeting) {
+        Some(offers) => offers,
+        None => {
+            let capabilities = client.capabilities().map_err(|e| {
+                OpenError::Temporary(format!(
+                    "CAPABILITY failed at {}:{}: {}",
+                    server.host,
+                    server.port,
+                    describe(&e)
+                ))
+            })?;
+            let names: Vec<String> = ["AUTH=OAUTHBEARER", "AUTH=XOAUTH2", "SASL-IR"]
+                .into_iter()
+                .filter(|name| capabilities.has_str(name))
+                .map(String::from)
+                .collect();
+            Offers::from_names(&names)
+        }
+    };
+    Ok((client, raw, offers))
+}
+
+/// Connects and reads the greeting; after this the client is ready for LOGIN. Returns the
+/// greeting too, unless STARTTLS made it obsolete (RFC 3501 §6.2.1: capabilities must be
+/// asked again after TLS).
+fn connect(server: &Server) -> Result<Connected, OpenError> {
     let temporary = |what: &str, e: &dyn std::fmt::Display| {
         OpenError::Temporary(format!(
             "{what} {}:{}: {e}{}",
@@ -203,7 +316,7 @@ fn connect(server: &Server) -> Result<(imap::Client<Shared>, Shared), OpenError>
                 .map_err(|e| temporary("TLS failed with", &e))?;
             // No greeting follows STARTTLS (RFC 3501 §6.2.1).
             let raw = Shared::new(tls);
-            return Ok((imap::Client::new(raw.clone()), raw));
+            return Ok((imap::Client::new(raw.clone()), raw, None));
         }
         (TlsMode::Implicit, Some(connector)) => net::wrap_tls(connector, &server.host, tcp)
             .map_err(|e| temporary("TLS failed with", &e))?,
@@ -231,7 +344,7 @@ fn connect(server: &Server) -> Result<(imap::Client<Shared>, Shared), OpenError>
             )));
         }
     }
-    Ok((client, raw))
+    Ok((client, raw, Some(greeting)))
 }
 
 /// The usual cause of two puzzling failures: a TLS mode that does not fit the port.
@@ -253,7 +366,7 @@ fn mode_hint(mode: TlsMode, error: &str) -> &'static str {
 /// Only a plain NO, or one with `[AUTHENTICATIONFAILED]`, means the password is wrong:
 /// anything else must not reach the client as `[AUTH]`, or it would ask the user for a new
 /// password while the fault is elsewhere (RFC 3206 §5).
-fn login_error(error: imap::Error) -> OpenError {
+pub(super) fn login_error(error: imap::Error) -> OpenError {
     match error {
         imap::Error::No(no) => {
             // The imap crate keeps codes it does not know inside the text.
@@ -282,7 +395,7 @@ fn login_error(error: imap::Error) -> OpenError {
     }
 }
 
-fn describe(error: &imap::Error) -> String {
+pub(super) fn describe(error: &imap::Error) -> String {
     match error {
         imap::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             "timed out waiting for the IMAP server".into()

@@ -4,6 +4,7 @@
 pub mod command;
 pub mod encode;
 pub mod imap;
+mod imap_oauth2;
 pub mod maildrop;
 pub mod memory;
 pub mod reply;
@@ -15,6 +16,7 @@ mod transcript_tests;
 use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
 use crate::input::TickingStdin;
 use crate::net::TlsMode;
+use crate::oauth2::login::Account;
 use crate::secret;
 use anyhow::Context;
 use imap::{ImapOpener, Login};
@@ -32,6 +34,10 @@ pub enum AuthMode {
     /// The proxy logs in with --imap-user and its password; clients are checked against
     /// --client-user and its password.
     Fixed,
+    /// The proxy logs in with the OAuth2 account --imap-oauth2-account (SASL OAUTHBEARER or
+    /// XOAUTH2); clients are checked against --client-user and its password.
+    #[value(name = "oauth2")]
+    OAuth2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,18 +117,26 @@ pub struct Args {
     #[arg(long, env = "LMP_IMAP_PASSWORD_FILE", value_name = "FILE")]
     pub imap_password_file: Option<PathBuf>,
 
-    /// The user name clients must give with --auth fixed. Its password comes from
+    /// The OAuth2 account (in --oauth2-dir) the proxy logs in to IMAP with; implies
+    /// --auth oauth2. Authorize it first with `legacy-mail-proxy oauth2 authorize`.
+    #[arg(long, env = "LMP_IMAP_OAUTH2_ACCOUNT", value_name = "NAME")]
+    pub imap_oauth2_account: Option<String>,
+
+    #[command(flatten)]
+    pub oauth2: crate::cli::OAuth2Options,
+
+    /// The user name clients must give with --auth fixed or oauth2. Its password comes from
     /// --client-password-file, LMP_CLIENT_PASSWORD or the systemd credential
     /// `client-password`.
     #[arg(long, env = "LMP_CLIENT_USER")]
     pub client_user: Option<String>,
 
-    /// File holding the password clients must give with --auth fixed.
+    /// File holding the password clients must give with --auth fixed or oauth2.
     #[arg(long, env = "LMP_CLIENT_PASSWORD_FILE", value_name = "FILE")]
     pub client_password_file: Option<PathBuf>,
 
-    /// With --auth fixed, accept any client user and password. Anyone who can reach the
-    /// port can then read and delete the mailbox.
+    /// With --auth fixed or oauth2, accept any client user and password. Anyone who can
+    /// reach the port can then read and delete the mailbox.
     #[arg(long, env = "LMP_IGNORE_CLIENT_CREDENTIALS", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
     pub ignore_client_credentials: bool,
 
@@ -293,11 +307,14 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
         .imap_user
         .clone()
         .or_else(|| legacy_env("BACKEND_IMAP_USER"));
-    let auth = args.auth.unwrap_or(if imap_user.is_some() {
+    let auth = args.auth.unwrap_or(if args.imap_oauth2_account.is_some() {
+        AuthMode::OAuth2
+    } else if imap_user.is_some() {
         AuthMode::Fixed
     } else {
         AuthMode::Passthrough
     });
+    let mut oauth2 = None;
     let login = match auth {
         AuthMode::Passthrough => Login::Passthrough,
         AuthMode::Fixed => {
@@ -308,28 +325,26 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
                 "imap-password",
             )?
             .context("--auth fixed needs the IMAP password: --imap-password-file, LMP_IMAP_PASSWORD or the credential imap-password")?;
-            let client = if args.ignore_client_credentials {
-                log::warn!(
-                    "--ignore-client-credentials: anyone who reaches this port can read and delete {user}'s mail"
-                );
-                None
-            } else {
-                let client_user = args.client_user.clone().context(
-                    "--auth fixed needs --client-user and a client password (or, knowingly, --ignore-client-credentials)",
-                )?;
-                let client_password = secret::load(
-                    args.client_password_file.as_deref(),
-                    &["LMP_CLIENT_PASSWORD"],
-                    "client-password",
-                )?
-                .context("--auth fixed needs the client password: --client-password-file, LMP_CLIENT_PASSWORD or the credential client-password")?;
-                Some((client_user, client_password))
-            };
             Login::Fixed {
+                client: client_credentials(args, "fixed", &user)?,
                 user,
                 password,
-                client,
             }
+        }
+        AuthMode::OAuth2 => {
+            let name = args
+                .imap_oauth2_account
+                .clone()
+                .context("--auth oauth2 needs --imap-oauth2-account")?;
+            let client = client_credentials(args, "oauth2", &format!("account {name}"))?;
+            // Opened now; a failure is kept and told to each client as [SYS/TEMP].
+            oauth2 = Some(Account::open(
+                &args.oauth2.oauth2_dir,
+                &name,
+                args.backend.tls(),
+                args.backend.timeouts(),
+            ));
+            Login::OAuth2 { client }
         }
     };
     let policy = match args.delete_policy {
@@ -364,6 +379,7 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
         );
     }
     Ok(ImapOpener {
+        oauth2,
         server: imap::Server {
             host,
             port,
@@ -386,4 +402,31 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
             lock_user_domain: args.lock_user_domain.into(),
         },
     })
+}
+
+/// What clients must present when the proxy logs in with its own account (`--auth fixed`
+/// or `oauth2`): --client-user and its password, or, knowingly, nothing.
+fn client_credentials(
+    args: &Args,
+    mode: &str,
+    whose: &str,
+) -> anyhow::Result<Option<(String, String)>> {
+    if args.ignore_client_credentials {
+        log::warn!(
+            "--ignore-client-credentials: anyone who reaches this port can read and delete {whose}'s mail"
+        );
+        return Ok(None);
+    }
+    let client_user = args.client_user.clone().with_context(|| {
+        format!(
+            "--auth {mode} needs --client-user and a client password (or, knowingly, --ignore-client-credentials)"
+        )
+    })?;
+    let client_password = secret::load(
+        args.client_password_file.as_deref(),
+        &["LMP_CLIENT_PASSWORD"],
+        "client-password",
+    )?
+    .with_context(|| format!("--auth {mode} needs the client password: --client-password-file, LMP_CLIENT_PASSWORD or the credential client-password"))?;
+    Ok(Some((client_user, client_password)))
 }
