@@ -22,6 +22,9 @@
 use super::relay::{Relay, RelayError, RelayResult, Stage, check};
 use super::reply::{Enhanced, Reply};
 use crate::net::{Timeouts, TlsMode};
+use crate::oauth2::AccessToken;
+use crate::oauth2::login::{Account, Failure, Refusal};
+use crate::oauth2::sasl::{self, Mechanism as OAuth2Mechanism, Target, Verdict};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{SmtpConnection, TlsParameters};
 use lettre::transport::smtp::commands::{Auth, Data, Ehlo, Noop, Quit, Rset};
@@ -52,6 +55,8 @@ pub struct Backend {
     pub hello: String,
     /// The proxy's own login (`--smtp-user`), unless clients log in with theirs.
     pub credentials: Option<(String, String)>,
+    /// The proxy's own OAuth2 login (`--smtp-oauth2-account`), instead of `credentials`.
+    pub oauth2: Option<Account>,
 }
 
 impl Backend {
@@ -82,6 +87,7 @@ impl fmt::Debug for Backend {
             .field("end_of_data_timeout", &self.end_of_data_timeout)
             .field("hello", &self.hello)
             .field("user", &self.credentials.as_ref().map(|(user, _)| user))
+            .field("oauth2_account", &self.oauth2.as_ref().map(Account::name))
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +102,8 @@ pub struct SmtpRelay {
     client_login: Option<Credentials>,
     /// Whether `conn`'s server announced PIPELINING (RFC 2920).
     pipelining: bool,
+    /// The OAuth2 mechanism `conn`'s server announced in its EHLO AUTH list, if any.
+    oauth2_mechanism: Option<OAuth2Mechanism>,
     /// A MAIL answered here and held for the first RCPT, so that both reach a pipelining
     /// backend in one write: one backend round trip per message fewer (see [`Relay::mail`]).
     pending_mail: Option<PendingMail>,
@@ -161,6 +169,7 @@ impl SmtpRelay {
             socket: None,
             client_login: None,
             pipelining: false,
+            oauth2_mechanism: None,
             pending_mail: None,
             in_transaction: false,
         }
@@ -175,6 +184,16 @@ impl SmtpRelay {
         &mut self,
         credentials: Option<&Credentials>,
     ) -> Result<(SmtpConnection, Option<Reply>), OpenError> {
+        let mut conn = self.connect()?;
+        let Some(credentials) = credentials else {
+            return Ok((conn, None));
+        };
+        let reply = self.authenticate(&mut conn, credentials)?;
+        Ok((conn, Some(reply)))
+    }
+
+    /// Connects, secures (TLS or STARTTLS) and asks for the extensions.
+    fn connect(&mut self) -> Result<SmtpConnection, OpenError> {
         let b = &self.backend;
         let hello = ClientId::Domain(b.hello.clone());
         let failed = |e: lettre::transport::smtp::Error| {
@@ -236,17 +255,127 @@ impl SmtpRelay {
             conn.starttls(params, &hello).map_err(failed)?;
         }
         self.socket = local;
-        self.pipelining = announces_pipelining(&mut conn, &hello).map_err(|e| {
+        let extensions = extensions(&mut conn, &hello).map_err(|e| {
             OpenError::Failed(RelayError::Lost(format!(
                 "{}:{}: asking for its extensions (EHLO): {e}",
                 b.host, b.port
             )))
         })?;
-        let Some(credentials) = credentials else {
-            return Ok((conn, None));
+        self.pipelining = extensions.pipelining;
+        self.oauth2_mechanism = extensions.oauth2;
+        Ok(conn)
+    }
+
+    /// Connects and logs in with the OAuth2 account: one token, and after a rejection one
+    /// renewal and one retry, on the same connection (RFC 4954 §4 allows a new AUTH after
+    /// a failed one) or on a new one if the server closed it.
+    fn open_with_oauth2(&mut self) -> Result<SmtpConnection, RelayError> {
+        let Some(mut account) = self.backend.oauth2.take() else {
+            return Err(RelayError::OAuth2("no OAuth2 account configured".into()));
         };
-        let reply = self.authenticate(&mut conn, credentials)?;
-        Ok((conn, Some(reply)))
+        let mut kept: Option<SmtpConnection> = None;
+        let result = account.login(|user, token| {
+            let reused = kept.is_some();
+            let mut conn = match kept.take() {
+                Some(conn) => conn,
+                None => self.connect().map_err(open_failure)?,
+            };
+            match self.oauth2_authenticate(&mut conn, user, token) {
+                Ok(()) => Ok(conn),
+                Err(Refusal::Rejected(why)) => {
+                    kept = Some(conn);
+                    Err(Refusal::Rejected(why))
+                }
+                // The server closed the connection after rejecting the first token.
+                Err(Refusal::Failed(RelayError::Lost(_))) if reused => {
+                    let mut conn = self.connect().map_err(open_failure)?;
+                    self.oauth2_authenticate(&mut conn, user, token)?;
+                    Ok(conn)
+                }
+                Err(failed) => Err(failed),
+            }
+        });
+        let result = result.map_err(|failure| match failure {
+            Failure::Token(e) => RelayError::OAuth2(account.advice(&e)),
+            Failure::Failed(e) => e,
+        });
+        self.backend.oauth2 = Some(account);
+        result
+    }
+
+    /// `AUTH OAUTHBEARER` or `AUTH XOAUTH2`, whichever the server's EHLO listed (OAUTHBEARER
+    /// first, see [`OAuth2Mechanism::choose`]), driven step by step like [`Self::authenticate`].
+    /// The initial response goes on the AUTH line when the line fits SMTP's 512 octets
+    /// (RFC 4954 §4 forbids it otherwise); a longer one, as Microsoft's and Google's tokens
+    /// make, answers the server's empty `334`. An error challenge (`334` + base64 JSON,
+    /// RFC 7628 §3.2.2) gets %x01 / an empty line, then the server's final failure.
+    fn oauth2_authenticate(
+        &self,
+        conn: &mut SmtpConnection,
+        user: &str,
+        token: &AccessToken,
+    ) -> Result<(), Refusal<RelayError>> {
+        let b = &self.backend;
+        let at = format!("{}:{}", b.host, b.port);
+        let Some(mechanism) = self.oauth2_mechanism else {
+            return Err(Refusal::Failed(RelayError::Protocol(format!(
+                "{at} offers neither AUTH OAUTHBEARER nor AUTH XOAUTH2 (often: only after TLS)"
+            ))));
+        };
+        let target = Target {
+            host: &b.host,
+            port: b.port,
+        };
+        let initial = mechanism
+            .initial_response(user, token, target)
+            .map_err(|e| Refusal::Failed(RelayError::OAuth2(format!("AUTH {mechanism}: {e}"))))?;
+        let encoded = crate::base64::encode(&initial);
+        let lost = |e: lettre::transport::smtp::Error| {
+            Refusal::Failed(RelayError::Lost(format!(
+                "{at}: AUTH {mechanism} as {user}: {e}"
+            )))
+        };
+        let with_initial = SaslLine(format!("AUTH {mechanism} {encoded}"));
+        let mut result = if with_initial.0.len() + 2 <= MAX_COMMAND_LINE {
+            conn.command(with_initial)
+        } else {
+            match conn.command(SaslLine(format!("AUTH {mechanism}"))) {
+                Ok(response) if response.has_code(334) => conn.command(SaslLine(encoded)),
+                other => other,
+            }
+        };
+        let mut challenge = None;
+        if let Ok(response) = &result
+            && response.has_code(334)
+        {
+            let text = response.message().next().unwrap_or_default().trim();
+            challenge = Some(crate::base64::decode(text.as_bytes()).unwrap_or_default());
+            let answer = crate::base64::encode(mechanism.error_response());
+            result = conn.command(SaslLine(answer));
+        }
+        let reply = match result {
+            Ok(response) => reply_of(&response),
+            Err(e) => match e.status() {
+                Some(code) => Reply::from_backend(code.into(), &[error_text(&e)]),
+                None => return Err(lost(e)),
+            },
+        };
+        let said = format!("{at}: AUTH {mechanism} as {user}: {}", reply.summary());
+        match (reply.code, challenge.as_deref().map(sasl::judge_challenge)) {
+            (235, _) => Ok(()),
+            (_, Some(Verdict::TokenRejected)) | (535, None) => Err(Refusal::Rejected(said)),
+            (_, Some(Verdict::InsufficientScope { scope })) => {
+                Err(Refusal::Failed(RelayError::OAuth2(format!(
+                    "{said}: the token lacks the scope the server wants ({}); authorize the                      account with the provider's SMTP scope",
+                    scope.as_deref().unwrap_or("not named").escape_debug()
+                ))))
+            }
+            (code, _) if (400..500).contains(&code) => Err(Refusal::Failed(
+                RelayError::Unavailable(format!("login deferred: {said}")),
+            )),
+            // 334 again, 534 (mechanism too weak), 538, 530…: a setup problem.
+            _ => Err(Refusal::Failed(RelayError::Protocol(said))),
+        }
     }
 
     /// AUTH PLAIN, or LOGIN for servers such as Exchange that lack PLAIN (RFC 4954).
@@ -312,6 +441,10 @@ impl SmtpRelay {
 
     /// Opens a connection with the credentials in force, for a transaction.
     fn connect_for_mail(&mut self) -> Result<(), RelayError> {
+        if self.client_login.is_none() && self.backend.oauth2.is_some() {
+            self.conn = Some(self.open_with_oauth2()?);
+            return Ok(());
+        }
         let credentials = match (&self.client_login, &self.backend.credentials) {
             (Some(login), _) => Some(login.clone()),
             (None, Some((user, password))) => {
@@ -632,24 +765,75 @@ impl Relay for SmtpRelay {
     }
 }
 
-/// Whether the server lists PIPELINING in its EHLO reply. lettre keeps only the extensions
-/// it uses itself, so this asks once more on a fresh connection, before AUTH, where a
-/// second EHLO resets nothing (RFC 5321 §4.1.4). A refusal means no pipelining; no answer
-/// is an error, so that a stalled backend costs one --backend-timeout, not two.
-fn announces_pipelining(
+/// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
+const MAX_COMMAND_LINE: usize = 512;
+
+/// One line of a SASL exchange (an AUTH command or a response), CRLF added. No `Debug`: it
+/// holds a token.
+struct SaslLine(String);
+
+impl fmt::Display for SaslLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\r\n", self.0)
+    }
+}
+
+/// What the EHLO reply says beyond what lettre keeps.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Extensions {
+    pipelining: bool,
+    /// The OAuth2 mechanism to use from the AUTH list (lettre knows no OAUTHBEARER).
+    oauth2: Option<OAuth2Mechanism>,
+}
+
+impl Extensions {
+    fn parse<'a>(lines: impl Iterator<Item = &'a str>) -> Extensions {
+        let mut pipelining = false;
+        let mut mechanisms = Vec::new();
+        for line in lines {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some(k) if k.eq_ignore_ascii_case("PIPELINING") => pipelining = true,
+                Some(k) if k.eq_ignore_ascii_case("AUTH") => {
+                    mechanisms.extend(words.map(str::to_ascii_uppercase))
+                }
+                _ => {}
+            }
+        }
+        Extensions {
+            pipelining,
+            oauth2: OAuth2Mechanism::choose(|m| mechanisms.iter().any(|offered| offered == m)),
+        }
+    }
+}
+
+/// The server's PIPELINING and AUTH mechanisms from its EHLO reply. lettre keeps only the
+/// extensions it uses itself, so this asks once more on a fresh connection, before AUTH,
+/// where a second EHLO resets nothing (RFC 5321 §4.1.4). A refusal means no extensions; no
+/// answer is an error, so that a stalled backend costs one --backend-timeout, not two.
+fn extensions(
     conn: &mut SmtpConnection,
     hello: &ClientId,
-) -> Result<bool, lettre::transport::smtp::Error> {
+) -> Result<Extensions, lettre::transport::smtp::Error> {
     match conn.command(Ehlo::new(hello.clone())) {
-        Ok(response) => Ok(response.message().any(|line| {
-            line.split_whitespace()
-                .next()
-                .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
-        })),
-        // A refused EHLO: no pipelining.
-        Err(e) if e.status().is_some() => Ok(false),
+        Ok(response) => Ok(Extensions::parse(response.message())),
+        // A refused EHLO: no extensions.
+        Err(e) if e.status().is_some() => Ok(Extensions::default()),
         // A cut or a stall: going on would only wait once more, at AUTH or MAIL.
         Err(e) => Err(e),
+    }
+}
+
+/// The relay error of a failed connection attempt (no AUTH was tried yet).
+fn open_failure<E>(error: OpenError) -> Refusal<E>
+where
+    E: From<RelayError>,
+{
+    match error {
+        OpenError::Failed(e) => Refusal::Failed(e.into()),
+        OpenError::AuthRefused(reply) => Refusal::Failed(
+            RelayError::Protocol(format!("AUTH answered {}", reply.summary())).into(),
+        ),
     }
 }
 
@@ -844,6 +1028,7 @@ fn give_up(why: &str) -> ! {
 mod tests {
     use super::*;
 
+    use crate::oauth2::login::testing::Tokens;
     use crate::smtp::fake_backend::{FakeSmtp, Journal, Script};
     use std::time::Instant;
 
@@ -898,6 +1083,7 @@ mod tests {
             end_of_data_timeout: END_OF_DATA_TIMEOUT,
             hello: "proxy.test".into(),
             credentials: None,
+            oauth2: None,
         })
     }
 
@@ -1223,6 +1409,138 @@ mod tests {
         assert!(matches!(result, Err(RelayError::Protocol(_))), "{result:?}");
         assert!(relay.conn.is_none());
         assert!(!relay.in_transaction);
+    }
+
+    /// A relay whose own login is the OAuth2 account of `tokens`, to a server offering
+    /// `auth` and accepting `accepted`.
+    fn oauth2_relay(
+        auth: &str,
+        accepted: &[&str],
+        tokens: &crate::oauth2::login::testing::Tokens,
+        script: Script,
+    ) -> (FakeSmtp, SmtpRelay) {
+        let fake = FakeSmtp::start(Script {
+            extensions: vec!["PIPELINING".into(), auth.into()],
+            bearer_tokens: accepted.iter().map(|t| t.to_string()).collect(),
+            ..script
+        });
+        let mut relay = relay_to(&fake);
+        relay.backend.oauth2 = Some(tokens.account());
+        (fake, relay)
+    }
+
+    fn bearer(fake: &FakeSmtp) -> Vec<(String, bool)> {
+        fake.journal().bearer
+    }
+
+    #[test]
+    fn oauth2_login_once_per_connection_with_the_initial_response_on_the_auth_line() {
+        let tokens = Tokens::new("gw@example.com", &["t1"]);
+        let (fake, mut relay) = oauth2_relay(
+            "AUTH PLAIN XOAUTH2 OAUTHBEARER",
+            &["t1"],
+            &tokens,
+            Script::default(),
+        );
+        for _ in 0..2 {
+            open_transaction(&mut relay);
+            assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        }
+        assert_eq!(bearer(&fake), [("t1".to_string(), true)]);
+        let journal = fake.journal();
+        assert!(journal.commands.contains(&"AUTH OAUTHBEARER".to_string()));
+        assert_eq!(journal.messages.len(), 2);
+        assert_eq!(journal.pipelined.len(), 2, "pipelining still works");
+        assert_eq!(tokens.renewals(), 0);
+    }
+
+    #[test]
+    fn a_rejected_token_is_renewed_once_and_retried_on_the_same_connection() {
+        let tokens = Tokens::new("gw@example.com", &["expired", "fresh"]);
+        let (fake, mut relay) =
+            oauth2_relay("AUTH OAUTHBEARER", &["fresh"], &tokens, Script::default());
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        assert_eq!(
+            bearer(&fake),
+            [("expired".to_string(), true), ("fresh".to_string(), true)]
+        );
+        let commands = fake.commands();
+        assert!(
+            commands.contains(&"*ERROR RESPONSE AQ==".to_string()),
+            "{commands:?}"
+        );
+        assert_eq!(commands.iter().filter(|c| *c == "*CONNECT").count(), 1);
+        assert_eq!(tokens.renewals(), 1);
+    }
+
+    #[test]
+    fn a_server_that_closes_after_a_rejection_gets_the_renewed_token_on_a_new_connection() {
+        let tokens = Tokens::new("gw@example.com", &["expired", "fresh"]);
+        let script = Script {
+            close_after_refused_token: true,
+            ..Script::default()
+        };
+        let (fake, mut relay) = oauth2_relay("AUTH XOAUTH2", &["fresh"], &tokens, script);
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        let commands = fake.commands();
+        // XOAUTH2's answer to the error challenge is an empty line.
+        assert!(
+            commands.contains(&"*ERROR RESPONSE ".to_string()),
+            "{commands:?}"
+        );
+        assert_eq!(commands.iter().filter(|c| *c == "*CONNECT").count(), 2);
+        assert_eq!(tokens.renewals(), 1);
+    }
+
+    #[test]
+    fn a_renewed_token_rejected_too_or_no_token_is_an_oauth2_error_not_a_login_refusal() {
+        let tokens = Tokens::new("gw@example.com", &["bad1", "bad2"]);
+        let (_fake, mut relay) =
+            oauth2_relay("AUTH OAUTHBEARER", &["good"], &tokens, Script::default());
+        let result = relay.mail("a@c.test");
+        assert!(
+            matches!(&result, Err(RelayError::OAuth2(why))
+                if why.contains("legacy-mail-proxy oauth2 authorize work")),
+            "{result:?}"
+        );
+        assert_eq!(tokens.renewals(), 1);
+        tokens.state.borrow_mut().fail = Some(crate::oauth2::TokenError::Unavailable(
+            "connection refused".into(),
+        ));
+        let result = relay.mail("a@c.test");
+        assert!(
+            matches!(&result, Err(RelayError::OAuth2(why)) if why.contains("unavailable")),
+            "{result:?}"
+        );
+        assert!(relay.conn.is_none());
+    }
+
+    #[test]
+    fn a_token_too_long_for_the_auth_line_answers_an_empty_334() {
+        let long = "x".repeat(600);
+        let tokens = Tokens::new("gw@example.com", &[&long]);
+        let (fake, mut relay) = oauth2_relay("AUTH XOAUTH2", &[&long], &tokens, Script::default());
+        open_transaction(&mut relay);
+        assert_eq!(bearer(&fake), [(long, false)]);
+    }
+
+    #[test]
+    fn ehlo_auth_lists_choose_the_oauth2_mechanism() {
+        let parse = |lines: &[&str]| Extensions::parse(lines.iter().copied());
+        assert_eq!(
+            parse(&["fake", "PIPELINING", "AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER"]),
+            Extensions {
+                pipelining: true,
+                oauth2: Some(OAuth2Mechanism::OAuthBearer)
+            }
+        );
+        assert_eq!(
+            parse(&["AUTH LOGIN xoauth2"]).oauth2,
+            Some(OAuth2Mechanism::XOAuth2)
+        );
+        assert_eq!(parse(&["AUTH PLAIN", "8BITMIME"]), Extensions::default());
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub struct Script {
     pub idle_limit: Option<Duration>,
     /// Pause before answering QUIT.
     pub quit_delay: Duration,
+    /// Bearer tokens AUTH XOAUTH2 / OAUTHBEARER accept (when offered in `extensions`);
+    /// any other gets Dovecot's error challenge, then `535`.
+    pub bearer_tokens: Vec<String>,
+    /// Close the connection after a refused token (some servers do).
+    pub close_after_refused_token: bool,
 }
 
 /// What the server saw, over all connections.
@@ -51,6 +56,9 @@ pub struct Journal {
     /// Command lines that were already waiting when the server read them: the client
     /// sent them in one write with the command before (pipelining).
     pub pipelined: Vec<String>,
+    /// Bearer tokens presented with XOAUTH2 / OAUTHBEARER, and whether each came as an
+    /// initial response on the AUTH line.
+    pub bearer: Vec<(String, bool)>,
 }
 
 pub struct FakeSmtp {
@@ -281,7 +289,8 @@ impl Connection {
         Ok(())
     }
 
-    /// AUTH LOGIN against `script.account` (no other mechanism).
+    /// AUTH LOGIN against `script.account`, or XOAUTH2 / OAUTHBEARER against
+    /// `script.bearer_tokens`.
     fn auth(&mut self, line: &str) -> Result<(), End> {
         let mechanism = line
             .split(' ')
@@ -293,6 +302,9 @@ impl Connection {
             .extensions
             .iter()
             .any(|e| e.starts_with("AUTH ") && e.split(' ').any(|m| m == mechanism));
+        if offered && (mechanism == "XOAUTH2" || mechanism == "OAUTHBEARER") {
+            return self.bearer(line);
+        }
         if mechanism != "LOGIN" || !offered {
             return self.send("504 5.5.4 Unsupported authentication mechanism");
         }
@@ -306,4 +318,64 @@ impl Connection {
             false => self.send("535 5.7.8 Error: authentication failed"),
         }
     }
+}
+
+impl Connection {
+    fn bearer(&mut self, line: &str) -> Result<(), End> {
+        let initial = line.split(' ').nth(2).map(str::to_string);
+        let with_initial = initial.is_some();
+        if line.len() + 2 > 512 {
+            return self.send("500 5.5.2 Error: line too long");
+        }
+        let message = match initial {
+            Some(message) => message,
+            None => {
+                self.send("334 ")?;
+                self.line()?
+            }
+        };
+        let message = decode_base64(&message).unwrap_or_default();
+        let text = String::from_utf8_lossy(&message);
+        let token = text
+            .split('\x01')
+            .find_map(|field| field.strip_prefix("auth=Bearer "))
+            .unwrap_or_default()
+            .to_string();
+        self.journal
+            .lock()
+            .unwrap()
+            .bearer
+            .push((token.clone(), with_initial));
+        if self.script().bearer_tokens.contains(&token) {
+            return self.send("235 2.7.0 Authentication successful");
+        }
+        // Dovecot's challenge: {"status":"invalid_token","schemes":"bearer","scope":"mail"}
+        self.send(
+            "334 eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIiwic2NoZW1lcyI6ImJlYXJlciIsInNjb3BlIjoibWFpbCJ9",
+        )?;
+        let answer = self.line()?;
+        self.note(&format!("*ERROR RESPONSE {answer}"));
+        self.send("535 5.7.8 Error: authentication failed")?;
+        if self.script().close_after_refused_token {
+            return Err(End::Closed);
+        }
+        Ok(())
+    }
+}
+
+/// Standard base64 with padding; `None` on anything else.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for c in text.trim_end_matches('=').bytes() {
+        bits = bits << 6 | ALPHABET.iter().position(|&a| a == c)? as u32;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    Some(out)
 }

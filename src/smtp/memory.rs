@@ -35,6 +35,8 @@ pub struct MemoryRelay {
     pub login_refused: bool,
     /// The connection is cut while the relay logs in.
     pub login_cut: bool,
+    /// The relay's OAuth2 account gives no accepted token.
+    pub oauth2_failed: bool,
     /// Accounts for passthrough logins.
     pub accounts: Vec<(String, String)>,
     /// Overrides the reply to the next DATA command (`354` by default).
@@ -61,6 +63,11 @@ impl MemoryRelay {
         if self.login_cut {
             return Err(RelayError::Lost(
                 "logging in: Connection error: connection reset".into(),
+            ));
+        }
+        if self.oauth2_failed {
+            return Err(RelayError::OAuth2(
+                "oauth2 account work: OAuth2 authorization lost: invalid_grant".into(),
             ));
         }
         if self.login_refused {

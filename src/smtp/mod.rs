@@ -82,6 +82,20 @@ pub struct Args {
     #[arg(long, env = "LMP_SMTP_PASSWORD_FILE", value_name = "FILE")]
     pub smtp_password_file: Option<PathBuf>,
 
+    /// The OAuth2 account (in --oauth2-dir) the proxy logs in to the submission server
+    /// with (AUTH OAUTHBEARER or XOAUTH2), instead of --smtp-user. Authorize it first with
+    /// `legacy-mail-proxy oauth2 authorize`.
+    #[arg(
+        long,
+        env = "LMP_SMTP_OAUTH2_ACCOUNT",
+        value_name = "NAME",
+        conflicts_with = "smtp_user"
+    )]
+    pub smtp_oauth2_account: Option<String>,
+
+    #[command(flatten)]
+    pub oauth2: crate::cli::OAuth2Options,
+
     /// How clients are authenticated [default: local when --client-user is set,
     /// passthrough when --smtp-user is not; otherwise it must be given].
     #[arg(long, env = "LMP_CLIENT_AUTH", value_enum)]
@@ -306,11 +320,31 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
     let mode = match args.client_auth {
         Some(mode) => mode,
         None if args.client_user.is_some() => ClientAuthMode::Local,
-        None if smtp_user.is_none() => ClientAuthMode::Passthrough,
+        None if smtp_user.is_none() && args.smtp_oauth2_account.is_none() => {
+            ClientAuthMode::Passthrough
+        }
         None => bail!(
             "choose --client-auth: local (with --client-user), passthrough, or none (an \
              open relay for anyone who can reach the port)"
         ),
+    };
+    let oauth2 = match (&args.smtp_oauth2_account, mode) {
+        (Some(_), ClientAuthMode::Passthrough) => bail!(
+            "--smtp-oauth2-account is the proxy's own login: use it with --client-auth local \
+             or none, not passthrough"
+        ),
+        (Some(_), _) if smtp_user.is_some() => bail!(
+            "--smtp-oauth2-account and --smtp-user (or BACKEND_SMTP_USER) are two logins: \
+             choose one"
+        ),
+        // Opened now; a failure is kept and told to each client as 454 at MAIL.
+        (Some(name), _) => Some(crate::oauth2::login::Account::open(
+            &args.oauth2.oauth2_dir,
+            name,
+            args.backend.tls(),
+            args.backend.timeouts(),
+        )),
+        (None, _) => None,
     };
     let credentials = match (mode, smtp_user) {
         (ClientAuthMode::Passthrough, Some(_)) => {
@@ -431,6 +465,7 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
         end_of_data_timeout: backend::END_OF_DATA_TIMEOUT,
         hello: hostname,
         credentials,
+        oauth2,
     };
     anyhow::ensure!(
         backend.open_limit().is_some(),
@@ -521,6 +556,24 @@ mod tests {
         .unwrap();
         assert!(matches!(config.auth, ClientAuth::None));
         assert_eq!(backend.credentials, Some(("gw".into(), "secret".into())));
+    }
+
+    #[test]
+    fn an_oauth2_account_is_the_proxys_own_login_and_excludes_the_others() {
+        let err = settings_of(&["--smtp-oauth2-account", "work"]).unwrap_err();
+        assert!(err.to_string().contains("choose --client-auth"), "{err}");
+        let (_, backend) =
+            settings_of(&["--smtp-oauth2-account", "work", "--client-auth", "none"]).unwrap();
+        assert_eq!(backend.oauth2.as_ref().map(|a| a.name()), Some("work"));
+        assert!(backend.credentials.is_none());
+        for extra in [
+            &["--client-auth", "passthrough"][..],
+            &["--client-auth", "none", "--smtp-user", "gw"],
+        ] {
+            let mut args = vec!["--smtp-oauth2-account", "work"];
+            args.extend(extra);
+            assert!(settings_of(&args).is_err(), "{extra:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub enum RelayError {
     LoginRefused(String),
     /// A local failure (reading the spooled message).
     Local(String),
+    /// The proxy's OAuth2 account gave no token the backend accepted (no token to be had,
+    /// or a renewed one rejected too). Never the client's fault: `454 4.7.0`, not `535`.
+    /// The text is the line for the admin, naming the command to run.
+    OAuth2(String),
 }
 
 impl fmt::Display for RelayError {
@@ -41,6 +45,7 @@ impl fmt::Display for RelayError {
             RelayError::Protocol(why) => write!(f, "backend protocol error: {why}"),
             RelayError::LoginRefused(why) => write!(f, "backend refused the login: {why}"),
             RelayError::Local(why) => write!(f, "local error: {why}"),
+            RelayError::OAuth2(why) => write!(f, "backend login failed: {why}"),
         }
     }
 }

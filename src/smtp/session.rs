@@ -921,6 +921,16 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 log::error!("smtp: client={} {during}: {why}", self.config.client);
                 local_error()
             }
+            RelayError::OAuth2(why) => {
+                log::error!("smtp: client={} {why}", self.config.client);
+                // RFC 4954 §6: the proxy's own authentication failed for now; the client's
+                // credentials are not in question.
+                Reply::new(
+                    454,
+                    Enhanced::new(4, 7, 0),
+                    "Temporary authentication failure; try again later",
+                )
+            }
         }
     }
 

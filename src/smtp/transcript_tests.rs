@@ -656,24 +656,29 @@ fn an_unreachable_backend_gives_4xx_so_the_client_retries() {
 }
 
 #[test]
-fn a_refused_proxy_login_gives_4_3_5_and_a_lost_connection_4_4_2() {
-    // Only a 535 from the backend is a refused login; a cut while logging in is an outage.
-    for (refused, expected) in [
-        (true, "451 4.3.5 Relay login failed; try again later\r\n"),
+fn a_refused_proxy_login_gives_4_3_5_a_lost_connection_4_4_2_and_a_failed_token_4_7_0() {
+    // Only a 535 from the backend is a refused login; a cut while logging in is an outage;
+    // an OAuth2 account without an accepted token is the proxy's own temporary
+    // authentication failure (RFC 4954 §6), never the client's 535.
+    type Setup = fn(&mut MemoryRelay);
+    let cases: [(Setup, &str); 3] = [
         (
-            false,
+            |r| r.login_refused = true,
+            "451 4.3.5 Relay login failed; try again later\r\n",
+        ),
+        (
+            |r| r.login_cut = true,
             "451 4.4.2 Backend unavailable: connection lost; try again later\r\n",
         ),
-    ] {
-        let run = transcript_with(
-            &config(),
-            |r| {
-                r.login_refused = refused;
-                r.login_cut = !refused;
-            },
-            b"HELO c\r\nMAIL FROM:<a@c>\r\nQUIT\r\n",
-        );
+        (
+            |r| r.oauth2_failed = true,
+            "454 4.7.0 Temporary authentication failure; try again later\r\n",
+        ),
+    ];
+    for (setup, expected) in cases {
+        let run = transcript_with(&config(), setup, b"HELO c\r\nMAIL FROM:<a@c>\r\nQUIT\r\n");
         assert!(run.out.contains(expected), "{}", run.out);
+        assert!(!run.out.contains("535"), "{}", run.out);
     }
 }
 
