@@ -294,8 +294,22 @@ fn systemd_units_have_the_settings_the_deployment_needs() {
     ] {
         let service = shipped(&format!("systemd/{name}@.service"));
         let loaded = unit_values(&service, "Service", "LoadCredential");
-        let expected: Vec<String> = ids.iter().map(|id| format!("{id}:%p.{id}")).collect();
+        let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}:%p.{id}")).collect();
+        // The OAuth2 client secret belongs to the provider's app registration, shared by
+        // the admin commands and both gateways: one credential for all.
+        expected.push("oauth2-client-secret:legacy-mail-proxy.oauth2-client-secret".into());
         assert_eq!(loaded, expected, "{name}");
+        // The OAuth2 token store: the default --oauth2-dir, writable under
+        // ProtectSystem=strict, one directory for every instance (no %i in it).
+        assert_eq!(
+            unit_value(&service, "Service", "StateDirectory"),
+            "legacy-mail-proxy/oauth2",
+            "{name}"
+        );
+        assert_eq!(
+            unit_value(&service, "Service", "StateDirectoryMode"),
+            "0700"
+        );
     }
 
     // The lock directory: the one pop3 uses, writable by the service, made by tmpfiles for
