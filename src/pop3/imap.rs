@@ -1098,6 +1098,179 @@ fn move_to(
 }
 
 #[cfg(test)]
+mod oauth2_tests {
+    //! The OAuth2 login against a scripted IMAP server: the retry on the same or a new
+    //! connection, and what the session is told.
+
+    use super::*;
+    use crate::oauth2::TokenError;
+    use crate::oauth2::login::testing::Tokens;
+    use crate::pop3::fake_imap::{FakeImap, Script};
+    use std::time::Duration;
+
+    const ALL: [&str; 3] = ["SASL-IR", "AUTH=XOAUTH2", "AUTH=OAUTHBEARER"];
+
+    fn script(capabilities: &[&str], tokens: &[&str]) -> Script {
+        Script {
+            in_greeting: true,
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+            tokens: tokens.iter().map(|t| t.to_string()).collect(),
+            close_after_refusal: false,
+        }
+    }
+
+    fn opener(fake: &FakeImap, tokens: &Tokens) -> ImapOpener {
+        ImapOpener {
+            server: Server {
+                host: "127.0.0.1".into(),
+                port: fake.port,
+                tls: TlsMode::None,
+                connector: Err("no TLS".into()),
+                timeouts: Timeouts {
+                    connect: Duration::from_secs(5),
+                    io: Duration::from_secs(5),
+                },
+            },
+            settings: Settings {
+                login: Login::OAuth2 {
+                    client: Some(("alice".into(), "pw".into())),
+                },
+                mailbox: "INBOX".into(),
+                policy: DeletePolicy::Keep,
+                deleted_keyword: "$POP3Deleted".into(),
+                trash_mailbox: "Trash".into(),
+                mark_seen: false,
+                lock_dir: None,
+                lock_user_domain: lock::UserDomain::Keep,
+            },
+            oauth2: Some(tokens.account()),
+        }
+    }
+
+    fn open(opener: &mut ImapOpener, user: &str, password: &str) -> Result<(), OpenError> {
+        let credentials = Credentials { user, password };
+        opener
+            .open(&credentials)
+            .map(|mut maildrop| maildrop.close())
+    }
+
+    fn presented(fake: &FakeImap) -> Vec<(String, bool)> {
+        fake.journal().presented
+    }
+
+    #[test]
+    fn a_valid_token_logs_in_with_sasl_ir_in_one_round_trip() {
+        let fake = FakeImap::start(script(&ALL, &["t1"]));
+        let tokens = Tokens::new("alice@example.com", &["t1"]);
+        open(&mut opener(&fake, &tokens), "alice", "pw").unwrap();
+        assert_eq!(presented(&fake), [("t1".to_string(), true)]);
+        let journal = fake.journal();
+        // CAPABILITY only for the LOGINDISABLED check of a plain connection.
+        assert_eq!(
+            journal.commands,
+            ["CAPABILITY", "AUTHENTICATE", "EXAMINE", "LOGOUT"]
+        );
+        assert_eq!(tokens.renewals(), 0);
+    }
+
+    #[test]
+    fn without_sasl_ir_or_greeting_capabilities_the_token_follows_the_continuation() {
+        let mut script = script(&["AUTH=XOAUTH2"], &["t1"]);
+        script.in_greeting = false;
+        let fake = FakeImap::start(script);
+        let tokens = Tokens::new("alice@example.com", &["t1"]);
+        open(&mut opener(&fake, &tokens), "alice", "pw").unwrap();
+        assert_eq!(presented(&fake), [("t1".to_string(), false)]);
+    }
+
+    #[test]
+    fn a_rejected_token_is_renewed_once_and_retried_on_the_same_connection() {
+        let fake = FakeImap::start(script(&ALL, &["fresh"]));
+        let tokens = Tokens::new("alice@example.com", &["expired", "fresh"]);
+        open(&mut opener(&fake, &tokens), "alice", "pw").unwrap();
+        let journal = fake.journal();
+        assert_eq!(
+            journal.presented,
+            [("expired".to_string(), true), ("fresh".to_string(), true)]
+        );
+        assert_eq!(journal.error_responses, ["AQ=="]);
+        assert_eq!(journal.connects, 1);
+        assert_eq!(tokens.renewals(), 1);
+    }
+
+    #[test]
+    fn a_server_that_closes_after_a_rejection_gets_the_renewed_token_on_a_new_connection() {
+        let mut script = script(&["AUTH=XOAUTH2"], &["fresh"]);
+        script.close_after_refusal = true;
+        let fake = FakeImap::start(script);
+        let tokens = Tokens::new("alice@example.com", &["expired", "fresh"]);
+        open(&mut opener(&fake, &tokens), "alice", "pw").unwrap();
+        let journal = fake.journal();
+        assert_eq!(journal.connects, 2);
+        // XOAUTH2's answer to the error challenge is empty.
+        assert_eq!(journal.error_responses, [""]);
+        assert_eq!(tokens.renewals(), 1);
+    }
+
+    #[test]
+    fn token_failures_are_temporary_with_the_admins_command_never_auth() {
+        let fake = FakeImap::start(script(&ALL, &["good"]));
+        let tokens = Tokens::new("alice@example.com", &["bad1", "bad2"]);
+        let mut opener = opener(&fake, &tokens);
+        let result = open(&mut opener, "alice", "pw");
+        assert!(
+            matches!(&result, Err(OpenError::Temporary(why))
+                if why.contains("legacy-mail-proxy oauth2 authorize work")),
+            "{result:?}"
+        );
+        assert_eq!((tokens.renewals(), presented(&fake).len()), (1, 2));
+
+        // The provider down and no valid token: no IMAP connection at all.
+        tokens.state.borrow_mut().fail = Some(TokenError::Unavailable("refused".into()));
+        let connects = fake.journal().connects;
+        let result = open(&mut opener, "alice", "pw");
+        assert!(
+            matches!(&result, Err(OpenError::Temporary(why)) if why.contains("oauth2 status work")),
+            "{result:?}"
+        );
+        assert_eq!(fake.journal().connects, connects);
+
+        // An account that could not be opened (a corrupted token file).
+        opener.oauth2 = Some(Account::new(
+            std::path::Path::new("/var/lib/legacy-mail-proxy/oauth2"),
+            "work",
+            Err(TokenError::Broken("token file is corrupted".into())),
+        ));
+        let result = open(&mut opener, "alice", "pw");
+        assert!(
+            matches!(&result, Err(OpenError::Temporary(why)) if why.contains("corrupted")),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn the_client_is_checked_before_any_token_is_used() {
+        let fake = FakeImap::start(script(&ALL, &["t1"]));
+        let tokens = Tokens::new("alice@example.com", &["t1"]);
+        let result = open(&mut opener(&fake, &tokens), "alice", "wrong");
+        assert!(matches!(result, Err(OpenError::Auth(_))), "{result:?}");
+        assert_eq!(fake.journal().connects, 0);
+    }
+
+    #[test]
+    fn a_server_without_an_oauth2_mechanism_is_a_setup_error() {
+        let fake = FakeImap::start(script(&["AUTH=PLAIN"], &["t1"]));
+        let tokens = Tokens::new("alice@example.com", &["t1"]);
+        let result = open(&mut opener(&fake, &tokens), "alice", "pw");
+        assert!(
+            matches!(&result, Err(OpenError::Permanent(why)) if why.contains("offers neither")),
+            "{result:?}"
+        );
+        assert_eq!(tokens.renewals(), 0);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::{ends_with_body_item, listing_item, literal_length, uid_set};
 

@@ -3,6 +3,8 @@
 
 pub mod command;
 pub mod encode;
+#[cfg(test)]
+mod fake_imap;
 pub mod imap;
 mod imap_oauth2;
 pub mod maildrop;
@@ -429,4 +431,53 @@ fn client_credentials(
     )?
     .with_context(|| format!("--auth {mode} needs the client password: --client-password-file, LMP_CLIENT_PASSWORD or the credential client-password"))?;
     Ok(Some((client_user, client_password)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn opener_of(extra: &[&str]) -> anyhow::Result<ImapOpener> {
+        let mut argv = vec!["legacy-mail-proxy", "pop3", "--imap-host", "imap.example"];
+        argv.extend(extra);
+        match crate::cli::Cli::try_parse_from(argv)?.command {
+            crate::cli::Command::Pop3(args) => imap_opener(&args),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn an_oauth2_account_implies_oauth2_and_clients_must_still_be_checked() {
+        let err = opener_of(&["--imap-oauth2-account", "work"]).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("--auth oauth2 needs --client-user"),
+            "{err:#}"
+        );
+        let err = opener_of(&["--auth", "oauth2"]).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("--imap-oauth2-account"),
+            "{err:#}"
+        );
+        let opener = opener_of(&[
+            "--imap-oauth2-account",
+            "work",
+            "--ignore-client-credentials",
+            "--oauth2-dir",
+            "/srv/tokens",
+        ])
+        .unwrap();
+        assert!(matches!(
+            opener.settings.login,
+            Login::OAuth2 { client: None }
+        ));
+        let account = opener.oauth2.as_ref().unwrap();
+        assert_eq!(account.name(), "work");
+        assert!(
+            opener_of(&["--imap-user", "u", "--auth", "passthrough"])
+                .unwrap()
+                .oauth2
+                .is_none()
+        );
+    }
 }
