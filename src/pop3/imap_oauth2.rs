@@ -17,6 +17,11 @@ use crate::oauth2::sasl::{self, Mechanism, Target, Verdict};
 use std::cell::RefCell;
 use std::io::{Read, Write};
 
+/// RFC 7162 §4: servers should take command lines of 8192 octets, and clients keep to
+/// that. A longer SASL-IR line (a large JWT) is sent as the continuation response instead,
+/// which servers read with the SASL exchange's own, larger limit.
+const MAX_COMMAND_LINE: usize = 8192;
+
 /// What the server's capabilities allow (from its greeting's `[CAPABILITY …]` or a
 /// CAPABILITY command).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -106,9 +111,12 @@ pub fn authenticate<T: Read + Write>(
         initial: RefCell::new(None),
         challenge: RefCell::new(None),
     };
-    let command = match offers.sasl_ir {
+    let encoded = crate::base64::encode(&initial);
+    // "a1 AUTHENTICATE " and CRLF around the argument.
+    let fits = encoded.len() + mechanism.name().len() + 32 <= MAX_COMMAND_LINE;
+    let command = match offers.sasl_ir && fits {
         // RFC 4959 §3: the initial response, base64, after the mechanism name.
-        true => format!("{mechanism} {}", crate::base64::encode(&initial)),
+        true => format!("{mechanism} {encoded}"),
         false => {
             *responder.initial.borrow_mut() = Some(initial);
             mechanism.to_string()
@@ -287,6 +295,28 @@ mod tests {
             format!("user=user@example.com\x01auth=Bearer {TOKEN}\x01\x01").as_bytes(),
         );
         assert_eq!(written, format!("a1 AUTHENTICATE XOAUTH2\r\n{xoauth2}\r\n"));
+    }
+
+    #[test]
+    fn an_initial_response_too_long_for_a_command_line_follows_the_continuation() {
+        let long = "x".repeat(7000);
+        let written = Rc::new(RefCell::new(Vec::new()));
+        let stream = Transcript {
+            server: b"+ \r\na1 OK done\r\n".to_vec(),
+            read: 0,
+            chunk: 64,
+            client: Rc::clone(&written),
+        };
+        let token = AccessToken::new(long.clone());
+        let offers = offers(Mechanism::XOAuth2, true);
+        let result = authenticate(imap::Client::new(stream), &offers, "u", &token, TARGET);
+        assert!(result.is_ok());
+        let written = String::from_utf8(written.take()).unwrap();
+        assert!(
+            written.starts_with("a1 AUTHENTICATE XOAUTH2\r\n"),
+            "{written:.40}"
+        );
+        assert!(written.len() > 9000);
     }
 
     #[test]
