@@ -11,9 +11,7 @@
 mod common;
 
 use common::{postfix, servers};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// An empty token store of this test's own: every account in it is unknown.
 fn empty_store(name: &str) -> PathBuf {
@@ -26,20 +24,7 @@ fn empty_store(name: &str) -> PathBuf {
 
 /// Runs the proxy with `input` on stdin; returns (stdout, stderr).
 fn run(args: &[String], input: &str) -> (String, String) {
-    let mut child = Command::new(common::proxy_bin())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn proxy");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.as_bytes().to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = common::run_proxy(args, &[], input.as_bytes());
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -66,21 +66,7 @@ fn set_option(args: &mut [String], name: &str, value: impl ToString) {
 
 /// Runs one proxy process with `input` on stdin; returns (stdout, stderr, success).
 fn dialogue(args: &[String], envs: &[(&str, &str)], input: &[u8]) -> (Vec<u8>, String, bool) {
-    let mut child = Command::new(common::proxy_bin())
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn proxy");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = common::run_proxy(args, envs, input);
     (
         out.stdout,
         String::from_utf8_lossy(&out.stderr).into_owned(),

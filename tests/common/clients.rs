@@ -122,6 +122,29 @@ pub fn proxy_bin() -> &'static str {
     env!("CARGO_BIN_EXE_legacy-mail-proxy")
 }
 
+/// Runs one proxy process with `input` on stdin (written from a thread, so a proxy that
+/// answers before reading it all cannot block the test) and waits for it to end.
+pub fn run_proxy(args: &[String], envs: &[(&str, &str)], input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(proxy_bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn proxy");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
 /// Environment for Python snippets: LMP_HOST, LMP_TLS_HOST (localhost), LMP_IMAP_PORT,
 /// LMP_IMAPS_PORT, LMP_POP3_PORT, LMP_CA_FILE, LMP_UNTRUSTED_CA_FILE, LMP_UNTRUSTED_HOST,
 /// LMP_UNTRUSTED_IMAP_PORT, LMP_UNTRUSTED_IMAPS_PORT, and, once Postfix runs,

@@ -41,7 +41,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use clients::{
     dovecot_pop3_list, dovecot_pop3_uidl, imap_fetch_all, imap_fetch_all_in, imap_flags,
     imap_mailbox_list, missing_program_message, proxy_bin, python, python_ok, require_client,
-    server_env, wait_for_messages, wait_until, which,
+    run_proxy, server_env, wait_for_messages, wait_until, which,
 };
 #[allow(unused_imports)]
 pub use fault::FaultProxy;
