@@ -1,7 +1,8 @@
 //! A scripted IMAP server for the OAuth2 login tests: plain TCP on 127.0.0.1, one thread
 //! per connection. It takes `AUTHENTICATE OAUTHBEARER` / `XOAUTH2` as Dovecot does (with or
 //! without SASL-IR; a refused token gets the JSON error challenge, then
-//! `NO [AUTHENTICATIONFAILED]`), and serves an empty mailbox to EXAMINE.
+//! `NO [AUTHENTICATIONFAILED]`), and serves a mailbox of at most one message, and can end a session
+//! with Exchange Online's `* BYE Session invalidated - AccessTokenExpired`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,6 +19,11 @@ pub struct Script {
     pub tokens: Vec<String>,
     /// Close the connection after a refused token.
     pub close_after_refusal: bool,
+    /// The mailbox's one message (UID 5), if any.
+    pub message: Option<String>,
+    /// On the first connection, answer the command with this number (1 is the first)
+    /// with Exchange's `* BYE Session invalidated - AccessTokenExpired` and close.
+    pub bye_at_command: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -57,7 +63,12 @@ impl FakeImap {
 }
 
 fn serve(stream: TcpStream, script: &Script, journal: &Mutex<Journal>) -> Option<()> {
-    journal.lock().unwrap().connects += 1;
+    let connection = {
+        let mut journal = journal.lock().unwrap();
+        journal.connects += 1;
+        journal.connects
+    };
+    let mut commands = 0;
     let mut output = stream.try_clone().ok()?;
     let mut input = BufReader::new(stream);
     let capabilities = format!("IMAP4rev1 {}", script.capabilities.join(" "));
@@ -78,6 +89,12 @@ fn serve(stream: TcpStream, script: &Script, journal: &Mutex<Journal>) -> Option
         let words: Vec<&str> = line.split(' ').collect();
         let (tag, command) = (words[0], words.get(1)?.to_ascii_uppercase());
         journal.lock().unwrap().commands.push(command.clone());
+        commands += 1;
+        if connection == 1 && script.bye_at_command == Some(commands) {
+            journal.lock().unwrap().commands.push("*BYE".into());
+            let _ = output.write_all(b"* BYE Session invalidated - AccessTokenExpired\r\n");
+            return None;
+        }
         let reply = match command.as_str() {
             "CAPABILITY" => format!("* CAPABILITY {capabilities}\r\n{tag} OK done\r\n"),
             "AUTHENTICATE" => {
@@ -123,9 +140,21 @@ fn serve(stream: TcpStream, script: &Script, journal: &Mutex<Journal>) -> Option
                     continue;
                 }
             }
-            "EXAMINE" | "SELECT" => {
-                format!("* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-ONLY] done\r\n")
-            }
+            "EXAMINE" | "SELECT" => format!(
+                "* {} EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-ONLY] done\r\n",
+                usize::from(script.message.is_some())
+            ),
+            "UID" => match (&script.message, words.get(3).copied()) {
+                (Some(message), Some("1:*")) => format!(
+                    "* 1 FETCH (UID 5 RFC822.SIZE {} FLAGS ())\r\n{tag} OK done\r\n",
+                    message.len()
+                ),
+                (Some(message), Some("5")) => format!(
+                    "* 1 FETCH (UID 5 BODY[] {{{}}}\r\n{message})\r\n{tag} OK done\r\n",
+                    message.len()
+                ),
+                _ => format!("{tag} OK done\r\n"),
+            },
             "LOGOUT" => {
                 output
                     .write_all(format!("* BYE\r\n{tag} OK done\r\n").as_bytes())

@@ -87,8 +87,15 @@ struct LockPlan {
 pub struct ImapOpener {
     pub server: Server,
     pub settings: Settings,
-    /// The account of [`Login::OAuth2`].
-    pub oauth2: Option<Account>,
+    /// The account of [`Login::OAuth2`], shared with the open maildrop so that it can log
+    /// in again (see [`ImapMaildrop::log_in_again`]).
+    pub oauth2: Option<Rc<RefCell<Account>>>,
+}
+
+/// What a maildrop needs to log in again with the OAuth2 account.
+struct Relogin {
+    server: Server,
+    account: Rc<RefCell<Account>>,
 }
 
 type ImapSession = imap::Session<Shared>;
@@ -169,8 +176,15 @@ impl Opener for ImapOpener {
             }
             Login::OAuth2 { client } => {
                 check_client(client, credentials)?;
-                let (session, raw, user) = self.oauth2_login()?;
-                return self.select(session, raw, &user);
+                let Some(account) = self.oauth2.clone() else {
+                    return Err(OpenError::Permanent("no OAuth2 account configured".into()));
+                };
+                let (session, raw, user) = oauth2_session(&self.server, &mut account.borrow_mut())?;
+                let relogin = Relogin {
+                    server: self.server.clone(),
+                    account,
+                };
+                return self.select(session, raw, &user, Some(relogin));
             }
         };
         let (client, raw, _) = connect(&self.server)?;
@@ -185,7 +199,7 @@ impl Opener for ImapOpener {
             Ok(session) => session,
             Err((error, _client)) => return Err(login_error(error)),
         };
-        self.select(session, raw, user)
+        self.select(session, raw, user, None)
     }
 }
 
@@ -202,63 +216,62 @@ impl ImapOpener {
         session: ImapSession,
         raw: Shared,
         user: &str,
+        relogin: Option<Relogin>,
     ) -> Result<Box<dyn Maildrop>, OpenError> {
         let lock = self.settings.lock_dir.as_ref().map(|dir| LockPlan {
             dir: dir.clone(),
             host: self.server.host.clone(),
             user: user.to_string(),
         });
-        match ImapMaildrop::open(session, raw, self.settings.clone(), lock) {
+        match ImapMaildrop::open(session, raw, self.settings.clone(), lock, relogin) {
             Ok(maildrop) => Ok(Box::new(maildrop)),
             Err(e) => Err(e),
         }
     }
+}
 
-    /// Logs in with the OAuth2 account: one token, and after a rejection one renewal and
-    /// one retry, on the same connection when the server keeps it open (RFC 3501 allows
-    /// another AUTHENTICATE after NO), else on a new one. A token that cannot be had, or
-    /// a renewed one rejected too, is `[SYS/TEMP]` for the client (its own password was
-    /// right) and the session's one log line tells the admin what to run.
-    fn oauth2_login(&mut self) -> Result<(ImapSession, Shared, String), OpenError> {
-        let Some(account) = self.oauth2.as_mut() else {
-            return Err(OpenError::Permanent("no OAuth2 account configured".into()));
+/// Logs in with the OAuth2 account: one token, and after a rejection one renewal and one
+/// retry, on the same connection when the server keeps it open (RFC 3501 allows another
+/// AUTHENTICATE after NO), else on a new one. A token that cannot be had, or a renewed one
+/// rejected too, is `[SYS/TEMP]` for the client (its own password was right) and the
+/// session's one log line tells the admin what to run.
+fn oauth2_session(
+    server: &Server,
+    account: &mut Account,
+) -> Result<(ImapSession, Shared, String), OpenError> {
+    let target = Target {
+        host: &server.host,
+        port: server.port,
+    };
+    let mut kept: Option<Unauthenticated> = None;
+    let result = account.login(|user, token| {
+        let reused = kept.is_some();
+        let (client, raw, offers) = match kept.take() {
+            Some(connection) => connection,
+            None => connect_for_oauth2(server).map_err(Refusal::Failed)?,
         };
-        let server = &self.server;
-        let target = Target {
-            host: &server.host,
-            port: server.port,
-        };
-        let mut kept: Option<Unauthenticated> = None;
-        let result = account.login(|user, token| {
-            let reused = kept.is_some();
-            let (client, raw, offers) = match kept.take() {
-                Some(connection) => connection,
-                None => connect_for_oauth2(server).map_err(Refusal::Failed)?,
-            };
-            match imap_oauth2::authenticate(client, &offers, user, token, target) {
-                Ok(session) => Ok((session, raw, user.to_string())),
-                Err((refusal, Some(client))) => {
-                    kept = Some((client, raw, offers));
-                    Err(refusal)
-                }
-                // The server closed the connection after rejecting the first token.
-                Err((Refusal::Failed(_), None)) if reused => {
-                    let (client, raw, offers) =
-                        connect_for_oauth2(server).map_err(Refusal::Failed)?;
-                    imap_oauth2::authenticate(client, &offers, user, token, target)
-                        .map(|session| (session, raw, user.to_string()))
-                        .map_err(|(refusal, _)| refusal)
-                }
-                Err((refusal, None)) => Err(refusal),
+        match imap_oauth2::authenticate(client, &offers, user, token, target) {
+            Ok(session) => Ok((session, raw, user.to_string())),
+            Err((refusal, Some(client))) => {
+                kept = Some((client, raw, offers));
+                Err(refusal)
             }
-        });
-        let error = match result {
-            Ok(done) => return Ok(done),
-            Err(Failure::Failed(e)) => e,
-            Err(Failure::Token(e)) => OpenError::Temporary(account.advice(&e)),
-        };
-        Err(error)
-    }
+            // The server closed the connection after rejecting the first token.
+            Err((Refusal::Failed(_), None)) if reused => {
+                let (client, raw, offers) = connect_for_oauth2(server).map_err(Refusal::Failed)?;
+                imap_oauth2::authenticate(client, &offers, user, token, target)
+                    .map(|session| (session, raw, user.to_string()))
+                    .map_err(|(refusal, _)| refusal)
+            }
+            Err((refusal, None)) => Err(refusal),
+        }
+    });
+    let error = match result {
+        Ok(done) => return Ok(done),
+        Err(Failure::Failed(e)) => e,
+        Err(Failure::Token(e)) => OpenError::Temporary(account.advice(&e)),
+    };
+    Err(error)
 }
 
 /// Connects, and learns from the greeting or a CAPABILITY command which OAuth2 mechanism
@@ -420,6 +433,11 @@ pub struct ImapMaildrop {
     /// Why the connection cannot be used any more (a timeout or a cut, possibly in the
     /// middle of a response): later commands fail at once, and close sends no LOGOUT.
     broken: Option<String>,
+    /// Whether the server ended the connection (`* BYE`, or it closed it): then, with an
+    /// OAuth2 account, the session can log in again.
+    ended_by_server: bool,
+    relogin: Option<Relogin>,
+    uid_validity: u32,
     _lock: Option<MailboxLock>,
 }
 
@@ -429,6 +447,7 @@ impl ImapMaildrop {
         raw: Shared,
         settings: Settings,
         lock: Option<LockPlan>,
+        relogin: Option<Relogin>,
     ) -> Result<Self, OpenError> {
         let temporary = |e: imap::Error| OpenError::Temporary(describe(&e));
         // Only moving and expunging depend on extensions; keep and hide (the default) skip
@@ -443,18 +462,7 @@ impl ImapMaildrop {
             }
             DeletePolicy::Keep | DeletePolicy::Hide => (false, false),
         };
-        let read_only = settings.policy == DeletePolicy::Keep && !settings.mark_seen;
-        let verb = if read_only { "EXAMINE" } else { "SELECT" };
-        let mailbox = match session.run(format!("{verb} {}", quoted(&settings.mailbox))) {
-            Ok((response, _)) => Selected::parse(&response),
-            Err(imap::Error::No(no)) => {
-                return Err(OpenError::Permanent(format!(
-                    "cannot open mailbox {:?}: {}",
-                    settings.mailbox, no.information
-                )));
-            }
-            Err(e) => return Err(temporary(e)),
-        };
+        let mailbox = select_mailbox(&mut session, &settings)?;
         log::debug!(
             "selected {:?}: {} messages, read-only {}, permanent flags {:?}, mailbox id {:?}",
             settings.mailbox,
@@ -529,6 +537,9 @@ impl ImapMaildrop {
             cannot_delete,
             has_move,
             broken: None,
+            ended_by_server: false,
+            relogin,
+            uid_validity,
             _lock: lock,
         })
     }
@@ -537,6 +548,20 @@ impl ImapMaildrop {
         let mut uids: Vec<u32> = indexes.iter().map(|&i| self.uids[i]).collect();
         uids.sort_unstable();
         uid_set(&uids)
+    }
+}
+
+/// SELECT, or EXAMINE when the session will change nothing.
+fn select_mailbox(session: &mut ImapSession, settings: &Settings) -> Result<Selected, OpenError> {
+    let read_only = settings.policy == DeletePolicy::Keep && !settings.mark_seen;
+    let verb = if read_only { "EXAMINE" } else { "SELECT" };
+    match session.run(format!("{verb} {}", quoted(&settings.mailbox))) {
+        Ok((response, _)) => Ok(Selected::parse(&response)),
+        Err(imap::Error::No(no)) => Err(OpenError::Permanent(format!(
+            "cannot open mailbox {:?}: {}",
+            settings.mailbox, no.information
+        ))),
+        Err(e) => Err(OpenError::Temporary(describe(&e))),
     }
 }
 
@@ -627,6 +652,11 @@ impl Maildrop for ImapMaildrop {
             Extent::Whole => None,
             Extent::Head => Some(HEAD_CHUNK),
         };
+        let mut sink = Watched {
+            sink,
+            started: false,
+        };
+        let mut logged_in_again = false;
         loop {
             self.fetches += 1;
             let tag = format!("L{}", self.fetches);
@@ -636,7 +666,7 @@ impl Maildrop for ImapMaildrop {
             };
             let command = format!("UID FETCH {uid} ({section})");
             let mut reader = RawCommand::new(&self.raw, tag);
-            let result = reader.fetch(&command, offset == 0, chunk, sink);
+            let result = reader.fetch(&command, offset == 0, chunk, &mut sink);
             reader.finish();
             let (length, more) = match result {
                 Ok(Some(body)) => body,
@@ -655,7 +685,14 @@ impl Maildrop for ImapMaildrop {
                 }
                 Err(Chunk::No(why)) => return Err(FetchError::Backend(BackendError(why))),
                 Err(Chunk::Backend(why)) => {
+                    self.ended_by_server = why == SERVER_CLOSED;
                     self.broken = Some(why.clone());
+                    // Nothing reached the client yet: the fetch can start over on a new
+                    // session, once.
+                    if !sink.started && !logged_in_again && self.log_in_again() {
+                        logged_in_again = true;
+                        continue;
+                    }
                     return Err(FetchError::Backend(BackendError(why)));
                 }
             };
@@ -687,7 +724,10 @@ impl Maildrop for ImapMaildrop {
     fn keepalive(&mut self) -> Result<(), BackendError> {
         self.usable()?;
         let noop = self.session.noop();
-        noop.map_err(|e| self.lost(e))
+        match noop.map_err(|e| self.lost(e)) {
+            Err(_) if self.log_in_again() => Ok(()),
+            other => other,
+        }
     }
 
     fn delete(&mut self, indexes: &[usize]) -> Result<Update, BackendError> {
@@ -699,8 +739,13 @@ impl Maildrop for ImapMaildrop {
         }
         self.usable()?;
         let set = self.uid_set(indexes);
-        let applied = self.apply_delete(&set);
-        applied.map(|()| Update::Applied).map_err(|e| self.lost(e))
+        let mut applied = self.apply_delete(&set).map_err(|e| self.lost(e));
+        if applied.is_err() && self.log_in_again() {
+            // The server ended the session before acting on the command (a `* BYE` in
+            // its place); the policy's commands act by UID and may be sent again.
+            applied = self.apply_delete(&set).map_err(|e| self.lost(e));
+        }
+        applied.map(|()| Update::Applied)
     }
 
     fn close(&mut self) {
@@ -715,8 +760,12 @@ impl Maildrop for ImapMaildrop {
 }
 
 impl ImapMaildrop {
-    /// Fails at once when an earlier command left the connection unusable.
-    fn usable(&self) -> Result<(), BackendError> {
+    /// Fails at once when an earlier command left the connection unusable, unless the
+    /// session could log in again.
+    fn usable(&mut self) -> Result<(), BackendError> {
+        if self.broken.is_some() {
+            self.log_in_again();
+        }
         match &self.broken {
             Some(why) => Err(BackendError(format!("IMAP connection lost earlier: {why}"))),
             None => Ok(()),
@@ -729,8 +778,56 @@ impl ImapMaildrop {
         let why = describe(&error);
         if !matches!(error, imap::Error::No(_) | imap::Error::Bad(_)) {
             self.broken = Some(why.clone());
+            self.ended_by_server =
+                matches!(error, imap::Error::Bye(_) | imap::Error::ConnectionLost);
         }
         BackendError(why)
+    }
+
+    /// Logs in again with the OAuth2 account after the server ended the session, and
+    /// selects the mailbox again; `true` when the session can go on. Exchange Online ends
+    /// an OAuth2 IMAP session when its token expires (`* BYE Session invalidated -
+    /// AccessTokenExpired`), which would otherwise cut a long POP3 session. The snapshot
+    /// (message numbers, UIDLs) still holds only if UIDVALIDITY is unchanged; the mailbox
+    /// lock is this process's and stays held. Tried once per loss: a timeout or a cut the
+    /// server did not make is not retried, and neither is a failed attempt.
+    fn log_in_again(&mut self) -> bool {
+        let (Some(why), true, Some(relogin)) = (&self.broken, self.ended_by_server, &self.relogin)
+        else {
+            return false;
+        };
+        let why = why.clone();
+        self.ended_by_server = false;
+        let again = oauth2_session(&relogin.server, &mut relogin.account.borrow_mut()).and_then(
+            |(mut session, raw, _)| {
+                let selected = select_mailbox(&mut session, &self.settings)?;
+                match selected.uid_validity == Some(self.uid_validity) {
+                    true => Ok((session, raw)),
+                    false => Err(OpenError::Permanent(
+                        "the mailbox's UIDVALIDITY changed, so the session's messages are \
+                         no longer the same"
+                            .into(),
+                    )),
+                }
+            },
+        );
+        match again {
+            Ok((session, raw)) => {
+                log::info!(
+                    "the IMAP server ended the session ({why}); logged in again with the OAuth2 account"
+                );
+                self.session = session;
+                self.raw = raw;
+                self.broken = None;
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "the IMAP server ended the session ({why}); logging in again failed: {e}"
+                );
+                false
+            }
+        }
     }
 
     /// Applies the delete policy to the UIDs in `set` (UPDATE state, RFC 1939 §6).
@@ -789,6 +886,26 @@ impl Chunk {
             Chunk::No(why) | Chunk::Backend(why) => why,
             Chunk::Client(e) => e.to_string(),
         }
+    }
+}
+
+/// Why a raw command failed when the server closed the connection (after `* BYE`).
+const SERVER_CLOSED: &str = "the IMAP server closed the connection";
+
+/// Records whether any of a message reached the sink, which decides whether a failed
+/// fetch may start over.
+struct Watched<'a> {
+    sink: &'a mut dyn MessageSink,
+    started: bool,
+}
+
+impl MessageSink for Watched<'_> {
+    fn start(&mut self) -> io::Result<()> {
+        self.started = true;
+        self.sink.start()
+    }
+    fn data(&mut self, bytes: &[u8]) -> io::Result<bool> {
+        self.sink.data(bytes)
     }
 }
 
@@ -947,9 +1064,7 @@ impl RawCommand {
         line.clear();
         let mut limited = (&mut self.input).take(MAX_RESPONSE_LINE as u64);
         match limited.read_until(b'\n', line) {
-            Ok(0) => Err(Chunk::Backend(
-                "the IMAP server closed the connection".into(),
-            )),
+            Ok(0) => Err(Chunk::Backend(SERVER_CLOSED.into())),
             Ok(_) if line.ends_with(b"\n") => Ok(()),
             Ok(_) => Err(Chunk::Backend("IMAP response line too long".into())),
             Err(e) => Err(Chunk::Backend(describe_io(&e))),
@@ -969,9 +1084,7 @@ impl RawCommand {
                 .fill_buf()
                 .map_err(|e| Chunk::Backend(describe_io(&e)))?;
             if available.is_empty() {
-                return Err(Chunk::Backend(
-                    "the IMAP server closed the connection".into(),
-                ));
+                return Err(Chunk::Backend(SERVER_CLOSED.into()));
             }
             let n = available.len().min(length);
             if more {
@@ -987,9 +1100,7 @@ impl RawCommand {
         let copied = io::copy(&mut (&mut self.input).take(length as u64), &mut io::sink())
             .map_err(|e| Chunk::Backend(describe_io(&e)))?;
         if copied < length as u64 {
-            return Err(Chunk::Backend(
-                "the IMAP server closed the connection".into(),
-            ));
+            return Err(Chunk::Backend(SERVER_CLOSED.into()));
         }
         Ok(())
     }
@@ -1106,6 +1217,7 @@ mod oauth2_tests {
     use crate::oauth2::TokenError;
     use crate::oauth2::login::testing::Tokens;
     use crate::pop3::fake_imap::{FakeImap, Script};
+    use crate::pop3::maildrop::{Extent, FetchError};
     use std::time::Duration;
 
     const ALL: [&str; 3] = ["SASL-IR", "AUTH=XOAUTH2", "AUTH=OAUTHBEARER"];
@@ -1115,7 +1227,7 @@ mod oauth2_tests {
             in_greeting: true,
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
             tokens: tokens.iter().map(|t| t.to_string()).collect(),
-            close_after_refusal: false,
+            ..Script::default()
         }
     }
 
@@ -1143,7 +1255,7 @@ mod oauth2_tests {
                 lock_dir: None,
                 lock_user_domain: lock::UserDomain::Keep,
             },
-            oauth2: Some(tokens.account()),
+            oauth2: Some(Rc::new(RefCell::new(tokens.account()))),
         }
     }
 
@@ -1236,11 +1348,11 @@ mod oauth2_tests {
         assert_eq!(fake.journal().connects, connects);
 
         // An account that could not be opened (a corrupted token file).
-        opener.oauth2 = Some(Account::new(
+        opener.oauth2 = Some(Rc::new(RefCell::new(Account::new(
             std::path::Path::new("/var/lib/legacy-mail-proxy/oauth2"),
             "work",
             Err(TokenError::Broken("token file is corrupted".into())),
-        ));
+        ))));
         let result = open(&mut opener, "alice", "pw");
         assert!(
             matches!(&result, Err(OpenError::Temporary(why)) if why.contains("corrupted")),
@@ -1255,6 +1367,82 @@ mod oauth2_tests {
         let result = open(&mut opener(&fake, &tokens), "alice", "wrong");
         assert!(matches!(result, Err(OpenError::Auth(_))), "{result:?}");
         assert_eq!(fake.journal().connects, 0);
+    }
+
+    /// Collects a streamed message.
+    #[derive(Default)]
+    struct Collect(Vec<u8>);
+
+    impl MessageSink for Collect {
+        fn start(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn data(&mut self, bytes: &[u8]) -> io::Result<bool> {
+            self.0.extend_from_slice(bytes);
+            Ok(true)
+        }
+    }
+
+    const MESSAGE: &str = "Subject: long session\r\n\r\nstill here\r\n";
+
+    /// A server with one message that ends the first session at command `bye_at`; the
+    /// proxy's client is logged in.
+    fn ending_session(bye_at: usize, tokens: &[&str]) -> (FakeImap, Tokens, Box<dyn Maildrop>) {
+        let fake = FakeImap::start(Script {
+            message: Some(MESSAGE.into()),
+            bye_at_command: Some(bye_at),
+            ..script(&ALL, &["t1"])
+        });
+        let tokens = Tokens::new("alice@example.com", tokens);
+        let credentials = Credentials {
+            user: "alice",
+            password: "pw",
+        };
+        let maildrop = opener(&fake, &tokens).open(&credentials).unwrap();
+        (fake, tokens, maildrop)
+    }
+
+    fn retr(maildrop: &mut Box<dyn Maildrop>) -> Result<Vec<u8>, FetchError> {
+        let mut sink = Collect::default();
+        maildrop.fetch(0, Extent::Whole, &mut sink).map(|()| sink.0)
+    }
+
+    // The first session's commands: CAPABILITY, AUTHENTICATE, EXAMINE, UID FETCH 1:*; the
+    // fifth is the one the server ends the session at.
+
+    #[test]
+    fn a_session_the_server_ends_when_its_token_expires_logs_in_again_for_retr() {
+        let (fake, _tokens, mut maildrop) = ending_session(5, &["t1"]);
+        assert_eq!(retr(&mut maildrop).unwrap(), MESSAGE.as_bytes());
+        let journal = fake.journal();
+        assert_eq!(journal.connects, 2);
+        assert!(journal.commands.contains(&"*BYE".to_string()));
+        maildrop.close();
+    }
+
+    #[test]
+    fn a_session_the_server_ends_during_a_keepalive_goes_on_with_the_next_command() {
+        let (fake, _tokens, mut maildrop) = ending_session(5, &["t1"]);
+        maildrop.keepalive().unwrap();
+        assert_eq!(retr(&mut maildrop).unwrap(), MESSAGE.as_bytes());
+        assert_eq!(fake.journal().connects, 2);
+        maildrop.close();
+    }
+
+    #[test]
+    fn logging_in_again_is_tried_once_per_loss_and_its_failure_is_an_error() {
+        // The token the new session gets is refused, and so is the renewed one.
+        let (fake, tokens, mut maildrop) = ending_session(5, &["t1", "t2", "t3"]);
+        tokens.state.borrow_mut().current = 1;
+        assert!(matches!(retr(&mut maildrop), Err(FetchError::Backend(_))));
+        let connects = fake.journal().connects;
+        assert_eq!(
+            connects, 2,
+            "one attempt (with its own retry on that connection)"
+        );
+        assert!(maildrop.keepalive().is_err());
+        assert_eq!(fake.journal().connects, connects, "no second attempt");
+        maildrop.close();
     }
 
     #[test]

@@ -340,12 +340,12 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
                 .context("--auth oauth2 needs --imap-oauth2-account")?;
             let client = client_credentials(args, "oauth2", &format!("account {name}"))?;
             // Opened now; a failure is kept and told to each client as [SYS/TEMP].
-            oauth2 = Some(Account::open(
+            oauth2 = Some(std::rc::Rc::new(std::cell::RefCell::new(Account::open(
                 &args.oauth2.oauth2_dir,
                 &name,
                 args.backend.tls(),
                 args.backend.timeouts(),
-            ));
+            ))));
             Login::OAuth2 { client }
         }
     };
@@ -471,7 +471,7 @@ mod tests {
             opener.settings.login,
             Login::OAuth2 { client: None }
         ));
-        let account = opener.oauth2.as_ref().unwrap();
+        let account = opener.oauth2.as_ref().unwrap().borrow();
         assert_eq!(account.name(), "work");
         assert!(
             opener_of(&["--imap-user", "u", "--auth", "passthrough"])
