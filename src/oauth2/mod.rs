@@ -76,3 +76,9 @@ pub trait TokenSource {
     /// second rejection as [`TokenError::Revoked`].
     fn renew(&mut self, rejected: &AccessToken) -> Result<AccessToken, TokenError>;
 }
+
+pub mod admin;
+pub mod grant;
+pub mod http;
+pub mod provider;
+pub mod store;
