@@ -40,6 +40,8 @@ pub enum Command {
     Smtp(Box<crate::smtp::Args>),
     /// Join a plain-text client on stdin/stdout to a TLS server (implicit TLS or STARTTLS).
     Tunnel(crate::tunnel::Args),
+    /// Manage the OAuth2 accounts the backends log in with (run by the admin).
+    Oauth2(crate::oauth2::admin::Args),
 }
 
 impl Command {
@@ -49,6 +51,7 @@ impl Command {
             Command::Pop3(args) => &args.backend,
             Command::Smtp(args) => &args.backend,
             Command::Tunnel(args) => &args.backend,
+            Command::Oauth2(args) => args.backend(),
         }
     }
 }

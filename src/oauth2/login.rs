@@ -128,18 +128,15 @@ impl Account {
     }
 }
 
-/// The token store's account, opened by the o2store branch's `StoredAccount::open`. Until
-/// that branch is merged, every account is reported unusable; this is the one line to
-/// change when it is.
+/// The account in the token store shared by every process (`store.rs`).
 fn open_stored(
-    _dir: &Path,
-    _name: &str,
-    _tls: crate::tls::TlsOptions,
-    _timeouts: crate::net::Timeouts,
+    dir: &Path,
+    name: &str,
+    tls: crate::tls::TlsOptions,
+    timeouts: crate::net::Timeouts,
 ) -> Result<Box<dyn TokenSource>, TokenError> {
-    Err(TokenError::Broken(
-        "this build has no OAuth2 token store".into(),
-    ))
+    let account = super::store::StoredAccount::open(dir, name, tls, timeouts)?;
+    Ok(Box::new(account))
 }
 
 #[cfg(test)]

@@ -77,5 +77,10 @@ pub trait TokenSource {
     fn renew(&mut self, rejected: &AccessToken) -> Result<AccessToken, TokenError>;
 }
 
+pub mod admin;
+pub mod grant;
+pub mod http;
 pub mod login;
+pub mod provider;
 pub mod sasl;
+pub mod store;
