@@ -5,7 +5,7 @@
 //! The cases that need tokens a real authorization server issued (a POP3 download and an
 //! SMTP send with a token, expiry between and during sessions, 20 sessions at the moment
 //! of expiry, a revoked refresh token, the provider down) need the OAuth2 Dovecot/Postfix
-//! and the token store of the other two branches of issue 10; they go here once those are
+//! and authorization server of the o2srv branch of issue 10; they go here once it is
 //! merged.
 
 mod common;
@@ -13,13 +13,25 @@ mod common;
 use common::{postfix, servers};
 use std::path::{Path, PathBuf};
 
-/// An empty token store of this test's own: every account in it is unknown.
-fn empty_store(name: &str) -> PathBuf {
+/// A token store of this test's own: `None` leaves it empty (the account is unknown),
+/// `Some(text)` makes `text` the account's token file (a corrupted one).
+fn store(name: &str, token_file: Option<&str>) -> PathBuf {
     let dir = servers()
         .dir
         .join(format!("oauth2-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    if let Some(text) = token_file {
+        std::fs::write(dir.join("work.json"), text).unwrap();
+    }
     dir
+}
+
+/// The two stores whose account cannot give a token, whatever the server.
+fn unusable_stores(name: &str) -> [PathBuf; 2] {
+    [
+        store(&format!("{name}-empty"), None),
+        store(&format!("{name}-corrupted"), Some("{\"user\": \"alice@exa")),
+    ]
 }
 
 /// Runs the proxy with `input` on stdin; returns (stdout, stderr).
@@ -53,9 +65,14 @@ fn advice_lines(log: &str, store: &Path) -> Vec<String> {
 }
 
 #[test]
-fn pop3_with_an_unusable_oauth2_account_answers_sys_temp_and_logs_the_command() {
+fn pop3_with_an_unknown_or_corrupted_oauth2_account_answers_sys_temp_and_logs_the_command() {
+    for store in unusable_stores("pop3") {
+        pop3_sys_temp(&store);
+    }
+}
+
+fn pop3_sys_temp(store: &Path) {
     let s = servers();
-    let store = empty_store("pop3");
     let client_password = store.join("client-password");
     std::fs::write(&client_password, "s3cret-client\n").unwrap();
     let mut args = strings(&[
@@ -92,7 +109,7 @@ fn pop3_with_an_unusable_oauth2_account_answers_sys_temp_and_logs_the_command() 
         "{out}"
     );
     assert!(!out.contains("[AUTH]"), "{out}");
-    advice_lines(&log, &store);
+    advice_lines(&log, store);
     assert!(!log.contains("s3cret-client"), "{log}");
 
     // The client's own password is still checked first: a wrong one is [AUTH].
@@ -101,10 +118,15 @@ fn pop3_with_an_unusable_oauth2_account_answers_sys_temp_and_logs_the_command() 
 }
 
 #[test]
-fn smtp_with_an_unusable_oauth2_account_answers_454_never_535() {
+fn smtp_with_an_unknown_or_corrupted_oauth2_account_answers_454_never_535() {
+    for store in unusable_stores("smtp") {
+        smtp_454(&store);
+    }
+}
+
+fn smtp_454(store: &Path) {
     let s = servers();
     let p = postfix();
-    let store = empty_store("smtp");
     let mut args = strings(&[
         "--log",
         "stderr",
@@ -135,5 +157,5 @@ fn smtp_with_an_unusable_oauth2_account_answers_454_never_535() {
         "{out}"
     );
     assert!(!out.contains("535"), "{out}");
-    advice_lines(&log, &store);
+    advice_lines(&log, store);
 }
