@@ -2,16 +2,21 @@
 //! the real Dovecot and Postfix of the harness: what the client hears and what the admin
 //! reads when the OAuth2 account cannot give a token.
 //!
-//! The cases that need tokens a real authorization server issued (a POP3 download and an
-//! SMTP send with a token, expiry between and during sessions, 20 sessions at the moment
-//! of expiry, a revoked refresh token, the provider down) need the OAuth2 Dovecot/Postfix
-//! and authorization server of the o2srv branch of issue 10; they go here once it is
-//! merged.
+//! Then, with tokens a real authorization server issued (`oidc-provider`, see
+//! tests/common/oauth2.rs) and the Dovecot and Postfix that accept them: an account
+//! authorized with `legacy-mail-proxy oauth2 authorize` (device flow, approved by the
+//! scripted browser), a POP3 download with curl and an SMTP send with smtplib, the access
+//! token (8 s) expiring between sessions and during one, 20 sessions at the moment of
+//! expiry sharing one refresh, a revoked refresh token, the provider down, and no token
+//! in any log.
 
 mod common;
 
-use common::{postfix, servers};
+use common::{User, oauth2, postfix, servers};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// A token store of this test's own: `None` leaves it empty (the account is unknown),
 /// `Some(text)` makes `text` the account's token file (a corrupted one).
@@ -72,36 +77,18 @@ fn pop3_with_an_unknown_or_corrupted_oauth2_account_answers_sys_temp_and_logs_th
 }
 
 fn pop3_sys_temp(store: &Path) {
-    let s = servers();
     let client_password = store.join("client-password");
     std::fs::write(&client_password, "s3cret-client\n").unwrap();
-    let mut args = strings(&[
-        "--log",
-        "stderr",
-        "--log-level",
-        "debug",
-        "pop3",
-        "--imap-host",
-        s.tls_host,
-        "--auth-failure-delay",
-        "0",
-        "--imap-oauth2-account",
-        "work",
+    let client_password = client_password.display().to_string();
+    let clients = [
         "--client-user",
         "alice",
-    ]);
-    args.extend([
-        "--imap-port".into(),
-        s.imaps_port.to_string(),
-        "--ca-file".into(),
-        s.ca_file.display().to_string(),
-        "--oauth2-dir".into(),
-        store.display().to_string(),
-        "--client-password-file".into(),
-        client_password.display().to_string(),
-        "--lock-dir".into(),
-        store.join("locks").display().to_string(),
-    ]);
+        "--client-password-file",
+        &client_password,
+        "--auth-failure-delay",
+        "0",
+    ];
+    let args = pop3_args(servers().imaps_port, store, &clients);
     let (out, log) = run(&args, "USER alice\r\nPASS s3cret-client\r\nQUIT\r\n");
     let replies: Vec<&str> = out.lines().collect();
     assert_eq!(
@@ -125,8 +112,127 @@ fn smtp_with_an_unknown_or_corrupted_oauth2_account_answers_454_never_535() {
 }
 
 fn smtp_454(store: &Path) {
+    let args = smtp_args(postfix().submissions_port, store);
+    let (out, log) = run(
+        &args,
+        "EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nQUIT\r\n",
+    );
+    assert!(
+        out.contains("\r\n454 4.7.0 Temporary authentication failure; try again later\r\n"),
+        "{out}"
+    );
+    assert!(!out.contains("535"), "{out}");
+    advice_lines(&log, store);
+}
+
+// ---- end to end with the real authorization server (o2srv's harness) -------------------
+
+/// An account authorized the way an admin does it: `legacy-mail-proxy oauth2 authorize`
+/// with the device flow against the test authorization server, approved in the scripted
+/// browser as `user`. Returns the store directory.
+fn authorize(name: &str, user: &User, margin: u64) -> PathBuf {
+    let w = oauth2();
+    let dir = store(name, None);
+    let mut child = Command::new(common::proxy_bin())
+        .args([
+            "oauth2",
+            "authorize",
+            "work",
+            "--provider",
+            "custom",
+            "--flow",
+            "device",
+        ])
+        .args([
+            "--user",
+            &user.name,
+            "--client-id",
+            common::PUBLIC_CLIENT_ID,
+        ])
+        .args(["--token-url", &w.idp.token_endpoint])
+        .args(["--device-url", &w.idp.device_authorization_endpoint])
+        .args(["--scope", common::SCOPES])
+        .args(["--refresh-margin", &margin.to_string()])
+        .arg("--ca-file")
+        .arg(&w.idp.ca_file)
+        .arg("--oauth2-dir")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn oauth2 authorize");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let code = loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "authorize printed no code:\n{printed}"
+        );
+        printed.push_str(&line);
+        if let Some(code) = user_code(&line) {
+            break code;
+        }
+    };
+    w.idp.approve_device(&code, user);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// The user code in authorize's line `… open URL in any browser and enter the code CODE`.
+fn user_code(line: &str) -> Option<String> {
+    let (_, code) = line.split_once("enter the code ")?;
+    Some(code.trim().to_string())
+}
+
+/// pop3 options for the account in `dir` and an IMAP server on `port` (the password
+/// Dovecot's or the OAuth2 one's), with `clients` saying how clients are checked.
+fn pop3_args(port: u16, dir: &Path, clients: &[&str]) -> Vec<String> {
     let s = servers();
-    let p = postfix();
+    let mut args = strings(&[
+        "--log",
+        "stderr",
+        "--log-level",
+        "debug",
+        "pop3",
+        "--imap-host",
+        s.tls_host,
+        "--imap-oauth2-account",
+        "work",
+        "--no-lock",
+        "--delete-policy",
+        "keep",
+    ]);
+    args.extend(strings(clients));
+    args.extend(backend_args("--imap-port", port, dir));
+    args
+}
+
+/// The backend's port, the harness CA and the token store.
+fn backend_args(port_option: &str, port: u16, dir: &Path) -> Vec<String> {
+    vec![
+        port_option.into(),
+        port.to_string(),
+        "--ca-file".into(),
+        servers().ca_file.display().to_string(),
+        "--oauth2-dir".into(),
+        dir.display().to_string(),
+    ]
+}
+
+/// pop3 options for the OAuth2 Dovecot, any client accepted.
+fn oauth2_pop3_args(dir: &Path) -> Vec<String> {
+    pop3_args(oauth2().imaps_port, dir, &["--ignore-client-credentials"])
+}
+
+/// smtp options for the account in `dir` and a submission server on `port`.
+fn smtp_args(port: u16, dir: &Path) -> Vec<String> {
+    let s = servers();
     let mut args = strings(&[
         "--log",
         "stderr",
@@ -140,22 +246,229 @@ fn smtp_454(store: &Path) {
         "--hostname",
         "gw.test",
     ]);
-    args.extend([
-        "--smtp-port".into(),
-        p.submissions_port.to_string(),
-        "--ca-file".into(),
-        s.ca_file.display().to_string(),
-        "--oauth2-dir".into(),
-        store.display().to_string(),
-    ]);
-    let (out, log) = run(
-        &args,
-        "EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nQUIT\r\n",
+    args.extend(backend_args("--smtp-port", port, dir));
+    args
+}
+
+/// smtp options for the OAuth2 Postfix.
+fn oauth2_smtp_args(dir: &Path) -> Vec<String> {
+    smtp_args(oauth2().postfix.submissions_port, dir)
+}
+
+/// The stored account's access token expiry (unix seconds) and tokens, from its file.
+fn stored(dir: &Path) -> (u64, String, String) {
+    let text = std::fs::read_to_string(dir.join("work.json")).unwrap();
+    let account: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let text = |key: &str| account[key].as_str().unwrap_or_default().to_string();
+    (
+        account["expires_at"].as_u64().expect("expires_at"),
+        text("access_token"),
+        text("refresh_token"),
+    )
+}
+
+/// Waits (polling the clock, no server involved) until the stored access token expired.
+fn until_expired(dir: &Path) {
+    let (expires_at, ..) = stored(dir);
+    common::wait_until(
+        "the stored access token to expire",
+        Duration::from_secs(oauth2().idp.access_ttl + 30),
+        || common::unix_now() > expires_at,
     );
-    assert!(
-        out.contains("\r\n454 4.7.0 Temporary authentication failure; try again later\r\n"),
-        "{out}"
+}
+
+fn pop3_retr_all(args: &[String]) -> (String, String) {
+    run(args, "USER any\r\nPASS any\r\nSTAT\r\nRETR 1\r\nQUIT\r\n")
+}
+
+fn smtp_send(args: &[String], to: &str, subject: &str) -> (String, String) {
+    run(
+        args,
+        &format!(
+            "EHLO c.test\r\nMAIL FROM:<{to}>\r\nRCPT TO:<{to}>\r\nDATA\r\nSubject: {subject}\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+        ),
+    )
+}
+
+/// A user with one message, and an account authorized for it.
+fn authorized_user(name: &str, margin: u64) -> (User, PathBuf) {
+    let user = servers().new_user(name);
+    user.seed_many(&[format!("Subject: {name}\r\n\r\nhello {name}\r\n").into_bytes()]);
+    let dir = authorize(name, &user, margin);
+    (user, dir)
+}
+
+fn assert_retrieved(out: &str, log: &str, name: &str) {
+    assert!(out.contains(&format!("hello {name}\r\n")), "{out}\n{log}");
+    assert!(!out.contains("-ERR"), "{out}\n{log}");
+}
+
+/// No access or refresh token of `dir` in `text`.
+fn assert_no_tokens(text: &str, dir: &Path) {
+    let (_, access, refresh) = stored(dir);
+    for secret in [access, refresh] {
+        assert!(
+            secret.is_empty() || !text.contains(&secret),
+            "a token in the log"
+        );
+    }
+}
+
+#[test]
+fn pop3_download_and_smtp_send_with_a_token_through_real_clients() {
+    let w = oauth2();
+    let _up = w.idp.shared();
+    let (user, dir) = authorized_user("e2e-basic", 2);
+    // curl, a real POP3 client, through an inetd socket.
+    let inetd = common::Inetd::start(common::proxy_bin(), &oauth2_pop3_args(&dir), &[]);
+    let out = Command::new(common::require_client("curl"))
+        .args(["-s", "--user", "any:any"])
+        .arg(format!("pop3://127.0.0.1:{}/1", inetd.port))
+        .output()
+        .unwrap();
+    let mail = String::from_utf8_lossy(&out.stdout);
+    assert!(mail.contains("hello e2e-basic"), "{mail}\n{}", inetd.logs());
+    // smtplib, a real SMTP client.
+    let inetd = common::Inetd::start(common::proxy_bin(), &oauth2_smtp_args(&dir), &[]);
+    common::python_ok(
+        "import os,smtplib\n\
+         s=smtplib.SMTP('127.0.0.1',int(os.environ['PORT']))\n\
+         s.sendmail(os.environ['TO'],[os.environ['TO']],'Subject: sent with a token\\r\\n\\r\\nhi\\r\\n')\n\
+         s.quit()",
+        &[
+            ("PORT", &inetd.port.to_string()),
+            ("TO", &format!("{}@{}", user.name, w.postfix.domain)),
+        ],
     );
+    common::wait_for_messages(&user, 2);
+    assert_no_tokens(&inetd.logs(), &dir);
+}
+
+#[test]
+fn the_token_expiring_between_sessions_is_refreshed_once() {
+    let w = oauth2();
+    let _up = w.idp.shared();
+    let (_user, dir) = authorized_user("e2e-between", 2);
+    let (out, log) = pop3_retr_all(&oauth2_pop3_args(&dir));
+    assert_retrieved(&out, &log, "e2e-between");
+    let (_, first, _) = stored(&dir);
+    until_expired(&dir);
+    let (out, log) = pop3_retr_all(&oauth2_pop3_args(&dir));
+    assert_retrieved(&out, &log, "e2e-between");
+    let (_, second, _) = stored(&dir);
+    assert_ne!(first, second, "a new access token was stored");
+    assert_no_tokens(&log, &dir);
+}
+
+#[test]
+fn the_token_expiring_during_a_long_session_does_not_end_it() {
+    let w = oauth2();
+    let _up = w.idp.shared();
+    let (_user, dir) = authorized_user("e2e-during", 2);
+    let mut child = Command::new(common::proxy_bin())
+        .args(oauth2_pop3_args(&dir))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    for command in ["", "USER any\r\n", "PASS any\r\n"] {
+        stdin.write_all(command.as_bytes()).unwrap();
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with("+OK"), "{command}: {line}");
+    }
+    until_expired(&dir);
+    stdin.write_all(b"RETR 1\r\nQUIT\r\n").unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_retrieved(&rest, &log, "e2e-during");
+}
+
+#[test]
+fn twenty_sessions_at_the_moment_of_expiry_share_one_refresh() {
+    let w = oauth2();
+    // Alone with the authorization server, so that its grant log counts only this test's
+    // refreshes (it names no account).
+    // A margin of 0: every session finds the token expired at once.
+    let (user, dir) = authorized_user("e2e-twenty", 0);
+    let _alone = w.idp.exclusive();
+    let (_, _, refresh_before) = stored(&dir);
+    until_expired(&dir);
+    let refreshes_before = w.idp.token_calls("refresh_token");
+    let pop3 = oauth2_pop3_args(&dir);
+    let smtp = oauth2_smtp_args(&dir);
+    let to = format!("{}@{}", user.name, w.postfix.domain);
+    let sessions: Vec<_> = (0..20)
+        .map(|i| {
+            let (pop3, smtp, to) = (pop3.clone(), smtp.clone(), to.clone());
+            std::thread::spawn(move || match i % 2 {
+                0 => pop3_retr_all(&pop3),
+                _ => smtp_send(&smtp, &to, &format!("twenty {i}")),
+            })
+        })
+        .collect();
+    for (i, session) in sessions.into_iter().enumerate() {
+        let (out, log) = session.join().unwrap();
+        match i % 2 {
+            0 => assert_retrieved(&out, &log, "e2e-twenty"),
+            _ => assert!(out.contains("\r\n250 2.0.0"), "{out}\n{log}"),
+        }
+    }
+    let (_, _, refresh_after) = stored(&dir);
+    assert_ne!(refresh_before, refresh_after, "the refresh token rotated");
+    let refreshes = w.idp.token_calls("refresh_token") - refreshes_before;
+    assert_eq!(refreshes, 1, "grant log:\n{}", w.idp.grant_log_text());
+    // The seeded message and the ten sent.
+    common::wait_for_messages(&user, 11);
+}
+
+#[test]
+fn a_revoked_refresh_token_gives_a_clear_error_and_no_auth() {
+    let w = oauth2();
+    let _up = w.idp.shared();
+    let (_user, dir) = authorized_user("e2e-revoked", 2);
+    let (_, _, refresh) = stored(&dir);
+    // Revoking the refresh token ends its access tokens too: the stored one, still
+    // unexpired, is rejected at once, and the renewal gets invalid_grant.
+    assert_eq!(w.idp.revoke(common::PUBLIC_CLIENT_ID, &refresh), 200);
+    let (out, log) = pop3_retr_all(&oauth2_pop3_args(&dir));
+    assert!(out.contains("-ERR [SYS/TEMP]"), "{out}");
+    assert!(!out.contains("[AUTH]"), "{out}");
+    assert!(log.contains("legacy-mail-proxy oauth2 authorize"), "{log}");
+    let (out, log) = smtp_send(&oauth2_smtp_args(&dir), "x@example.test", "revoked");
+    assert!(out.contains("454 4.7.0"), "{out}");
     assert!(!out.contains("535"), "{out}");
-    advice_lines(&log, store);
+    assert_no_tokens(&log, &dir);
+}
+
+#[test]
+fn the_authorization_server_down_gives_temporary_errors_and_the_stored_token_is_tried() {
+    let w = oauth2();
+    let _alone = w.idp.exclusive();
+    // A margin of 0: the token stays the one to use for its whole 8 s.
+    let (_user, dir) = authorized_user("e2e-down", 0);
+    w.idp.stop();
+    // The stored token is still valid, so it is sent without asking the provider; but the
+    // test Dovecot checks tokens by introspection at that same server, so it answers
+    // [UNAVAILABLE] (Postfix, through it, 454): a temporary failure, not retried.
+    let (out, log) = pop3_retr_all(&oauth2_pop3_args(&dir));
+    let (smtp_out, smtp_log) = smtp_send(&oauth2_smtp_args(&dir), "x@example.test", "down");
+    w.idp.start();
+    assert!(out.contains("-ERR [SYS/TEMP]"), "{out}\n{log}");
+    assert!(!out.contains("[AUTH]"), "{out}");
+    assert!(
+        log.contains("AUTHENTICATE OAUTHBEARER: [UNAVAILABLE]") && !log.contains("renewing"),
+        "the stored token was sent, without a refresh:\n{log}"
+    );
+    assert!(smtp_out.contains("454 4.7.0"), "{smtp_out}\n{smtp_log}");
+    assert!(!smtp_out.contains("535"), "{smtp_out}");
+    // Back up: the same account works again.
+    let (out, log) = pop3_retr_all(&oauth2_pop3_args(&dir));
+    assert_retrieved(&out, &log, "e2e-down");
 }

@@ -89,7 +89,8 @@ impl Account {
             Err(Refusal::Failed(e)) => return Err(Failure::Failed(e)),
             Err(Refusal::Rejected(why)) => why,
         };
-        log::info!(
+        // Debug only: a failure that follows gets the one line the admin needs.
+        log::debug!(
             "oauth2 account {}: the server rejected the access token ({why}); renewing it once",
             self.name
         );

@@ -370,9 +370,12 @@ impl SmtpRelay {
                     scope.as_deref().unwrap_or("not named").escape_debug()
                 ))))
             }
-            (code, _) if (400..500).contains(&code) => Err(Refusal::Failed(
-                RelayError::Unavailable(format!("login deferred: {said}")),
-            )),
+            // The server could not check the token now (Dovecot answers 454 when its
+            // identity provider is down): a temporary failure of the proxy's own login,
+            // told to the client as such (454 4.7.0), not as an unreachable backend.
+            (code, _) if (400..500).contains(&code) => Err(Refusal::Failed(RelayError::OAuth2(
+                format!("login deferred: {said}"),
+            ))),
             // 334 again, 534 (mechanism too weak), 538, 530…: a setup problem.
             _ => Err(Refusal::Failed(RelayError::Protocol(said))),
         }
@@ -1515,6 +1518,22 @@ mod tests {
             "{result:?}"
         );
         assert!(relay.conn.is_none());
+    }
+
+    #[test]
+    fn a_server_that_cannot_check_tokens_now_is_an_oauth2_failure_without_renewal() {
+        let tokens = Tokens::new("gw@example.com", &["t1", "t2"]);
+        let script = Script {
+            bearer_unavailable: true,
+            ..Script::default()
+        };
+        let (_fake, mut relay) = oauth2_relay("AUTH XOAUTH2", &["t1"], &tokens, script);
+        let result = relay.mail("a@c.test");
+        assert!(
+            matches!(&result, Err(RelayError::OAuth2(why)) if why.contains("454 4.7.0")),
+            "{result:?}"
+        );
+        assert_eq!(tokens.renewals(), 0);
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct Script {
     pub bearer_tokens: Vec<String>,
     /// Close the connection after a refused token (some servers do).
     pub close_after_refused_token: bool,
+    /// Answer every XOAUTH2 / OAUTHBEARER with `454 4.7.0` (the server cannot check
+    /// tokens now).
+    pub bearer_unavailable: bool,
 }
 
 /// What the server saw, over all connections.
@@ -346,6 +349,9 @@ impl Connection {
             .unwrap()
             .bearer
             .push((token.clone(), with_initial));
+        if self.script().bearer_unavailable {
+            return self.send("454 4.7.0 Temporary authentication failure");
+        }
         if self.script().bearer_tokens.contains(&token) {
             return self.send("235 2.7.0 Authentication successful");
         }
