@@ -104,8 +104,8 @@ pub struct Args {
     #[arg(long, env = "LMP_MAILBOX", default_value = "INBOX")]
     pub mailbox: String,
 
-    /// How clients are authenticated [default: fixed when --imap-user is set, else
-    /// passthrough].
+    /// How clients are authenticated [default: oauth2 when --imap-oauth2-account is set,
+    /// fixed when --imap-user is set, else passthrough].
     #[arg(long, env = "LMP_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
 
