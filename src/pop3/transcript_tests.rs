@@ -667,3 +667,24 @@ fn the_debug_log_never_shows_passwords_or_sasl_data() {
     assert_eq!(redacted(b"RETR 1"), "RETR 1");
     assert_eq!(redacted(b"USER a\x1bb"), "USER a\\u{1b}b");
 }
+
+/// Found by the fuzzer (tests/fuzz): a NUL, a bare CR or another control character in a
+/// command was read as a separator or kept in the argument, and the command succeeded
+/// (`DELE 1\r`, `AUTH \x0cPLAIN`, `USER a\0b`). Dovecot refuses such lines; so do we, as
+/// a bad command with a plain -ERR (issue 9 also asks this for NUL in USER and PASS).
+#[test]
+fn control_characters_in_commands_are_refused() {
+    let input =
+        b"USER ali\0ce\r\nPASS pa ss\"\\\xc3\xa9\r\nUSER alice\r\nPASS pa ss\"\\\xc3\xa9\0\r\n\
+                  AUTH \x0cPLAIN\r\nUSER alice\r\nPASS pa ss\"\\\xc3\xa9\r\n\
+                  DELE 1\r\r\nSTAT\r\nLIST\x0b\r\nRETR 2\x7f\r\nQUIT\r\n";
+    let (out, summary, opener) = transcript(opener, input);
+    let refused = "-ERR Control characters are not allowed in commands\r\n";
+    let expected = format!(
+        "{GREETING}{refused}-ERR Give USER first\r\n+OK\r\n{refused}{refused}{LOGGED_IN}\
+         {refused}+OK 3 118\r\n-ERR Unknown command\r\n{refused}+OK Bye.\r\n"
+    );
+    assert_eq!(out, expected);
+    assert_eq!(summary.end, End::Quit);
+    assert!(opener.journal.borrow().deleted.is_empty());
+}
