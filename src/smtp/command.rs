@@ -139,7 +139,7 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
             Err(ParseError::Syntax("This command takes no argument"))
         }
     };
-    match verb.as_str() {
+    let command = match verb.as_str() {
         "EHLO" => hello(rest).map(Command::Ehlo),
         "HELO" => hello(rest).map(Command::Helo),
         "MAIL" => mail(rest, line).map(Command::Mail),
@@ -158,7 +158,16 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
             Ok(Command::NotImplemented(verb))
         }
         _ => Err(ParseError::Unrecognized),
+    }?;
+    // RFC 5321 §2.3.8: CR only in CRLF; commands are text. A bare CR, a NUL or another
+    // control character was read as white space or ignored with the rest of the line, so
+    // `EHLO x\rMAIL …` and `NOOP \0` succeeded (found by the fuzzer): refuse the line.
+    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(ParseError::Syntax(
+            "Control characters are not allowed in commands",
+        ));
     }
+    Ok(command)
 }
 
 fn hello(rest: &str) -> Result<String, ParseError> {

@@ -1118,3 +1118,32 @@ fn junk_commands_past_the_limit_count_as_errors() {
         run.out
     );
 }
+
+/// Found by the fuzzer (tests/fuzz): a bare CR, a NUL or another control character in a
+/// command line was read as white space or ignored with the rest of the line, so
+/// `EHLO c.example\rMAIL FROM:<a@c>` and `NOOP \0` got 250. RFC 5321 §2.3.8 allows CR
+/// only in CRLF, and smuggling attacks live on bare CR: such a line is refused (501) and
+/// counts as an error. An unknown verb stays 500.
+#[test]
+fn control_characters_in_commands_are_refused() {
+    let run = transcript(
+        &config(),
+        "EHLO c.example\rMAIL FROM:<a@c.example>\r\nNOOP \0\r\nEHLO c.example\r\n\
+         HELO c.example\x0bx\r\nRSET\x7f\r\nVRFY b\x01\r\nQUIT\r\n",
+    );
+    let refused = "501 5.5.4 Control characters are not allowed in commands\r\n";
+    assert_eq!(
+        run.out,
+        replies(&[
+            GREETING,
+            refused,
+            refused,
+            EHLO_REPLY,
+            refused,
+            "500 5.5.2 Command not recognized\r\n",
+            refused,
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+    assert!(run.relay.log.is_empty());
+}
