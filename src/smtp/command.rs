@@ -251,11 +251,12 @@ fn path(arg: &str, reverse: bool) -> Result<(String, &str), ParseError> {
     if !params.is_empty() && !params.starts_with(' ') {
         return Err(ParseError::BadAddress("Junk after the address"));
     }
-    // RFC 5321 §4.1.2 / appendix C: `@relay1,@relay2:user@domain`; the route is ignored.
+    // RFC 5321 §4.1.2 / appendix C: `@relay1,@relay2:user@domain`; the route is ignored,
+    // but only when it is one: unchecked, it hid spaces and parameters (found by the fuzzer).
     let address = match inner.strip_prefix('@') {
         Some(_) => match inner.find(':') {
-            Some(i) => &inner[i + 1..],
-            None => return Err(ParseError::BadAddress("Bad source route")),
+            Some(i) if is_source_route(&inner[..i]) => &inner[i + 1..],
+            _ => return Err(ParseError::BadAddress("Bad source route")),
         },
         None => inner,
     };
@@ -268,6 +269,19 @@ fn path(arg: &str, reverse: bool) -> Result<(String, &str), ParseError> {
     }
     check_address(address, !reverse)?;
     Ok((address.to_string(), params))
+}
+
+/// `@domain` hops separated by ',' (RFC 5321 §4.1.2 `A-d-l`), domains as names or
+/// address literals.
+fn is_source_route(route: &str) -> bool {
+    route.split(',').all(|hop| {
+        hop.strip_prefix('@').is_some_and(|domain| {
+            !domain.is_empty()
+                && domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']'))
+        })
+    })
 }
 
 /// Finds the `>` that closes a path, skipping quoted local parts such as `"a>b"@c`.
