@@ -278,7 +278,20 @@ fn path_junk(rest: &[u8], prefix: &[u8], reverse: bool) -> Option<String> {
     };
     let address = match address.strip_prefix(b"@") {
         Some(_) => match address.iter().position(|&b| b == b':') {
-            Some(i) => &address[i + 1..],
+            Some(i) => {
+                // `@domain` hops separated by ',' (RFC 5321 §4.1.2 A-d-l).
+                let hop_ok = |hop: &[u8]| {
+                    hop.len() > 1
+                        && hop[0] == b'@'
+                        && hop[1..].iter().all(|&b| {
+                            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']')
+                        })
+                };
+                if !address[..i].split(|&b| b == b',').all(hop_ok) {
+                    return Some(format!("the source route {}", show(&address[..i])));
+                }
+                &address[i + 1..]
+            }
             None => return Some("a source route without ':'".into()),
         },
         None => address,
@@ -316,6 +329,18 @@ fn path_junk(rest: &[u8], prefix: &[u8], reverse: bool) -> Option<String> {
         }
     }
     None
+}
+
+/// The parameters after MAIL's `FROM:<path>` (or bare path).
+fn mail_parameters(rest: &[u8]) -> &[u8] {
+    let after = rest.get(5..).unwrap_or_default().trim_ascii_start();
+    match after.strip_prefix(b"<") {
+        Some(inner) => closing_bracket(inner).map_or(&b""[..], |i| &inner[i + 1..]),
+        None => after
+            .iter()
+            .position(|&b| b == b' ')
+            .map_or(&b""[..], |i| &after[i..]),
+    }
 }
 
 /// Where the `>` that closes a path is, skipping quoted strings (RFC 5321 §4.1.2).
@@ -636,7 +661,8 @@ fn check_transcript(model: &mut Model, client: &[u8], out: &[u8]) -> Result<(), 
                 if model.auth != 0 && model.auth != 3 && !model.authed {
                     return Err(format!("{}: MAIL accepted before AUTH", context()));
                 }
-                let size = args.iter().find_map(|p| {
+                let parameters = words(mail_parameters(rest.unwrap_or_default()));
+                let size = parameters.iter().find_map(|p| {
                     p.get(..5)
                         .filter(|k| k.eq_ignore_ascii_case(b"SIZE="))
                         .map(|_| {
