@@ -365,8 +365,17 @@ pub fn run_command(line: &[u8]) -> Result<(), String> {
     match command::parse(line) {
         Ok(parsed) => {
             if let Some(why) = junk(line) {
-                // The parser's job ends at syntax; these verbs get a 5yz from the session.
-                if !matches!(parsed, command::Command::NotImplemented(_)) {
+                // What the session always refuses (502 for verbs it does not implement, 504
+                // for an unknown AUTH mechanism) may parse: the refusal is the session's.
+                let refused = matches!(
+                    parsed,
+                    command::Command::NotImplemented(_)
+                        | command::Command::Auth(command::AuthStart {
+                            mechanism: command::Mechanism::Other(_),
+                            ..
+                        })
+                );
+                if !refused {
                     return Err(format!("parsed {parsed:?} from a line with {why}"));
                 }
             }
@@ -460,7 +469,8 @@ struct Model {
     errors: usize,
     junk: usize,
     auth_failures: usize,
-    accepted_messages: usize,
+    /// Each accepted message as the oracle's own decoder reads it.
+    accepted_messages: Vec<Vec<u8>>,
 }
 
 /// Runs one session input and checks its transcript and what the relay received.
@@ -498,16 +508,27 @@ pub fn run_session(input: &[u8]) -> Result<(), String> {
     Session::new(reader, &mut out, &mut relay, &config).run();
     let mut model = Model::new(settings & AUTH_MASK);
     check_transcript(&mut model, client, &out)?;
-    if model.accepted_messages != relay.delivered.len() {
+    if model.accepted_messages.len() != relay.delivered.len() {
         return Err(format!(
             "{} messages accepted, the relay delivered {}",
-            model.accepted_messages,
+            model.accepted_messages.len(),
             relay.delivered.len()
         ));
     }
-    for delivery in &relay.delivered {
+    for (sent, delivery) in model.accepted_messages.iter().zip(&relay.delivered) {
         if has_bare_line_end(&delivery.data) {
             return Err(format!("bare CR or LF relayed: {}", show(&delivery.data)));
+        }
+        // Header edits may add fields; the body after the header block is relayed as sent.
+        if let Some(blank) = sent.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = &sent[blank + 4..];
+            if !delivery.data.ends_with(body) {
+                return Err(format!(
+                    "body {} relayed as {}",
+                    show(body),
+                    show(&delivery.data)
+                ));
+            }
         }
     }
     Ok(())
@@ -632,11 +653,12 @@ fn check_transcript(model: &mut Model, client: &[u8], out: &[u8]) -> Result<(), 
                 model.recipients = 0;
                 if reply.code < 300 {
                     // Header edits add a little; the limit applies to what was received.
-                    let size = reference_decode(&data[..length - 3]).len();
-                    if size as u64 > MAX_SIZE + 1000 {
+                    let message = reference_decode(&data[..length - 3]);
+                    if message.len() as u64 > MAX_SIZE + 1000 {
+                        let size = message.len();
                         return Err(format!("{}: accepted {size} octets", context()));
                     }
-                    model.accepted_messages += 1;
+                    model.accepted_messages.push(message);
                     hit("smtp messages relayed");
                     model.errors = 0;
                     model.junk = 0;
@@ -771,7 +793,7 @@ impl Model {
             errors: 0,
             junk: 0,
             auth_failures: 0,
-            accepted_messages: 0,
+            accepted_messages: Vec::new(),
         }
     }
 
