@@ -93,7 +93,7 @@ pub fn wrap_tls(
 
 /// Reads one line (up to LF) a byte at a time, so nothing after it is consumed. Used before
 /// STARTTLS, where bytes read past the server's OK would belong to the TLS handshake.
-pub fn read_line_unbuffered(stream: &mut TcpStream, max: usize) -> io::Result<Vec<u8>> {
+pub fn read_line_unbuffered(stream: &mut impl Read, max: usize) -> io::Result<Vec<u8>> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < max {

@@ -11,7 +11,7 @@
 
 use crate::net::read_line_unbuffered;
 use anyhow::{Context, bail, ensure};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
 /// Longest server line accepted before TLS. Greetings and EHLO lines are far shorter
@@ -164,7 +164,7 @@ impl Reply {
     }
 }
 
-fn read_reply(server: &mut TcpStream) -> anyhow::Result<Reply> {
+fn read_reply(server: &mut impl Read) -> anyhow::Result<Reply> {
     let mut reply = Reply {
         code: 0,
         raw: Vec::new(),
@@ -197,6 +197,12 @@ fn read_reply(server: &mut TcpStream) -> anyhow::Result<Reply> {
         }
     }
     bail!("reply longer than {MAX_LINES} lines")
+}
+
+/// Reads one SMTP reply as the STARTTLS exchange does: its code and its lines exactly as
+/// received. For the fuzzer (tests/fuzz), which has no server.
+pub fn read_smtp_reply(server: &mut impl Read) -> anyhow::Result<(u16, Vec<u8>)> {
+    read_reply(server).map(|reply| (reply.code, reply.raw))
 }
 
 /// EHLO's argument: our own address as an address literal (RFC 5321 §4.1.3), which is
@@ -235,7 +241,7 @@ pub fn strip_capability_code(greeting: &[u8]) -> Vec<u8> {
     stripped
 }
 
-fn read_line(server: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+fn read_line(server: &mut impl Read) -> anyhow::Result<Vec<u8>> {
     read_line_unbuffered(server, MAX_LINE).context("reading from the server before TLS")
 }
 

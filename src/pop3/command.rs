@@ -101,6 +101,16 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, ParseError> {
         }
         _ => return Err(ParseError::Unknown),
     };
+    // A NUL, a bare CR or another control character is never part of a command: it would
+    // be read as a separator or passed on inside an argument. User names and passwords
+    // are opaque text, but a NUL cannot be in one either (the fuzzer found all of these).
+    let control = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f;
+    let opaque = matches!(command, Command::User(_) | Command::Pass(_));
+    if line.contains(&0) || (!opaque && line.iter().any(control)) {
+        return Err(ParseError::Syntax(
+            "Control characters are not allowed in commands",
+        ));
+    }
     Ok(command)
 }
 

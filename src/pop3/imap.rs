@@ -510,9 +510,10 @@ impl ImapMaildrop {
         if mailbox.exists > 0 {
             let hide = (settings.policy == DeletePolicy::Hide)
                 .then_some(settings.deleted_keyword.as_str());
-            listed = RawCommand::new(&raw, "L0".into())
-                .list(hide)
-                .map_err(OpenError::Temporary)?;
+            let mut command = RawCommand::new(&raw, "L0".into());
+            let result = command.list(hide);
+            command.finish();
+            listed = result.map_err(OpenError::Temporary)?;
         }
         listed.sort_unstable();
         listed.dedup_by_key(|(uid, _)| *uid);
@@ -579,9 +580,12 @@ fn lock_selected(
     // selected mailbox), which changes nothing.
     let guid = match &selected.mailbox_id {
         Some(_) => None,
-        None => RawCommand::new(raw, "G0".into())
-            .mailbox_guid(&settings.mailbox)
-            .map_err(OpenError::Temporary)?,
+        None => {
+            let mut status = RawCommand::new(raw, "G0".into());
+            let guid = status.mailbox_guid(&settings.mailbox);
+            status.finish();
+            guid.map_err(OpenError::Temporary)?
+        }
     };
     let mailbox = match (&selected.mailbox_id, &guid) {
         (Some(id), _) => lock::Mailbox::Id {
@@ -913,9 +917,10 @@ impl MessageSink for Watched<'_> {
 const MAX_RESPONSE_LINE: usize = 64 * 1024;
 
 /// One command run on the raw connection and read without the `imap` crate: a body fetch,
-/// streamed, or the message list, parsed line by line.
-struct RawCommand {
-    input: BufReader<Shared>,
+/// streamed, or the message list, parsed line by line. Generic over the stream only so
+/// that [`read_listing`] and [`read_body`] can run it over bytes.
+struct RawCommand<S = Shared> {
+    input: BufReader<S>,
     tag: String,
 }
 
@@ -927,6 +932,20 @@ impl RawCommand {
         }
     }
 
+    /// Hands bytes read past the tagged response back to the connection.
+    fn finish(self) {
+        let rest = self.input.buffer().to_vec();
+        if !rest.is_empty() {
+            let raw = self.input.into_inner();
+            let mut inner = raw.0.borrow_mut();
+            let mut unread = rest;
+            unread.append(&mut inner.unread);
+            inner.unread = unread;
+        }
+    }
+}
+
+impl<S: Read + Write> RawCommand<S> {
     fn send(&mut self, command: &str) -> Result<(), Chunk> {
         let backend = |e: io::Error| Chunk::Backend(describe_io(&e));
         let stream = self.input.get_mut();
@@ -961,13 +980,13 @@ impl RawCommand {
     /// one round trip, and no memory or time spent on a whole parsed response (through the
     /// crate, 20,000 messages took 55 MiB at once, or 20 round trips in batches, and most
     /// of the login's CPU time went to imap-proto's parser and malloc).
-    fn list(mut self, hide: Option<&str>) -> Result<Vec<(u32, u64)>, String> {
+    fn list(&mut self, hide: Option<&str>) -> Result<Vec<(u32, u64)>, String> {
         let text = Chunk::into_text;
         self.send("UID FETCH 1:* (UID RFC822.SIZE FLAGS)")
             .map_err(text)?;
         let mut listed = Vec::new();
         let mut line = Vec::new();
-        let result = loop {
+        loop {
             if let Err(e) = self.read_line(&mut line) {
                 break Err(text(e));
             }
@@ -985,14 +1004,12 @@ impl RawCommand {
             if let Some(item) = listing_item(&line, hide) {
                 listed.extend(item);
             }
-        };
-        self.finish();
-        result
+        }
     }
 
     /// Dovecot's GUID of `mailbox` (`STATUS mailbox (X-GUID)`), `None` from a server that
     /// does not know the item (it answers BAD, and the connection goes on).
-    fn mailbox_guid(mut self, mailbox: &str) -> Result<Option<String>, String> {
+    fn mailbox_guid(&mut self, mailbox: &str) -> Result<Option<String>, String> {
         let text = Chunk::into_text;
         self.send(&format!("STATUS {} (X-GUID)", quoted(mailbox)))
             .map_err(text)?;
@@ -1013,7 +1030,6 @@ impl RawCommand {
             }
             guid = guid.or_else(|| status_guid(&line));
         };
-        self.finish();
         result
     }
 
@@ -1104,18 +1120,55 @@ impl RawCommand {
         }
         Ok(())
     }
+}
 
-    /// Hands bytes read past the tagged response back to the connection.
-    fn finish(self) {
-        let rest = self.input.buffer().to_vec();
-        if !rest.is_empty() {
-            let raw = self.input.into_inner();
-            let mut inner = raw.0.borrow_mut();
-            let mut unread = rest;
-            unread.append(&mut inner.unread);
-            inner.unread = unread;
-        }
+/// A server's side of the connection as bytes: what [`RawCommand`] writes is dropped.
+struct Recorded<R>(R);
+
+impl<R: Read> Read for Recorded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
     }
+}
+
+impl<R> Write for Recorded<R> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the login's message listing (tag `L0`) makes of `response`, the server's bytes
+/// after the command: (UID, size) per listed message, or why it failed. For the fuzzer
+/// (tests/fuzz), which has no server.
+pub fn read_listing(response: impl Read, hide: Option<&str>) -> Result<Vec<(u32, u64)>, String> {
+    RawCommand {
+        input: BufReader::new(Recorded(response)),
+        tag: "L0".into(),
+    }
+    .list(hide)
+}
+
+/// What one body fetch (tag `L1`) makes of `response`: the body's length and whether
+/// `sink` wants more, `None` when no body came. `range` is the partial fetch's length.
+/// For the fuzzer (tests/fuzz), which has no server.
+pub fn read_body(
+    response: impl Read,
+    range: Option<usize>,
+    sink: &mut dyn MessageSink,
+) -> Result<Option<(usize, bool)>, FetchError> {
+    let mut command = RawCommand {
+        input: BufReader::new(Recorded(response)),
+        tag: "L1".into(),
+    };
+    command
+        .fetch("UID FETCH 1 (BODY.PEEK[])", true, range, sink)
+        .map_err(|e| match e {
+            Chunk::Client(e) => FetchError::Client(e),
+            Chunk::No(why) | Chunk::Backend(why) => FetchError::Backend(BackendError(why)),
+        })
 }
 
 /// (UID, size) from one `* n FETCH (…)` line, or `Some(None)` for a message carrying the

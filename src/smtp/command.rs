@@ -140,7 +140,7 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
             Err(ParseError::Syntax("This command takes no argument"))
         }
     };
-    match verb.as_str() {
+    let command = match verb.as_str() {
         "EHLO" => hello(rest).map(Command::Ehlo),
         "HELO" => hello(rest).map(Command::Helo),
         "MAIL" => mail(rest, line).map(Command::Mail),
@@ -159,7 +159,16 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
             Ok(Command::NotImplemented(verb))
         }
         _ => Err(ParseError::Unrecognized),
+    }?;
+    // RFC 5321 §2.3.8: CR only in CRLF; commands are text. A bare CR, a NUL or another
+    // control character was read as white space or ignored with the rest of the line, so
+    // `EHLO x\rMAIL …` and `NOOP \0` succeeded (found by the fuzzer): refuse the line.
+    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(ParseError::Syntax(
+            "Control characters are not allowed in commands",
+        ));
     }
+    Ok(command)
 }
 
 fn hello(rest: &str) -> Result<String, ParseError> {
@@ -246,11 +255,12 @@ fn path(arg: &str, reverse: bool) -> Result<(String, &str), ParseError> {
     if !params.is_empty() && !params.starts_with(' ') {
         return Err(ParseError::BadAddress("Junk after the address"));
     }
-    // RFC 5321 §4.1.2 / appendix C: `@relay1,@relay2:user@domain`; the route is ignored.
+    // RFC 5321 §4.1.2 / appendix C: `@relay1,@relay2:user@domain`; the route is ignored,
+    // but only when it is one: unchecked, it hid spaces and parameters (found by the fuzzer).
     let address = match inner.strip_prefix('@') {
         Some(_) => match inner.find(':') {
-            Some(i) => &inner[i + 1..],
-            None => return Err(ParseError::BadAddress("Bad source route")),
+            Some(i) if is_source_route(&inner[..i]) => &inner[i + 1..],
+            _ => return Err(ParseError::BadAddress("Bad source route")),
         },
         None => inner,
     };
@@ -269,6 +279,19 @@ fn path(arg: &str, reverse: bool) -> Result<(String, &str), ParseError> {
         check_address(address, !reverse)?;
     }
     Ok((address.to_string(), params))
+}
+
+/// `@domain` hops separated by ',' (RFC 5321 §4.1.2 `A-d-l`), domains as names or
+/// address literals.
+fn is_source_route(route: &str) -> bool {
+    route.split(',').all(|hop| {
+        hop.strip_prefix('@').is_some_and(|domain| {
+            !domain.is_empty()
+                && domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']'))
+        })
+    })
 }
 
 /// Finds the `>` that closes a path, skipping quoted local parts such as `"a>b"@c`.

@@ -1310,3 +1310,72 @@ fn junk_commands_past_the_limit_count_as_errors() {
         run.out
     );
 }
+
+/// Found by the fuzzer (tests/fuzz): a bare CR, a NUL or another control character in a
+/// command line was read as white space or ignored with the rest of the line, so
+/// `EHLO c.example\rMAIL FROM:<a@c>` and `NOOP \0` got 250. RFC 5321 §2.3.8 allows CR
+/// only in CRLF, and smuggling attacks live on bare CR: such a line is refused (501) and
+/// counts as an error. An unknown verb stays 500.
+#[test]
+fn control_characters_in_commands_are_refused() {
+    let run = transcript(
+        &config(),
+        "EHLO c.example\rMAIL FROM:<a@c.example>\r\nNOOP \0\r\nEHLO c.example\r\n\
+         HELO c.example\x0bx\r\nRSET\x7f\r\nVRFY b\x01\r\nQUIT\r\n",
+    );
+    let refused = "501 5.5.4 Control characters are not allowed in commands\r\n";
+    assert_eq!(
+        run.out,
+        replies(&[
+            GREETING,
+            refused,
+            refused,
+            EHLO_REPLY,
+            refused,
+            "500 5.5.2 Command not recognized\r\n",
+            refused,
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+    assert!(run.relay.log.is_empty());
+}
+
+/// Found by the fuzzer (tests/fuzz): everything before the first ':' of a source route was
+/// dropped unread, so `MAIL FROM:<@re SIZE=lay.example:a@c.example>` (a space and a
+/// parameter inside the brackets) got 250. A route is `@domain` hops separated by ','
+/// (RFC 5321 §4.1.2); it is still accepted and ignored when it is one.
+#[test]
+fn a_source_route_must_be_at_domains() {
+    let run = transcript(
+        &config(),
+        "EHLO c.example\r\nMAIL FROM:<@re SIZE=lay.example:a@c.example>\r\n\
+         MAIL FROM:<@:a@c.example>\r\nMAIL FROM:<@r1.example,,@r2:a@c.example>\r\n\
+         MAIL FROM:<@relay.example,@[192.0.2.1]:a@c.example>\r\n\
+         RCPT TO:<@r1.example,@r 2:b@d.example>\r\nRCPT TO:<@r1.example:b@d.example>\r\n\
+         QUIT\r\n",
+    );
+    let bad = "501 5.1.3 Bad source route\r\n";
+    assert_eq!(
+        run.out,
+        replies(&[
+            GREETING,
+            EHLO_REPLY,
+            bad,
+            bad,
+            bad,
+            "250 2.1.0 Ok\r\n",
+            bad,
+            "250 2.1.5 Ok\r\n",
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+    assert_eq!(
+        normal_log(&run.relay.log),
+        normal_log(&[
+            "CONNECT".into(),
+            "MAIL FROM:<a@c.example>".into(),
+            "RCPT TO:<b@d.example>".into(),
+            "QUIT".into(),
+        ])
+    );
+}
