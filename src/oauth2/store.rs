@@ -193,10 +193,14 @@ impl Store {
         self.dir.join(format!("{account}.lock"))
     }
 
-    /// The names of the accounts, sorted.
+    /// The names of the accounts, sorted; none while the directory does not exist yet.
     pub fn list(&self) -> std::io::Result<Vec<String>> {
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+            other => other?,
+        };
+        for entry in entries {
             let name = entry?.file_name();
             let Some(name) = name.to_str() else { continue };
             if let Some(account) = name.strip_suffix(".json")
