@@ -102,9 +102,16 @@ impl Account {
         (now.saturating_add(margin) < expires).then(|| AccessToken::new(token.0.clone()))
     }
 
-    /// The token if it is not yet due for a refresh.
+    /// The token if it is not yet due for a refresh: more than the refresh margin left, or
+    /// more than half its lifetime when that is shorter. Without that cap, a token living
+    /// less than the margin (a provider with short tokens, a large margin) would be due from
+    /// the moment it arrives, and every process would refresh again, one after the other.
     fn fresh_token(&self, now: u64) -> Option<AccessToken> {
-        self.token_valid_for(now, self.refresh_margin)
+        let lifetime = match (self.last_refresh, self.expires_at) {
+            (Some(issued), Some(expires)) => expires.saturating_sub(issued),
+            _ => u64::MAX,
+        };
+        self.token_valid_for(now, self.refresh_margin.min(lifetime / 2))
     }
 
     /// The token if it has not expired (it may be inside the refresh margin).
