@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a Debian 12 machine for the tests, the demo and the benchmark; sourced by
-# tests/run-all, tests/demo and tests/bench/run. As root it installs what the integration tests need and is missing (real
-# Dovecot, Postfix and the reference clients), creates the unprivileged mail user, and
+# tests/run-all, tests/demo, tests/demo-oauth2 and tests/bench/run. As root it installs what the integration tests need and is missing (real
+# Dovecot, Postfix, the reference clients, Node.js and the OAuth2 authorization server
+# oidc-provider from npm), creates the unprivileged mail user, and
 # finds cargo. When everything is installed it only checks. The system's own mail
 # services are never started or configured: tests and demo run private instances in /tmp.
 
@@ -27,6 +28,11 @@ missing=()
 for pkg in "${PACKAGES[@]}"; do
     installed "$pkg" || missing+=("$pkg")
 done
+# The OAuth2 tests' authorization server runs on Node.js. The machine image may bring its
+# own Node.js (then the commands exist and nothing is installed); otherwise Debian's.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    missing+=(nodejs npm)
+fi
 
 if ((${#missing[@]} > 0)); then
     echo "setup: installing ${missing[*]}" >&2
@@ -58,6 +64,23 @@ if ((${#missing[@]} > 0)); then
         rm -f /usr/sbin/policy-rc.d
         trap - EXIT
     fi
+fi
+
+# oidc-provider (the OAuth2 tests' authorization server, tests/oauth2/) from npm, exactly as
+# pinned by its package-lock.json, into a cache outside the repository named after the hash
+# of package.json + package-lock.json (keep in sync with idp_modules_dir() in
+# tests/common/oauth2.rs). Installed once per lock file; a finished install is marked by
+# .lmp-installed, so an interrupted one is redone.
+idp_src=$(cd "$(dirname "${BASH_SOURCE[0]}")/oauth2" && pwd)
+idp_hash=$(cd "$idp_src" && cat package.json package-lock.json | sha256sum | cut -c1-16)
+idp_dir=${LMP_IDP_CACHE:-/var/cache/legacy-mail-proxy-test}/idp-$idp_hash
+if [[ ! -e $idp_dir/node_modules/.lmp-installed ]]; then
+    echo "setup: installing oidc-provider into $idp_dir (npm ci)" >&2
+    rm -rf "$idp_dir"
+    mkdir -p "$idp_dir"
+    cp "$idp_src/package.json" "$idp_src/package-lock.json" "$idp_dir/"
+    (cd "$idp_dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    touch "$idp_dir/node_modules/.lmp-installed"
 fi
 
 if ! getent passwd "$MAIL_USER" >/dev/null; then

@@ -69,7 +69,6 @@ pub fn config(
 ) -> String {
     let d = dir.display();
     let base = paths.base_dir.display();
-    let passwd = paths.passwd_dir.display();
     let log = paths.log.display();
     let cert = tls.server_cert.display();
     let key = tls.server_key.display();
@@ -101,25 +100,7 @@ local 127.0.0.2 {{
   ssl_key = <{ukey}
 }}
 auth_mechanisms = plain login
-auth_failure_delay = 0
-first_valid_uid = 1
-first_valid_gid = 1
-mail_location = maildir:~/Maildir
-mail_max_userip_connections = 1000
-default_process_limit = 500
-default_client_limit = 5000
-namespace inbox {{
-  inbox = yes
-}}
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%n {passwd}/%n
-}}
-userdb {{
-  driver = passwd-file
-  args = username_format=%n {passwd}/%n
-  default_fields = uid={mail_user} gid={mail_user} home={d}/mail/%n
-}}
+{accounts}
 service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
@@ -140,7 +121,48 @@ service imap-login {{
     ssl = yes
   }}
 }}
-{pop3_login}
+{services}
+"#,
+        accounts = accounts(dir, &paths.passwd_dir, mail_user),
+        services = pop3_lmtp_auth_services(*pop3),
+    )
+}
+
+/// Mailbox and account settings both test Dovecots share (this one and the OAuth2 one in
+/// oauth2.rs): the per-user passwd-files (for PLAIN and LOGIN only: a password is never
+/// taken as a bearer token), Maildirs under `dir/mail`, generous limits, no auth delay.
+pub fn accounts(dir: &Path, passwd_dir: &Path, mail_user: &str) -> String {
+    let d = dir.display();
+    let passwd = passwd_dir.display();
+    format!(
+        r#"auth_failure_delay = 0
+first_valid_uid = 1
+first_valid_gid = 1
+mail_location = maildir:~/Maildir
+mail_max_userip_connections = 1000
+default_process_limit = 500
+default_client_limit = 5000
+namespace inbox {{
+  inbox = yes
+}}
+passdb {{
+  driver = passwd-file
+  mechanisms = plain login
+  args = scheme=PLAIN username_format=%n {passwd}/%n
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%n {passwd}/%n
+  default_fields = uid={mail_user} gid={mail_user} home={d}/mail/%n
+}}"#
+    )
+}
+
+/// POP3 on `pop3_port`, the LMTP socket and the auth socket for Postfix, no auth penalty:
+/// the services both test Dovecots share.
+pub fn pop3_lmtp_auth_services(pop3_port: u16) -> String {
+    format!(
+        r#"{pop3_login}
 service lmtp {{
   unix_listener lmtp {{
     mode = 0666
@@ -151,10 +173,8 @@ service auth {{
     mode = 0666
   }}
 }}
-{no_auth_penalty}
-"#,
-        pop3_login = pop3_login(*pop3),
-        no_auth_penalty = NO_AUTH_PENALTY,
+{NO_AUTH_PENALTY}"#,
+        pop3_login = pop3_login(pop3_port),
     )
 }
 

@@ -9,6 +9,9 @@
 //!   STARTTLS, SASL via Dovecot, delivery of `@example.test` into Dovecot over LMTP.
 //! - Tests run in parallel threads against the same servers; each test makes its own
 //!   accounts with [`Servers::new_user`].
+//! - [`oauth2()`] starts, on first use, the OAuth2 world (see `oauth2.rs`): a real
+//!   authorization server (oidc-provider on Node.js) and a second Dovecot and Postfix that
+//!   accept its tokens (XOAUTH2, OAUTHBEARER), on the same accounts and Maildirs.
 //! - Cleanup: every server runs under a wrapper that kills its process group when this
 //!   process exits (see `process.rs`); a last helper then removes the directory. Set
 //!   `LMP_TEST_KEEP=1` to keep the directory (and its logs) for debugging.
@@ -22,6 +25,7 @@ mod dovecot;
 mod fault;
 mod gateway;
 mod inetd;
+mod oauth2;
 mod postfix;
 mod process;
 mod tls;
@@ -49,6 +53,11 @@ pub use fault::FaultProxy;
 pub use gateway::{Gateway, gateway};
 #[allow(unused_imports)]
 pub use inetd::Inetd;
+#[allow(unused_imports)]
+pub use oauth2::{
+    CONFIDENTIAL_CLIENT_ID, GrantLogEntry, Idp, OAuth2World, PUBLIC_CLIENT_ID, REDIRECT_URI,
+    SCOPES, TokenResponse, curl, json_num, json_str, oauth2, unix_now,
+};
 #[allow(unused_imports)]
 pub use postfix::{Postfix, postfix, postfix_if_started};
 #[allow(unused_imports)]
