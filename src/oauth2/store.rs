@@ -88,6 +88,9 @@ pub struct Account {
     pub last_refresh: Option<u64>,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// When `last_error` happened (Unix seconds).
+    #[serde(default)]
+    pub last_error_at: Option<u64>,
 }
 
 fn default_margin() -> u64 {
@@ -129,6 +132,7 @@ impl Account {
         }
         self.last_refresh = Some(now);
         self.last_error = None;
+        self.last_error_at = None;
     }
 }
 
@@ -403,7 +407,8 @@ impl Store {
                 Ok((data, token))
             }
             Err(error) => {
-                data.last_error = Some(format!("{} (at {now})", error));
+                data.last_error = Some(error.to_string());
+                data.last_error_at = Some(now);
                 // Recording the error is for `status`; failing to record it must not hide
                 // the error itself.
                 let _ = self.write(account, &data);

@@ -42,6 +42,7 @@ fn account(flow: Flow, access: Option<&str>, expires_at: Option<u64>) -> Account
         expires_at,
         last_refresh: None,
         last_error: None,
+        last_error_at: None,
     }
 }
 
