@@ -325,20 +325,7 @@ impl Store {
             ))
         };
         self.create_dir().map_err(broken)?;
-        // flock needs no write access, so an existing lock file is opened read-only.
-        let file = match File::open(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                use std::os::unix::fs::OpenOptionsExt;
-                OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .mode(0o600)
-                    .open(&path)
-            }
-            other => other,
-        }
-        .map_err(broken)?;
+        let file = crate::lock::open_lock_file(&path).map_err(broken)?;
         let deadline = Instant::now() + timeout;
         loop {
             match file.try_lock() {
