@@ -208,6 +208,7 @@ fn authorize(args: AuthorizeArgs) -> anyhow::Result<ExitCode> {
         last_refresh: None,
         last_error: None,
         last_error_at: None,
+        revoked: false,
     };
     let name = &args.account;
     let endpoint = HttpEndpoint::new(args.common.backend.tls(), args.common.backend.timeouts());

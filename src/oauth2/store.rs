@@ -91,6 +91,10 @@ pub struct Account {
     /// When `last_error` happened (Unix seconds).
     #[serde(default)]
     pub last_error_at: Option<u64>,
+    /// The provider refused the grant (`invalid_grant`): no process tries the refresh
+    /// token again, only `oauth2 refresh` or a new `oauth2 authorize` does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
 }
 
 fn default_margin() -> u64 {
@@ -133,6 +137,7 @@ impl Account {
         self.last_refresh = Some(now);
         self.last_error = None;
         self.last_error_at = None;
+        self.revoked = false;
     }
 }
 
@@ -382,6 +387,13 @@ impl Store {
         {
             return Ok((data, token));
         }
+        // Each connection would otherwise send the dead refresh token again and wait for
+        // the same answer.
+        if !force && data.revoked {
+            return Err(TokenError::Revoked(data.last_error.clone().unwrap_or_else(
+                || format!("run `legacy-mail-proxy oauth2 authorize {account} …` again"),
+            )));
+        }
         match endpoint.renew(account, &data) {
             Ok(grant) => {
                 data.apply(grant, now);
@@ -396,6 +408,7 @@ impl Store {
             Err(error) => {
                 data.last_error = Some(error.to_string());
                 data.last_error_at = Some(now);
+                data.revoked = matches!(error, TokenError::Revoked(_));
                 // Recording the error is for `status`; failing to record it must not hide
                 // the error itself.
                 let _ = self.write(account, &data);

@@ -43,6 +43,7 @@ fn account(flow: Flow, access: Option<&str>, expires_at: Option<u64>) -> Account
         last_refresh: None,
         last_error: None,
         last_error_at: None,
+        revoked: false,
     }
 }
 
@@ -306,6 +307,22 @@ fn a_revoked_grant_is_reported_and_recorded() {
     assert!(matches!(source.token(), Err(TokenError::Revoked(_))));
     let stored = store.read("acct").unwrap();
     assert!(stored.last_error.unwrap().contains("invalid_grant"));
+    assert!(stored.revoked);
+    // The next connections do not send the dead refresh token again...
+    assert!(matches!(source.token(), Err(TokenError::Revoked(t)) if t.contains("invalid_grant")));
+    assert!(matches!(
+        source.renew(&AccessToken::new("a0".into())),
+        Err(TokenError::Revoked(_))
+    ));
+    assert_eq!(FakeEndpoint::log(&dir).len(), 1);
+    // ...but the admin's forced refresh does.
+    let endpoint = FakeEndpoint::new(&dir);
+    assert!(
+        store
+            .refresh("acct", &endpoint, None, true, Duration::ZERO)
+            .is_err()
+    );
+    assert_eq!(FakeEndpoint::log(&dir).len(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
