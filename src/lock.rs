@@ -84,10 +84,19 @@ pub fn acquire(dir: &Path, key: &str) -> Result<MailboxLock, LockError> {
             .create(dir)
             .map_err(LockError::Io)?;
     }
-    // flock needs no write access: opening read-only means a lock file left behind by
-    // another user (an admin testing by hand as root, say) does not lock the service out.
-    let path = dir.join(file_name(key));
-    let file = match OpenOptions::new().read(true).open(&path) {
+    let file = open_lock_file(&dir.join(file_name(key))).map_err(LockError::Io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(MailboxLock { _file: file }),
+        Err(TryLockError::WouldBlock) => Err(LockError::Held),
+        Err(TryLockError::Error(e)) => Err(LockError::Io(e)),
+    }
+}
+
+/// Opens (creating if need be) a file to `flock`. flock needs no write access: opening an
+/// existing file read-only, and creating it readable by all, means a lock file left behind
+/// by another user (an admin testing by hand as root, say) does not lock the service out.
+pub fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    match OpenOptions::new().read(true).open(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use std::os::unix::fs::OpenOptionsExt;
             OpenOptions::new()
@@ -95,15 +104,9 @@ pub fn acquire(dir: &Path, key: &str) -> Result<MailboxLock, LockError> {
                 .truncate(false)
                 .write(true)
                 .mode(0o644)
-                .open(&path)
+                .open(path)
         }
         other => other,
-    }
-    .map_err(LockError::Io)?;
-    match file.try_lock() {
-        Ok(()) => Ok(MailboxLock { _file: file }),
-        Err(TryLockError::WouldBlock) => Err(LockError::Held),
-        Err(TryLockError::Error(e)) => Err(LockError::Io(e)),
     }
 }
 

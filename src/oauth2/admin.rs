@@ -207,6 +207,8 @@ fn authorize(args: AuthorizeArgs) -> anyhow::Result<ExitCode> {
         expires_at: None,
         last_refresh: None,
         last_error: None,
+        last_error_at: None,
+        revoked: false,
     };
     let name = &args.account;
     let endpoint = HttpEndpoint::new(args.common.backend.tls(), args.common.backend.timeouts());
@@ -404,7 +406,8 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                         .unwrap_or_else(|| "never".into())
                 );
                 if let Some(error) = &account.last_error {
-                    println!("  last error:   {error}");
+                    let at = account.last_error_at.map(utc).unwrap_or_default();
+                    println!("  last error:   {at}: {error}");
                     code = ExitCode::FAILURE;
                 }
             }

@@ -88,6 +88,13 @@ pub struct Account {
     pub last_refresh: Option<u64>,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// When `last_error` happened (Unix seconds).
+    #[serde(default)]
+    pub last_error_at: Option<u64>,
+    /// The provider refused the grant (`invalid_grant`): no process tries the refresh
+    /// token again, only `oauth2 refresh` or a new `oauth2 authorize` does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
 }
 
 fn default_margin() -> u64 {
@@ -102,9 +109,16 @@ impl Account {
         (now.saturating_add(margin) < expires).then(|| AccessToken::new(token.0.clone()))
     }
 
-    /// The token if it is not yet due for a refresh.
+    /// The token if it is not yet due for a refresh: more than the refresh margin left, or
+    /// more than half its lifetime when that is shorter. Without that cap, a token living
+    /// less than the margin (a provider with short tokens, a large margin) would be due from
+    /// the moment it arrives, and every process would refresh again, one after the other.
     fn fresh_token(&self, now: u64) -> Option<AccessToken> {
-        self.token_valid_for(now, self.refresh_margin)
+        let lifetime = match (self.last_refresh, self.expires_at) {
+            (Some(issued), Some(expires)) => expires.saturating_sub(issued),
+            _ => u64::MAX,
+        };
+        self.token_valid_for(now, self.refresh_margin.min(lifetime / 2))
     }
 
     /// The token if it has not expired (it may be inside the refresh margin).
@@ -122,6 +136,8 @@ impl Account {
         }
         self.last_refresh = Some(now);
         self.last_error = None;
+        self.last_error_at = None;
+        self.revoked = false;
     }
 }
 
@@ -193,10 +209,14 @@ impl Store {
         self.dir.join(format!("{account}.lock"))
     }
 
-    /// The names of the accounts, sorted.
+    /// The names of the accounts, sorted; none while the directory does not exist yet.
     pub fn list(&self) -> std::io::Result<Vec<String>> {
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+            other => other?,
+        };
+        for entry in entries {
             let name = entry?.file_name();
             let Some(name) = name.to_str() else { continue };
             if let Some(account) = name.strip_suffix(".json")
@@ -310,20 +330,7 @@ impl Store {
             ))
         };
         self.create_dir().map_err(broken)?;
-        // flock needs no write access, so an existing lock file is opened read-only.
-        let file = match File::open(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                use std::os::unix::fs::OpenOptionsExt;
-                OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .mode(0o600)
-                    .open(&path)
-            }
-            other => other,
-        }
-        .map_err(broken)?;
+        let file = crate::lock::open_lock_file(&path).map_err(broken)?;
         let deadline = Instant::now() + timeout;
         loop {
             match file.try_lock() {
@@ -380,6 +387,13 @@ impl Store {
         {
             return Ok((data, token));
         }
+        // Each connection would otherwise send the dead refresh token again and wait for
+        // the same answer.
+        if !force && data.revoked {
+            return Err(TokenError::Revoked(data.last_error.clone().unwrap_or_else(
+                || format!("run `legacy-mail-proxy oauth2 authorize {account} …` again"),
+            )));
+        }
         match endpoint.renew(account, &data) {
             Ok(grant) => {
                 data.apply(grant, now);
@@ -392,7 +406,9 @@ impl Store {
                 Ok((data, token))
             }
             Err(error) => {
-                data.last_error = Some(format!("{} (at {now})", error));
+                data.last_error = Some(error.to_string());
+                data.last_error_at = Some(now);
+                data.revoked = matches!(error, TokenError::Revoked(_));
                 // Recording the error is for `status`; failing to record it must not hide
                 // the error itself.
                 let _ = self.write(account, &data);

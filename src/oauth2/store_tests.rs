@@ -42,6 +42,8 @@ fn account(flow: Flow, access: Option<&str>, expires_at: Option<u64>) -> Account
         expires_at,
         last_refresh: None,
         last_error: None,
+        last_error_at: None,
+        revoked: false,
     }
 }
 
@@ -305,6 +307,22 @@ fn a_revoked_grant_is_reported_and_recorded() {
     assert!(matches!(source.token(), Err(TokenError::Revoked(_))));
     let stored = store.read("acct").unwrap();
     assert!(stored.last_error.unwrap().contains("invalid_grant"));
+    assert!(stored.revoked);
+    // The next connections do not send the dead refresh token again...
+    assert!(matches!(source.token(), Err(TokenError::Revoked(t)) if t.contains("invalid_grant")));
+    assert!(matches!(
+        source.renew(&AccessToken::new("a0".into())),
+        Err(TokenError::Revoked(_))
+    ));
+    assert_eq!(FakeEndpoint::log(&dir).len(), 1);
+    // ...but the admin's forced refresh does.
+    let endpoint = FakeEndpoint::new(&dir);
+    assert!(
+        store
+            .refresh("acct", &endpoint, None, true, Duration::ZERO)
+            .is_err()
+    );
+    assert_eq!(FakeEndpoint::log(&dir).len(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -443,5 +461,22 @@ fn several_processes_at_expiry_make_one_refresh() {
         assert!(stdout.contains("CHILD-TOKEN=a1\n"), "{stdout}");
     }
     assert_eq!(FakeEndpoint::log(&dir), ["refresh_token r0"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_token_living_less_than_the_margin_is_fresh_for_half_its_life() {
+    // 8-second tokens with the default 300-second margin: found by 20 processes against
+    // the test authorization server, each of which refreshed once in turn.
+    let mut data = account(Flow::Device, Some("a0"), Some(now() + 8));
+    data.last_refresh = Some(now());
+    let (dir, store) = stored("short", &data);
+    let mut source = open(&dir, FakeEndpoint::new(&dir));
+    assert_eq!(source.token().unwrap().secret(), "a0");
+    assert!(FakeEndpoint::log(&dir).is_empty());
+    // Past half its life it is due.
+    data.last_refresh = Some(now() - 10);
+    store.write("acct", &data).unwrap();
+    assert_eq!(source.token().unwrap().secret(), "a1");
     std::fs::remove_dir_all(&dir).unwrap();
 }
