@@ -217,8 +217,8 @@ pub fn idp_modules_dir() -> Result<PathBuf, String> {
     } else {
         Err(format!(
             "oidc-provider (the tests' OAuth2 authorization server, from npm) is not installed \
-             in {}. Run `sudo ./tests/setup.sh`, which installs Node.js if needed and runs \
-             `npm ci` for tests/oauth2/package-lock.json there. {INSTALL_HINT}",
+             in {}. Run `sudo bash tests/setup.sh`, which installs Node.js if needed and \
+             runs `npm ci` for tests/oauth2/package-lock.json there. {INSTALL_HINT}",
             modules.display()
         ))
     }
@@ -255,7 +255,7 @@ fn start(s: &Servers) -> Result<OAuth2World, String> {
         format!(
             "`node` (Node.js) is not installed; the tests' OAuth2 authorization server runs on \
              it. Install it with:\n  apt-get install -y --no-install-recommends nodejs npm\n\
-             then run `sudo ./tests/setup.sh` (npm ci of oidc-provider). {INSTALL_HINT}"
+             then run `sudo bash tests/setup.sh` (npm ci of oidc-provider). {INSTALL_HINT}"
         )
     })?;
     find_binary("curl")?;
