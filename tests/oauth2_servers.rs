@@ -525,3 +525,57 @@ fn authorization_server_down_and_back_keeps_its_tokens() {
     );
     assert!(imap_xoauth2_answer(w, &user.name, renewed.access()).starts_with("OK"));
 }
+
+#[test]
+fn imap_session_outlives_its_access_token() {
+    // Dovecot checks a token at login only: a session opened with it goes on after the
+    // token expires. (So "expiry during a long session" concerns the gateway's next
+    // login, not the open IMAP connection.)
+    let w = oauth2();
+    let _up = w.idp.shared();
+    let user = user_with_mail("long");
+    let tokens = w.idp.device_flow_tokens(PUBLIC_CLIENT_ID, &user);
+    let flag = servers().dir.join(format!("token-expired-{}", user.name));
+    let python = common::require_client("python3");
+    let child = Command::new(python)
+        .arg("-c")
+        .arg(
+            r#"
+import imaplib, os, ssl, time
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL("127.0.0.1", int(os.environ["PORT"]), ssl_context=ctx)
+blob = "user=%s\x01auth=Bearer %s\x01\x01" % (os.environ["U"], os.environ["T"])
+print(m.authenticate("XOAUTH2", lambda c: blob.encode() if not c else b"")[0], flush=True)
+while not os.path.exists(os.environ["FLAG"]):
+    m.noop()
+    time.sleep(0.1)
+print(m.select("INBOX")[0], m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[0])
+m.logout()
+"#,
+        )
+        .env("CA", &w.idp.ca_file)
+        .env("PORT", w.imaps_port.to_string())
+        .env("U", &user.name)
+        .env("T", tokens.access())
+        .env("FLAG", &flag)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the access token expires",
+        Duration::from_secs(w.idp.access_ttl + 10),
+        || !w.idp.is_active(tokens.access()),
+    );
+    std::fs::write(&flag, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        "OK\nOK OK",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A new login with the same token is refused.
+    assert!(imap_xoauth2_answer(w, &user.name, tokens.access()).starts_with("NO"));
+}

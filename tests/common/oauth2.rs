@@ -12,8 +12,9 @@
 //!
 //! The authorization server can be stopped and started again ([`Idp::stop`],
 //! [`Idp::start`]) on the same port with the same state, for "authorization server down"
-//! tests; such a test holds [`Idp::exclusive`] and the others [`Idp::shared`]. Its grant log ([`Idp::grant_log`]) has one line per token-endpoint call (and per
-//! device authorization, introspection and revocation call), without token values.
+//! tests; such a test holds [`Idp::exclusive`] and the others [`Idp::shared`]. Its grant
+//! log ([`Idp::grant_log`]) has one line per token-endpoint call (and per device
+//! authorization, introspection and revocation call), without token values.
 //! Access tokens live `LMP_TEST_IDP_ACCESS_TTL` seconds (default [`DEFAULT_ACCESS_TTL`]), so
 //! that tests see them expire.
 //!
@@ -87,7 +88,7 @@ pub struct OAuth2World {
     pub imap_port: u16,
     /// IMAP over implicit TLS, same mechanisms.
     pub imaps_port: u16,
-    /// POP3 (USER/PASS and AUTH PLAIN still work; SASL XOAUTH2 too).
+    /// POP3 (passwords; AUTH offers the same SASL mechanisms as IMAP).
     pub pop3_port: u16,
     /// The Postfix submission ports: implicit TLS and STARTTLS, AUTH XOAUTH2 OAUTHBEARER
     /// PLAIN LOGIN after TLS, delivering `@example.test` into the same Maildirs.
