@@ -524,6 +524,18 @@ fn authorization_server_down_and_back_keeps_its_tokens() {
         w.idp.logs()
     );
     assert!(imap_xoauth2_answer(w, &user.name, renewed.access()).starts_with("OK"));
+    // Failed introspections are logged by Dovecot without its secret or the token.
+    let secrets = w.secrets();
+    let values = [
+        tokens.access(),
+        tokens.refresh(),
+        renewed.access(),
+        renewed.refresh(),
+    ];
+    for needle in values.into_iter().chain(secrets.iter().map(String::as_str)) {
+        let hits = w.log_files_containing(needle);
+        assert!(hits.is_empty(), "a token or secret is in {hits:?}");
+    }
 }
 
 #[test]

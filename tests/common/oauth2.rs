@@ -660,6 +660,39 @@ impl Idp {
 }
 
 impl OAuth2World {
+    /// The files under the test directory's `log/` (every server's log, stdout and stderr,
+    /// the grant log) that contain `needle`: for "no token or secret in any log" checks.
+    pub fn log_files_containing(&self, needle: &str) -> Vec<PathBuf> {
+        let log_dir = self.idp.dir.join("log");
+        let mut hits: Vec<PathBuf> = fs::read_dir(&log_dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", log_dir.display()))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                fs::read(p).is_ok_and(|b| {
+                    b.windows(needle.len().max(1))
+                        .any(|w| w == needle.as_bytes())
+                })
+            })
+            .collect();
+        hits.sort();
+        hits
+    }
+
+    /// The secrets the servers hold (the confidential client's and Dovecot's introspection
+    /// secret), for the same checks.
+    pub fn secrets(&self) -> Vec<String> {
+        [CONFIDENTIAL_CLIENT_ID, INTROSPECTION_CLIENT_ID]
+            .iter()
+            .map(|id| {
+                fs::read_to_string(self.idp.client_secret_file.with_file_name(id))
+                    .expect("read a client secret")
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// The OAuth2 Dovecot's log and stdout/stderr so far.
     pub fn dovecot_logs(&self) -> String {
         self.dovecot.logs()
