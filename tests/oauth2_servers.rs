@@ -591,3 +591,56 @@ m.logout()
     // A new login with the same token is refused.
     assert!(imap_xoauth2_answer(w, &user.name, tokens.access()).starts_with("NO"));
 }
+
+/// Run by [`oauth2_servers_die_with_the_test_process`] in a child test process.
+#[test]
+#[ignore = "run as a child process by oauth2_servers_die_with_the_test_process"]
+fn child_starts_oauth2_world_and_exits() {
+    let w = oauth2();
+    println!(
+        "LMP-CHILD {} {} {} {}",
+        servers().dir.display(),
+        w.idp.pid().unwrap(),
+        w.dovecot_pid(),
+        w.postfix.master_pid()
+    );
+}
+
+#[test]
+fn oauth2_servers_die_with_the_test_process() {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .env_remove("LMP_TEST_KEEP")
+        .args([
+            "--ignored",
+            "--exact",
+            "child_starts_oauth2_world_and_exits",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("LMP-CHILD ").map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no LMP-CHILD line in child output:\n{stdout}"));
+    let f: Vec<&str> = line.split(' ').collect();
+    let dir = std::path::Path::new(f[0]);
+    let groups: Vec<u32> = f[1..].iter().map(|g| g.parse().unwrap()).collect();
+    wait_until(
+        "the child's IdP, Dovecot and Postfix are gone with its directory",
+        Duration::from_secs(20),
+        || {
+            groups
+                .iter()
+                .all(|&g| common::live_process_group_members(g).is_empty())
+                && !dir.exists()
+        },
+    );
+}

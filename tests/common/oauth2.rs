@@ -329,6 +329,9 @@ fn start_idp(
             format!("LMP_IDP_ACCESS_TTL={ttl}"),
             node.display().to_string(),
             oauth2_source_dir().join("idp.mjs").display().to_string(),
+            // Unused by the script: puts the test directory into node's command line, which
+            // is how remove_stale_dirs() recognises a server left over from a killed run.
+            dir.display().to_string(),
         ]
         .into();
         let idp = Idp {
@@ -412,6 +415,11 @@ impl Idp {
     pub fn restart(&self) {
         self.stop();
         self.start();
+    }
+
+    /// Pid (and process group id) of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.runs.lock().unwrap().1.as_ref().map(|p| p.pid)
     }
 
     pub fn is_running(&self) -> bool {
