@@ -608,28 +608,7 @@ fn child_starts_oauth2_world_and_exits() {
 
 #[test]
 fn oauth2_servers_die_with_the_test_process() {
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .env_remove("LMP_TEST_KEEP")
-        .args([
-            "--ignored",
-            "--exact",
-            "child_starts_oauth2_world_and_exits",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.split_once("LMP-CHILD ").map(|(_, rest)| rest))
-        .unwrap_or_else(|| panic!("no LMP-CHILD line in child output:\n{stdout}"));
+    let line = common::run_child_test("child_starts_oauth2_world_and_exits");
     let f: Vec<&str> = line.split(' ').collect();
     let dir = std::path::Path::new(f[0]);
     let groups: Vec<u32> = f[1..].iter().map(|g| g.parse().unwrap()).collect();
