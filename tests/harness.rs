@@ -410,28 +410,7 @@ fn child_starts_servers_and_exits() {
 
 #[test]
 fn servers_die_with_the_test_process() {
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .env_remove("LMP_TEST_KEEP")
-        .args([
-            "--ignored",
-            "--exact",
-            "child_starts_servers_and_exits",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.split_once("LMP-CHILD ").map(|(_, rest)| rest))
-        .unwrap_or_else(|| panic!("no LMP-CHILD line in child output:\n{stdout}"));
+    let line = common::run_child_test("child_starts_servers_and_exits");
     let f: Vec<&str> = line.split(' ').collect();
     let (dir, pgids) = (std::path::Path::new(f[0]), [f[1], f[2]]);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -65,6 +65,32 @@ except imaplib.IMAP4.error as e:
     String::from_utf8_lossy(&out).trim().to_string()
 }
 
+/// AUTH XOAUTH2 at the implicit-TLS submission port; returns the final reply ("235 …",
+/// "535 …", "454 …").
+fn smtp_xoauth2_reply(w: &OAuth2World, user: &str, token: &str) -> String {
+    let out = python_ok(
+        r#"
+import base64, os, smtplib, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+s = smtplib.SMTP_SSL("127.0.0.1", int(os.environ["PORT"]), context=ctx)
+s.ehlo()
+blob = "user=%s\x01auth=Bearer %s\x01\x01" % (os.environ["U"], os.environ["T"])
+code, text = s.docmd("AUTH", "XOAUTH2 " + base64.b64encode(blob.encode()).decode())
+if code == 334:
+    code, text = s.docmd("")
+print(code, text.decode())
+s.close()
+"#,
+        &[
+            ("CA", w.idp.ca_file.to_str().unwrap()),
+            ("PORT", &w.postfix.submissions_port.to_string()),
+            ("U", user),
+            ("T", token),
+        ],
+    );
+    String::from_utf8_lossy(&out).trim().to_string()
+}
+
 fn user_with_mail(prefix: &str) -> User {
     let user = servers().new_user(prefix);
     user.seed_many(&[MESSAGE.as_bytes()]);
@@ -332,7 +358,9 @@ fn expired_access_token_is_refused_by_dovecot() {
         !w.idp.is_active(tokens.access())
     });
     let answer = imap_xoauth2_answer(w, &user.name, tokens.access());
-    assert!(answer.starts_with("NO"), "{answer}");
+    assert!(answer.starts_with("NO [AUTHENTICATIONFAILED]"), "{answer}");
+    let reply = smtp_xoauth2_reply(w, &user.name, tokens.access());
+    assert!(reply.starts_with("535 5.7.8"), "{reply}");
     let out = curl_imap(w, &user.name, tokens.access());
     assert!(!out.status.success());
     // The refresh token still works, and its new access token is accepted.
@@ -479,8 +507,14 @@ fn authorization_server_down_and_back_keeps_its_tokens() {
     // Nothing answers: no HTTP status at all.
     let down = w.idp.refresh(PUBLIC_CLIENT_ID, tokens.refresh());
     assert_eq!(down.status, 0, "{down:?}");
-    // Dovecot cannot introspect: the login fails (temporarily) even with a good token.
-    assert!(imap_xoauth2_answer(w, &user.name, tokens.access()).starts_with("NO"));
+    // Dovecot cannot introspect: the login fails even with a good token.
+    // Dovecot cannot introspect: IMAP refuses even a good token, as a temporary failure.
+    // Postfix 3.7 turns the same Dovecot answer into a plain 535 (not RFC 4954's 454):
+    // a gateway cannot tell this outage from a bad token by the SMTP reply alone.
+    let answer = imap_xoauth2_answer(w, &user.name, tokens.access());
+    assert!(answer.starts_with("NO [UNAVAILABLE]"), "{answer}");
+    let reply = smtp_xoauth2_reply(w, &user.name, tokens.access());
+    assert!(reply.starts_with("535 5.7.8"), "{reply}");
     w.idp.start();
     // Same port, same state: the refresh token issued before the outage still works.
     let renewed = w.idp.refresh(PUBLIC_CLIENT_ID, tokens.refresh());
@@ -490,4 +524,102 @@ fn authorization_server_down_and_back_keeps_its_tokens() {
         w.idp.logs()
     );
     assert!(imap_xoauth2_answer(w, &user.name, renewed.access()).starts_with("OK"));
+    // Failed introspections are logged by Dovecot without its secret or the token.
+    let secrets = w.secrets();
+    let values = [
+        tokens.access(),
+        tokens.refresh(),
+        renewed.access(),
+        renewed.refresh(),
+    ];
+    for needle in values.into_iter().chain(secrets.iter().map(String::as_str)) {
+        let hits = w.log_files_containing(needle);
+        assert!(hits.is_empty(), "a token or secret is in {hits:?}");
+    }
+}
+
+#[test]
+fn imap_session_outlives_its_access_token() {
+    // Dovecot checks a token at login only: a session opened with it goes on after the
+    // token expires. (So "expiry during a long session" concerns the gateway's next
+    // login, not the open IMAP connection.)
+    let w = oauth2();
+    let _up = w.idp.shared();
+    let user = user_with_mail("long");
+    let tokens = w.idp.device_flow_tokens(PUBLIC_CLIENT_ID, &user);
+    let flag = servers().dir.join(format!("token-expired-{}", user.name));
+    let python = common::require_client("python3");
+    let child = Command::new(python)
+        .arg("-c")
+        .arg(
+            r#"
+import imaplib, os, ssl, time
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL("127.0.0.1", int(os.environ["PORT"]), ssl_context=ctx)
+blob = "user=%s\x01auth=Bearer %s\x01\x01" % (os.environ["U"], os.environ["T"])
+print(m.authenticate("XOAUTH2", lambda c: blob.encode() if not c else b"")[0], flush=True)
+while not os.path.exists(os.environ["FLAG"]):
+    m.noop()
+    time.sleep(0.1)
+print(m.select("INBOX")[0], m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[0])
+m.logout()
+"#,
+        )
+        .env("CA", &w.idp.ca_file)
+        .env("PORT", w.imaps_port.to_string())
+        .env("U", &user.name)
+        .env("T", tokens.access())
+        .env("FLAG", &flag)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the access token expires",
+        Duration::from_secs(w.idp.access_ttl + 10),
+        || !w.idp.is_active(tokens.access()),
+    );
+    std::fs::write(&flag, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        "OK\nOK OK",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A new login with the same token is refused.
+    assert!(imap_xoauth2_answer(w, &user.name, tokens.access()).starts_with("NO"));
+}
+
+/// Run by [`oauth2_servers_die_with_the_test_process`] in a child test process.
+#[test]
+#[ignore = "run as a child process by oauth2_servers_die_with_the_test_process"]
+fn child_starts_oauth2_world_and_exits() {
+    let w = oauth2();
+    println!(
+        "LMP-CHILD {} {} {} {}",
+        servers().dir.display(),
+        w.idp.pid().unwrap(),
+        w.dovecot_pid(),
+        w.postfix.master_pid()
+    );
+}
+
+#[test]
+fn oauth2_servers_die_with_the_test_process() {
+    let line = common::run_child_test("child_starts_oauth2_world_and_exits");
+    let f: Vec<&str> = line.split(' ').collect();
+    let dir = std::path::Path::new(f[0]);
+    let groups: Vec<u32> = f[1..].iter().map(|g| g.parse().unwrap()).collect();
+    wait_until(
+        "the child's IdP, Dovecot and Postfix are gone with its directory",
+        Duration::from_secs(20),
+        || {
+            groups
+                .iter()
+                .all(|&g| common::live_process_group_members(g).is_empty())
+                && !dir.exists()
+        },
+    );
 }

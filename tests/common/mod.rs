@@ -61,7 +61,7 @@ pub use oauth2::{
 #[allow(unused_imports)]
 pub use postfix::{Postfix, postfix, postfix_if_started};
 #[allow(unused_imports)]
-pub use process::live_process_group_members;
+pub use process::{live_process_group_members, run_child_test};
 #[allow(unused_imports)]
 pub use users::{User, lmtp_deliver};
 

@@ -12,8 +12,9 @@
 //!
 //! The authorization server can be stopped and started again ([`Idp::stop`],
 //! [`Idp::start`]) on the same port with the same state, for "authorization server down"
-//! tests; such a test holds [`Idp::exclusive`] and the others [`Idp::shared`]. Its grant log ([`Idp::grant_log`]) has one line per token-endpoint call (and per
-//! device authorization, introspection and revocation call), without token values.
+//! tests; such a test holds [`Idp::exclusive`] and the others [`Idp::shared`]. Its grant
+//! log ([`Idp::grant_log`]) has one line per token-endpoint call (and per device
+//! authorization, introspection and revocation call), without token values.
 //! Access tokens live `LMP_TEST_IDP_ACCESS_TTL` seconds (default [`DEFAULT_ACCESS_TTL`]), so
 //! that tests see them expire.
 //!
@@ -87,7 +88,7 @@ pub struct OAuth2World {
     pub imap_port: u16,
     /// IMAP over implicit TLS, same mechanisms.
     pub imaps_port: u16,
-    /// POP3 (USER/PASS and AUTH PLAIN still work; SASL XOAUTH2 too).
+    /// POP3 (passwords; AUTH offers the same SASL mechanisms as IMAP).
     pub pop3_port: u16,
     /// The Postfix submission ports: implicit TLS and STARTTLS, AUTH XOAUTH2 OAUTHBEARER
     /// PLAIN LOGIN after TLS, delivering `@example.test` into the same Maildirs.
@@ -217,8 +218,8 @@ pub fn idp_modules_dir() -> Result<PathBuf, String> {
     } else {
         Err(format!(
             "oidc-provider (the tests' OAuth2 authorization server, from npm) is not installed \
-             in {}. Run `sudo ./tests/setup.sh`, which installs Node.js if needed and runs \
-             `npm ci` for tests/oauth2/package-lock.json there. {INSTALL_HINT}",
+             in {}. Run `sudo bash tests/setup.sh`, which installs Node.js if needed and \
+             runs `npm ci` for tests/oauth2/package-lock.json there. {INSTALL_HINT}",
             modules.display()
         ))
     }
@@ -255,7 +256,7 @@ fn start(s: &Servers) -> Result<OAuth2World, String> {
         format!(
             "`node` (Node.js) is not installed; the tests' OAuth2 authorization server runs on \
              it. Install it with:\n  apt-get install -y --no-install-recommends nodejs npm\n\
-             then run `sudo ./tests/setup.sh` (npm ci of oidc-provider). {INSTALL_HINT}"
+             then run `sudo bash tests/setup.sh` (npm ci of oidc-provider). {INSTALL_HINT}"
         )
     })?;
     find_binary("curl")?;
@@ -328,6 +329,9 @@ fn start_idp(
             format!("LMP_IDP_ACCESS_TTL={ttl}"),
             node.display().to_string(),
             oauth2_source_dir().join("idp.mjs").display().to_string(),
+            // Unused by the script: puts the test directory into node's command line, which
+            // is how remove_stale_dirs() recognises a server left over from a killed run.
+            dir.display().to_string(),
         ]
         .into();
         let idp = Idp {
@@ -411,6 +415,11 @@ impl Idp {
     pub fn restart(&self) {
         self.stop();
         self.start();
+    }
+
+    /// Pid (and process group id) of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.runs.lock().unwrap().1.as_ref().map(|p| p.pid)
     }
 
     pub fn is_running(&self) -> bool {
@@ -659,6 +668,39 @@ impl Idp {
 }
 
 impl OAuth2World {
+    /// The files under the test directory's `log/` (every server's log, stdout and stderr,
+    /// the grant log) that contain `needle`: for "no token or secret in any log" checks.
+    pub fn log_files_containing(&self, needle: &str) -> Vec<PathBuf> {
+        let log_dir = self.idp.dir.join("log");
+        let mut hits: Vec<PathBuf> = fs::read_dir(&log_dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", log_dir.display()))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                fs::read(p).is_ok_and(|b| {
+                    b.windows(needle.len().max(1))
+                        .any(|w| w == needle.as_bytes())
+                })
+            })
+            .collect();
+        hits.sort();
+        hits
+    }
+
+    /// The secrets the servers hold (the confidential client's and Dovecot's introspection
+    /// secret), for the same checks.
+    pub fn secrets(&self) -> Vec<String> {
+        [CONFIDENTIAL_CLIENT_ID, INTROSPECTION_CLIENT_ID]
+            .iter()
+            .map(|id| {
+                fs::read_to_string(self.idp.client_secret_file.with_file_name(id))
+                    .expect("read a client secret")
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// The OAuth2 Dovecot's log and stdout/stderr so far.
     pub fn dovecot_logs(&self) -> String {
         self.dovecot.logs()

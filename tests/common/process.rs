@@ -312,3 +312,31 @@ pub fn live_process_group_members(pgid: u32) -> Vec<u32> {
     }
     pids
 }
+
+/// Runs the ignored test `test_name` of the current test binary in a child process and
+/// returns what it printed after `LMP-CHILD ` (pids, directories…). For tests of what is
+/// left once a test process has exited.
+pub fn run_child_test(test_name: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .env_remove("LMP_TEST_KEEP")
+        .args([
+            "--ignored",
+            "--exact",
+            test_name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("LMP-CHILD ").map(|(_, rest)| rest.to_string()))
+        .unwrap_or_else(|| panic!("no LMP-CHILD line in child output:\n{stdout}"))
+}

@@ -80,12 +80,18 @@ const stateFile = path.join(stateDir, 'state.json');
 const store = fs.existsSync(stateFile)
   ? JSON.parse(fs.readFileSync(stateFile, 'utf8'))
   : {};
+const now = () => Math.floor(Date.now() / 1000);
+// Rewrites the whole file, dropping what has expired, so it stays small during a long run.
 const save = () => {
+  for (const items of Object.values(store)) {
+    for (const [id, entry] of Object.entries(items)) {
+      if (entry.expiresAt !== null && entry.expiresAt <= now()) delete items[id];
+    }
+  }
   const tmp = `${stateFile}.tmp`;
   fs.writeFileSync(tmp, JSON.stringify(store), { mode: 0o600 });
   fs.renameSync(tmp, stateFile);
 };
-const now = () => Math.floor(Date.now() / 1000);
 
 class FileAdapter {
   constructor(model) {
