@@ -1015,7 +1015,7 @@ impl<S: Read + Write> RawCommand<S> {
             .map_err(text)?;
         let mut guid = None;
         let mut line = Vec::new();
-        let result = loop {
+        loop {
             if let Err(e) = self.read_line(&mut line) {
                 break Err(text(e));
             }
@@ -1029,8 +1029,7 @@ impl<S: Read + Write> RawCommand<S> {
                 continue;
             }
             guid = guid.or_else(|| status_guid(&line));
-        };
-        result
+        }
     }
 
     /// Sends `command`, then reads to its tagged response. Returns the body's length and
