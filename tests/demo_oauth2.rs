@@ -1,18 +1,47 @@
-//! The README's OAuth2 demo backend: the test authorization server (oidc-provider) with the
-//! Dovecot and Postfix that accept its tokens, a seeded mailbox, and the facts to give the
-//! gateway. `./tests/demo-oauth2` runs this test with `--nocapture` and
-//! `LMP_DEMO_WAIT=1`: it prints everything, then keeps the servers up until Enter (or
-//! Ctrl-C). In the suite it checks that the printed recipe works: a device-flow token read
-//! over IMAPS with curl, and a message sent with it through submission.
+//! The README's OAuth2 demo: the test authorization server (oidc-provider) with the Dovecot
+//! and Postfix that accept its tokens, a seeded mailbox, and the gateway itself in front of
+//! them (`pop3` and `smtp` on 127.0.0.1 ports, spawned per connection the way xinetd
+//! does, logging in with the OAuth2 account `demo`).
+//!
+//! `./tests/demo-oauth2` runs this test with `--nocapture` and `LMP_DEMO_WAIT=1`: it prints
+//! the walkthrough (authorize the account with `legacy-mail-proxy oauth2 authorize`, approve
+//! the sign-in, read mail with `curl pop3://`, send with `swaks`) and keeps everything up
+//! until Enter, for the newcomer to type. In the suite it runs those exact printed commands
+//! itself, through bash, and checks what they did.
 
 mod common;
 
-use std::io::BufRead;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 use common::{
-    CONFIDENTIAL_CLIENT_ID, PUBLIC_CLIENT_ID, REDIRECT_URI, SCOPES, curl, oauth2, servers,
-    wait_for_messages,
+    CONFIDENTIAL_CLIENT_ID, Inetd, PUBLIC_CLIENT_ID, REDIRECT_URI, SCOPES, curl, oauth2, proxy_bin,
+    require_client, servers, wait_for_messages,
 };
+
+/// The account name the gateway is configured with and the walkthrough authorizes.
+const ACCOUNT: &str = "demo";
+/// The user name and password the old clients give the gateway (not the mailbox's).
+const CLIENT_USER: &str = "scanner";
+const CLIENT_PASSWORD: &str = "gateway-demo";
+
+/// Runs one printed walkthrough command with bash from the repository's root, as the
+/// newcomer would.
+fn bash(command: &str) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.args(["-euo", "pipefail", "-c", command])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
+
+fn shown(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
 
 #[test]
 fn demo_oauth2_backend() {
@@ -126,11 +155,192 @@ The gateway's backend options for this server:
     println!(
         "Checked: a device-flow token read message 1 over IMAPS and sent one through submission."
     );
+    gateway_walkthrough(&user);
     let log = i.grant_log_text();
     assert!(!log.contains(tokens.access()) && !log.contains(tokens.refresh()));
-    println!("Grant log so far:\n{log}");
+}
+
+/// The gateway in front of the OAuth2 servers, and the walkthrough through it: printed for
+/// the newcomer (`LMP_DEMO_WAIT`), or run here and checked.
+fn gateway_walkthrough(user: &common::User) {
+    let w = oauth2();
+    let s = servers();
+    let i = &w.idp;
+    let ca = i.ca_file.display().to_string();
+    let store = s.dir.join("demo-oauth2-store");
+    std::fs::create_dir_all(&store).unwrap();
+    let password_file = s.dir.join("demo-client-password");
+    std::fs::write(&password_file, format!("{CLIENT_PASSWORD}\n")).unwrap();
+    let (store, password_file) = (
+        store.display().to_string(),
+        password_file.display().to_string(),
+    );
+    let common_args = |host_option: &str, port_option: &str, port: u16, tls_option: &str| {
+        vec![
+            host_option.to_string(),
+            "127.0.0.1".into(),
+            port_option.into(),
+            port.to_string(),
+            tls_option.into(),
+            "implicit".into(),
+            "--ca-file".into(),
+            ca.clone(),
+            "--oauth2-dir".into(),
+            store.clone(),
+            "--client-user".into(),
+            CLIENT_USER.into(),
+            "--client-password-file".into(),
+            password_file.clone(),
+        ]
+    };
+    let mut pop3_args: Vec<String> = ["--log", "stderr", "pop3", "--imap-oauth2-account", ACCOUNT]
+        .map(String::from)
+        .into();
+    pop3_args.extend(common_args(
+        "--imap-host",
+        "--imap-port",
+        w.imaps_port,
+        "--imap-tls",
+    ));
+    pop3_args.extend(["--lock-dir".into(), s.dir.display().to_string()]);
+    let mut smtp_args: Vec<String> = ["--log", "stderr", "smtp", "--smtp-oauth2-account", ACCOUNT]
+        .map(String::from)
+        .into();
+    smtp_args.extend(common_args(
+        "--smtp-host",
+        "--smtp-port",
+        w.postfix.submissions_port,
+        "--smtp-tls",
+    ));
+    smtp_args.extend(["--hostname".into(), "gateway.demo".into()]);
+    let pop3 = Inetd::start(proxy_bin(), &pop3_args, &[]);
+    let smtp = Inetd::start(proxy_bin(), &smtp_args, &[]);
+
+    let bin = proxy_bin();
+    let authorize = format!(
+        "{bin} oauth2 authorize --oauth2-dir {store} --provider custom \\\n  \
+         --device-url {} --token-url {} \\\n  \
+         --scope '{SCOPES}' --ca-file {ca} --client-id {PUBLIC_CLIENT_ID} --user {} {ACCOUNT}",
+        i.device_authorization_endpoint, i.token_endpoint, user.name
+    );
+    let approve = format!(
+        "LMP_IDP_CA={ca} LMP_IDP_PASSWORD='{}' \\\n  \
+         python3 tests/oauth2/browser.py device {} USER_CODE {}",
+        user.password, i.issuer, user.name
+    );
+    let status = format!("{bin} oauth2 status --oauth2-dir {store} {ACCOUNT}");
+    let read = format!(
+        "curl -sS --user {CLIENT_USER}:{CLIENT_PASSWORD} pop3://127.0.0.1:{}/1",
+        pop3.port
+    );
+    let send = format!(
+        "swaks --server 127.0.0.1:{} --auth-user {CLIENT_USER} --auth-password {CLIENT_PASSWORD} \\\n  \
+         --from {email} --to {email} --header 'Subject: sent through the gateway with a token'",
+        smtp.port,
+        email = user.email
+    );
+    println!(
+        "
+=== The gateway in front of them ===
+
+legacy-mail-proxy runs as xinetd would run it, one process per connection, with the
+OAuth2 account `{ACCOUNT}` (token store {store}):
+  pop3 on 127.0.0.1:{pop3_port}   {pop3_args}
+  smtp on 127.0.0.1:{smtp_port}   {smtp_args}
+Old clients log in to it as {CLIENT_USER} / {CLIENT_PASSWORD}; its logs are under {logs}.
+
+1. Authorize the account (device flow); it prints a URL and a code, then waits:
+{authorize}
+
+2. In another terminal, approve the code as the mail user: open the URL it printed in a
+   browser and sign in as {name} / {password}, or script it (put the code it printed in
+   place of USER_CODE):
+{approve}
+   The first terminal then says \"Account {ACCOUNT} authorized\". Check it with:
+{status}
+
+3. Read message 1 through the gateway with curl (POP3 in front, IMAPS + OAUTHBEARER behind):
+{read}
+
+4. Send through the gateway with swaks (SMTP in front, submission + OAUTHBEARER behind):
+{send}
+",
+        pop3_port = pop3.port,
+        smtp_port = smtp.port,
+        pop3_args = pop3_args.join(" "),
+        smtp_args = smtp_args.join(" "),
+        logs = s.dir.join("inetd").display(),
+        name = user.name,
+        password = user.password,
+    );
     if std::env::var_os("LMP_DEMO_WAIT").is_some() {
         println!("The servers run until you press Enter (or Ctrl-C).");
         let _ = std::io::stdin().lock().lines().next();
+        return;
     }
+
+    // The walkthrough, typed by the suite. 1 and 2: the device flow, approved by the
+    // scripted browser with the code the first command printed.
+    let mut authorizing = bash(&authorize)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the authorize command");
+    let mut printed = BufReader::new(authorizing.stdout.take().unwrap());
+    let mut seen = String::new();
+    let code = loop {
+        let mut line = String::new();
+        if printed.read_line(&mut line).unwrap() == 0 {
+            panic!("oauth2 authorize printed no code:\n{seen}");
+        }
+        seen.push_str(&line);
+        if let Some((_, code)) = line.split_once("enter the code ") {
+            break code.trim().to_string();
+        }
+    };
+    let out = bash(&approve.replace("USER_CODE", &code)).output().unwrap();
+    assert!(out.status.success(), "{}", shown(&out));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut printed, &mut rest).unwrap();
+    let done = authorizing.wait_with_output().unwrap();
+    assert!(
+        done.status.success() && rest.contains(&format!("Account {ACCOUNT} authorized")),
+        "{seen}{rest}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let out = bash(&status).output().unwrap();
+    assert!(out.status.success(), "{}", shown(&out));
+
+    // 3: curl reads message 1 through the gateway.
+    require_client("curl");
+    let out = bash(&read).output().unwrap();
+    assert!(
+        out.status.success() && shown(&out).contains("Subject: Read me with a token"),
+        "{}\n{}",
+        shown(&out),
+        pop3.logs()
+    );
+    // 4: swaks sends one through the gateway; it arrives in the mailbox.
+    require_client("swaks");
+    let out = bash(&send).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", shown(&out), smtp.logs());
+    assert!(
+        shown(&out).contains("250 2.0.0"),
+        "{}\n{}",
+        shown(&out),
+        smtp.logs()
+    );
+    wait_for_messages(user, 4);
+
+    // The gateway logged its OAuth2 logins, and never a token.
+    let logs = format!("{}{}", pop3.logs(), smtp.logs());
+    let stored =
+        std::fs::read_to_string(Path::new(&store).join(format!("{ACCOUNT}.json"))).unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    for key in ["access_token", "refresh_token"] {
+        let token = stored[key].as_str().expect(key);
+        assert!(!logs.contains(token), "the {key} is in the gateway's log");
+    }
+    println!("Checked: the walkthrough above, run as printed.");
 }
