@@ -430,3 +430,78 @@ fn servers_die_with_the_test_process() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// tests/sweep-secrets (run by tests/run-all after the suite) finds a token, a client
+/// secret or a password in any log, names the file and line but never the secret, and
+/// fails when there is nothing to check.
+#[test]
+fn the_secret_sweep_finds_a_secret_in_a_log_and_fails_on_nothing() {
+    let top = servers().dir.join(format!("sweep-{}", std::process::id()));
+    let run = top.join("lmp-test.1.abc");
+    for dir in ["oauth2/secrets", "passwd", "log", "inetd/1-0"] {
+        std::fs::create_dir_all(run.join(dir)).unwrap();
+    }
+    let token = "Zm9vYmFyYmF6cXV4LXRva2VuLXZhbHVlLTEyMzQ1Ng";
+    let write = |path: &str, text: &str| std::fs::write(run.join(path), text).unwrap();
+    let sweep = || {
+        Command::new(require_client("python3"))
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sweep-secrets"))
+            .arg(&top)
+            .output()
+            .unwrap()
+    };
+    let text = |out: &Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    write("oauth2/secrets/issued-tokens", &format!("{token}\n"));
+    write(
+        "oauth2/secrets/lmp-confidential",
+        "c0ffee0123456789abcdef\n",
+    );
+    write("passwd/alice-1", "alice-1:{PLAIN}pw0123456789a::::::\n");
+    write("log/dovecot.log", "imap-login: Login: user=<alice-1>\n");
+    write("inetd/1-0/0.log", "INFO: pop3 session end\n");
+    let out = sweep();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no secret in any log"),
+        "{}",
+        text(&out)
+    );
+
+    for (line, secret, kind) in [
+        (format!("Bearer {token}"), token, "issued token"),
+        (format!("auth=x{token}y"), token, "issued token"),
+        (
+            "secret=c0ffee0123456789abcdef".to_string(),
+            "c0ffee0123456789abcdef",
+            "client secret",
+        ),
+        (
+            "pass pw0123456789a".to_string(),
+            "pw0123456789a",
+            "password of alice-1",
+        ),
+    ] {
+        write("inetd/1-0/0.log", &format!("INFO: one\nDEBUG: {line}\n"));
+        let out = sweep();
+        let shown = text(&out);
+        assert!(!out.status.success(), "{shown}");
+        assert!(
+            shown.contains("lmp-test.1.abc/inetd/1-0/0.log:2: ") && shown.contains(kind),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains(secret),
+            "the sweep printed the secret: {shown}"
+        );
+    }
+    std::fs::remove_dir_all(&run).unwrap();
+    let out = sweep();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing to check"), "{}", text(&out));
+}

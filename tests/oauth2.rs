@@ -43,6 +43,7 @@ fn admin(action: &str, dir: &Path, args: &[&str]) -> Command {
 
 fn run(mut cmd: Command) -> Output {
     let output = cmd.stdin(Stdio::null()).output().expect("run the gateway");
+    common::keep_proxy_log(&output.stderr);
     no_token_in(&output);
     output
 }
@@ -159,6 +160,7 @@ fn authorize_device(dir: &Path, account: &str, user: &User, extra: &[&str]) -> O
     let (child, code) = start_device(dir, account, user, extra);
     oauth2().idp.approve_device(&code, user);
     let output = child.wait_with_output().unwrap();
+    common::keep_proxy_log(&output.stderr);
     no_token_in(&output);
     assert!(output.status.success(), "{}", text(&output));
     output
@@ -301,6 +303,7 @@ fn a_declined_device_sign_in_stores_nothing() {
     let (child, code) = start_device(&dir, "deny", &user, &[]);
     world.idp.deny_device(&code, &user);
     let output = child.wait_with_output().unwrap();
+    common::keep_proxy_log(&output.stderr);
     assert!(!output.status.success());
     assert!(text(&output).contains("access_denied"), "{}", text(&output));
     assert!(!dir.join("deny.json").exists());
@@ -318,6 +321,7 @@ fn authorization_code_flow_with_pkce_and_a_pasted_redirect() {
     assert!(redirected.contains("code="), "{redirected}");
     writeln!(child.stdin.as_mut().unwrap(), "{redirected}").unwrap();
     let output = child.wait_with_output().unwrap();
+    common::keep_proxy_log(&output.stderr);
     no_token_in(&output);
     assert!(output.status.success(), "{}", text(&output));
     let access = stored_token(&dir, "code", "access_token").unwrap();
@@ -337,6 +341,7 @@ fn a_redirect_from_another_sign_in_is_refused() {
     let forged = redirected.replace("state=", "state=x");
     writeln!(child.stdin.as_mut().unwrap(), "{forged}").unwrap();
     let output = child.wait_with_output().unwrap();
+    common::keep_proxy_log(&output.stderr);
     assert!(!output.status.success());
     assert!(text(&output).contains("state differs"), "{}", text(&output));
     assert!(!dir.join("state.json").exists());
@@ -576,6 +581,7 @@ fn twenty_processes_at_expiry_make_one_refresh() {
     let mut hashes = Vec::new();
     for child in children {
         let out = child.wait_with_output().unwrap();
+        common::keep_proxy_log(&out.stderr);
         assert!(out.status.success(), "{}", text(&out));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let hash = stdout

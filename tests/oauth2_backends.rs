@@ -176,6 +176,7 @@ fn authorize(name: &str, user: &User, margin: u64) -> PathBuf {
     };
     w.idp.approve_device(&code, user);
     let out = child.wait_with_output().unwrap();
+    common::keep_proxy_log(&out.stderr);
     assert!(
         out.status.success(),
         "{printed}{}",
@@ -386,6 +387,7 @@ fn the_token_expiring_during_a_long_session_does_not_end_it() {
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     let out = child.wait_with_output().unwrap();
+    common::keep_proxy_log(&out.stderr);
     let log = String::from_utf8_lossy(&out.stderr);
     assert_retrieved(&rest, &log, "e2e-during");
 }

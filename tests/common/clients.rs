@@ -142,6 +142,7 @@ pub fn run_proxy(args: &[String], envs: &[(&str, &str)], input: &[u8]) -> Output
     });
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
+    super::keep_proxy_log(&out.stderr);
     out
 }
 

@@ -130,6 +130,21 @@ pub fn servers() -> &'static Servers {
     }
 }
 
+/// Adds a proxy's log (its stderr, captured by a test) to `log/proxies.log` of the running
+/// servers, so that tests/sweep-secrets also looks for secrets in it after the suite. Does
+/// nothing before the servers run: such a proxy never met a real token or password.
+pub fn keep_proxy_log(stderr: &[u8]) {
+    use std::io::Write;
+    let Some(Ok(s)) = SERVERS.get() else { return };
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.dir.join("log").join("proxies.log"));
+    if let Ok(mut file) = file {
+        let _ = file.write_all(stderr);
+    }
+}
+
 impl Servers {
     /// A fresh account `<prefix>-<n>` with a random ASCII password.
     pub fn new_user(&self, prefix: &str) -> User {

@@ -37,12 +37,23 @@ exit "$s"
 "#;
 
 /// Waits for EOF on stdin, then for every wrapper to finish (each removes its pid file),
+/// then copies its logs and secrets to `LMP_TEST_SWEEP` when set (see tests/sweep-secrets),
 /// then removes the temporary directory unless `LMP_TEST_KEEP` is set.
 const REAPER: &str = r#"
 trap '' INT HUP TERM
+# Tells tests/run-all to wait for this copy before its sweep (see below).
+[ -z "${LMP_TEST_SWEEP:-}" ] || : > "$LMP_TEST_SWEEP/${1##*/}.pending"
 read -r _
 i=0
 while [ "$i" -lt 400 ] && compgen -G "$1/pids/*.pid" >/dev/null; do sleep 0.05; i=$((i+1)); done
+if [ -n "${LMP_TEST_SWEEP:-}" ]; then
+  # tests/run-all looks for every secret of the run in every log once the suite is done.
+  dest="$LMP_TEST_SWEEP/${1##*/}"
+  mkdir -p "$dest" && (cd "$1" && find . -type f \( -path './log/*' -o -path './inetd/*' \
+    -o -name '*.log' -o -name '*.stderr' -o -name '*.stdout' -o -name journal \
+    -o -path './oauth2/secrets/*' -o -path './passwd/*' \) -exec cp --parents -t "$dest" {} +)
+  rm -f -- "$dest.pending"
+fi
 [ -n "${LMP_TEST_KEEP:-}" ] || rm -rf -- "$1"
 "#;
 

@@ -318,6 +318,16 @@ provider.use(async (ctx, next) => {
     entry.expires_in = body.expires_in;
   }
   fs.appendFileSync(grantLog, `${JSON.stringify(entry)}\n`);
+  // Every secret value handed out, for tests/sweep-secrets to look for in every log once
+  // the whole suite has run. In the secrets directory (0700), never in a log.
+  const issued = ['access_token', 'refresh_token', 'id_token', 'device_code']
+    .map((key) => body[key])
+    .filter((value) => typeof value === 'string');
+  if (ctx.status === 200 && issued.length > 0) {
+    fs.appendFileSync(path.join(secretsDir, 'issued-tokens'), `${issued.join('\n')}\n`, {
+      mode: 0o600,
+    });
+  }
 });
 
 // ---------------------------------------------------------------------------------------
