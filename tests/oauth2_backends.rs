@@ -474,3 +474,30 @@ fn the_authorization_server_down_gives_temporary_errors_and_the_stored_token_is_
     let (out, log) = pop3_retr_all(&oauth2_pop3_args(&dir));
     assert_retrieved(&out, &log, "e2e-down");
 }
+
+/// A server that offers XOAUTH2 but not OAUTHBEARER (as Gmail's and Microsoft's did for
+/// years): the OAuth2 Dovecot with `AUTH=OAUTHBEARER` taken out of its capabilities, over
+/// plain IMAP on 127.0.0.1 so that the lines can be edited. The gateway must log in with
+/// XOAUTH2, and Dovecot must say so.
+#[test]
+fn pop3_logs_in_with_xoauth2_when_the_server_offers_only_that() {
+    let w = oauth2();
+    let _up = w.idp.shared();
+    let (user, dir) = authorized_user("e2e-xoauth2", 2);
+    let port = common::line_filter(w.imap_port, |line| {
+        Some(common::without_capability(line, " AUTH=OAUTHBEARER"))
+    });
+    let mut args = pop3_args(port, &dir, &["--ignore-client-credentials"]);
+    let host = args.iter().position(|a| a == "--imap-host").unwrap() + 1;
+    args[host] = "127.0.0.1".into();
+    args.extend(strings(&["--imap-tls", "none"]));
+    let (out, log) = pop3_retr_all(&args);
+    assert_retrieved(&out, &log, "e2e-xoauth2");
+    let logins = w.dovecot_logs();
+    let login = logins
+        .lines()
+        .find(|l| l.contains("Login: ") && l.contains(&format!("user=<{}>", user.name)))
+        .unwrap_or_else(|| panic!("no login of {} in:\n{logins}", user.name));
+    assert!(login.contains("method=XOAUTH2"), "{login}");
+    assert_no_tokens(&log, &dir);
+}

@@ -1257,16 +1257,7 @@ fn junk_and_overlong_lines_through_the_real_binary() {
 /// from the server's CAPABILITY lines: a server without MOVE, say, for testing fallbacks.
 fn imap_without_capability(capability: &'static str) -> u16 {
     let needle = format!(" {capability}");
-    imap_filtered(move |line| Some(without_capability(line, &needle)))
-}
-
-fn without_capability(line: Vec<u8>, needle: &str) -> Vec<u8> {
-    if line.starts_with(b"* CAPABILITY") || line.windows(12).any(|w| w == b"[CAPABILITY ") {
-        return String::from_utf8_lossy(&line)
-            .replace(needle, "")
-            .into_bytes();
-    }
-    line
+    imap_filtered(move |line| Some(common::without_capability(line, &needle)))
 }
 
 /// A server with no id for its mailboxes: Dovecot without RFC 8474 OBJECTID (2.3 has none,
@@ -1278,47 +1269,13 @@ fn imap_without_mailbox_ids() -> u16 {
                 .any(|w| w.eq_ignore_ascii_case(needle))
         };
         let is_id = has(b"[MAILBOXID ") || (line.starts_with(b"* STATUS ") && has(b"X-GUID"));
-        (!is_id).then(|| without_capability(line, " OBJECTID"))
+        (!is_id).then(|| common::without_capability(line, " OBJECTID"))
     })
 }
 
-/// Forwards 127.0.0.1 connections to Dovecot's plain IMAP port, passing each line from the
-/// server through `edit`, which may change it or (`None`) drop it.
+/// Dovecot's plain IMAP port seen through [`common::line_filter`].
 fn imap_filtered(edit: impl Fn(Vec<u8>) -> Option<Vec<u8>> + Send + Sync + 'static) -> u16 {
-    use std::net::{TcpListener, TcpStream};
-    let edit = std::sync::Arc::new(edit);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let target = servers().imap_port;
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { continue };
-            let server = TcpStream::connect(("127.0.0.1", target)).unwrap();
-            let (mut client_in, mut server_out) =
-                (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut client_in, &mut server_out);
-                let _ = server_out.shutdown(std::net::Shutdown::Write);
-            });
-            let edit = edit.clone();
-            std::thread::spawn(move || {
-                let mut from_server = BufReader::new(server);
-                let mut to_client = client;
-                loop {
-                    let mut line = Vec::new();
-                    if from_server.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
-                        let _ = to_client.shutdown(std::net::Shutdown::Write);
-                        return;
-                    }
-                    let Some(line) = edit(line) else { continue };
-                    if to_client.write_all(&line).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
+    common::line_filter(servers().imap_port, edit)
 }
 
 #[test]

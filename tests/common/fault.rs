@@ -194,3 +194,56 @@ fn stall_after(mut from: TcpStream, mut to: TcpStream, triggered: &AtomicBool, l
         }
     }
 }
+
+/// Forwards 127.0.0.1 connections to a plain-text server on `target_port`, passing each
+/// line from the server through `edit`, which may change it or (`None`) drop it: a server
+/// that lacks a capability or an answer the real one has. Returns the port to connect to.
+pub fn line_filter(
+    target_port: u16,
+    edit: impl Fn(Vec<u8>) -> Option<Vec<u8>> + Send + Sync + 'static,
+) -> u16 {
+    use std::io::BufRead;
+    let edit = Arc::new(edit);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let server = TcpStream::connect(("127.0.0.1", target_port)).unwrap();
+            let (mut client_in, mut server_out) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut client_in, &mut server_out);
+                let _ = server_out.shutdown(Shutdown::Write);
+            });
+            let edit = edit.clone();
+            thread::spawn(move || {
+                let mut from_server = std::io::BufReader::new(server);
+                let mut to_client = client;
+                loop {
+                    let mut line = Vec::new();
+                    if from_server.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+                        let _ = to_client.shutdown(Shutdown::Write);
+                        return;
+                    }
+                    let Some(line) = edit(line) else { continue };
+                    if to_client.write_all(&line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// `line` without `needle` when it is an IMAP capability list (`* CAPABILITY …` or a
+/// `[CAPABILITY …]` response code), unchanged otherwise.
+pub fn without_capability(line: Vec<u8>, needle: &str) -> Vec<u8> {
+    if line.starts_with(b"* CAPABILITY") || line.windows(12).any(|w| w == b"[CAPABILITY ") {
+        return String::from_utf8_lossy(&line)
+            .replace(needle, "")
+            .into_bytes();
+    }
+    line
+}

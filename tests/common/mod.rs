@@ -48,7 +48,7 @@ pub use clients::{
     run_proxy, server_env, wait_for_messages, wait_until, which,
 };
 #[allow(unused_imports)]
-pub use fault::FaultProxy;
+pub use fault::{FaultProxy, line_filter, without_capability};
 #[allow(unused_imports)]
 pub use gateway::{Gateway, gateway};
 #[allow(unused_imports)]
