@@ -611,10 +611,11 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             self.log_message(spool, Outcome::Refused, &reply.summary());
             return reply;
         }
+        let account_edits = self.relay.header_edits(&self.config.edits);
         let edited = headers::edit(
             spool.head(),
             spool.complete_in_head(),
-            &self.config.edits,
+            account_edits.as_ref().unwrap_or(&self.config.edits),
             SystemTime::now(),
         );
         let (head, changes) = match edited {
@@ -678,8 +679,12 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         } else {
             self.stats.failed += 1;
         }
+        let account = match self.relay.account() {
+            Some(name) => format!(" account=[{name}]"),
+            None => String::new(),
+        };
         let line = format!(
-            "smtp message: client={} from=<{}> rcpts={} size={} result={} reply=\"{}\"",
+            "smtp message: client={} from=<{}>{account} rcpts={} size={} result={} reply=\"{}\"",
             self.config.client,
             tx.from,
             tx.accepted,
@@ -779,6 +784,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 "smtp: client={} authenticated as {user} (AUTH {mechanism})",
                 self.config.client
             );
+            if !matches!(self.config.auth, ClientAuth::Passthrough) {
+                self.relay.authenticated(&user);
+            }
             self.user = Some(user);
             return self.ok(reply);
         }

@@ -1,0 +1,174 @@
+//! A reader for the INI dialect of Python's `configparser`, which smtpproxy's
+//! `smtpproxy.ini` is written in, so that an existing file is read as smtpproxy reads it.
+//!
+//! What it accepts, as `configparser` does by default: `[section]` headers; `key=value` or
+//! `key: value` (split at the first `=` or `:`, both sides trimmed); keys case-insensitive
+//! (kept lower-cased), section names case-sensitive; whole-line comments starting with `#`
+//! or `;` (also indented); blank lines. An `=` or `;` inside a value is part of it: Python 3
+//! has no inline comments by default, and passwords contain such characters.
+//!
+//! What it refuses, each with its line number: a key before any section, a duplicate
+//! section or key (Python 3's strict mode refuses them too), a line that is neither, and an
+//! indented line after a key (a multi-line value: no key of ours takes one, so it is far
+//! more likely a mistake than a value). `[DEFAULT]` is an ordinary section here.
+
+use std::fmt;
+
+/// One `key = value` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Lower-cased, as `configparser` stores keys.
+    pub key: String,
+    pub value: String,
+    pub line: usize,
+}
+
+/// A `[name]` header and the entries under it, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    pub name: String,
+    pub line: usize,
+    pub entries: Vec<Entry>,
+}
+
+impl Section {
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.key == key)
+    }
+}
+
+/// Why the file could not be read, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxError {
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for SyntaxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+pub fn parse(text: &str) -> Result<Vec<Section>, SyntaxError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut sections: Vec<Section> = Vec::new();
+    let mut after_entry = false;
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let error = |message: String| SyntaxError { line, message };
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            after_entry = false;
+            continue;
+        }
+        if trimmed.starts_with('#') || trimmed.starts_with(';') {
+            continue;
+        }
+        if raw.starts_with([' ', '\t']) && after_entry {
+            return Err(error(
+                "an indented line continues the value above over several lines; no \
+                 setting takes such a value (remove the indentation or join the lines)"
+                    .into(),
+            ));
+        }
+        if let Some(rest) = trimmed.strip_prefix('[') {
+            let Some(name) = rest.strip_suffix(']') else {
+                return Err(error(format!("{trimmed:?} is not a [section] header")));
+            };
+            if let Some(first) = sections.iter().find(|s| s.name == name) {
+                return Err(error(format!(
+                    "section [{name}] already began at line {}",
+                    first.line
+                )));
+            }
+            sections.push(Section {
+                name: name.to_string(),
+                line,
+                entries: Vec::new(),
+            });
+            after_entry = false;
+            continue;
+        }
+        let Some(split) = trimmed.find(['=', ':']) else {
+            return Err(error(format!(
+                "{:?} is neither a [section] header nor key=value",
+                shorten(trimmed)
+            )));
+        };
+        let key = trimmed[..split].trim().to_lowercase();
+        let value = trimmed[split + 1..].trim().to_string();
+        if key.is_empty() {
+            return Err(error("a value without a key".into()));
+        }
+        let Some(section) = sections.last_mut() else {
+            return Err(error(format!(
+                "key {key} comes before any [section] header"
+            )));
+        };
+        if let Some(first) = section.get(&key) {
+            return Err(error(format!(
+                "key {key} is given twice in [{}] (first at line {})",
+                section.name, first.line
+            )));
+        }
+        section.entries.push(Entry { key, value, line });
+        after_entry = true;
+    }
+    Ok(sections)
+}
+
+/// A line quoted in an error: cut, because it may be a password on a line of its own.
+fn shorten(line: &str) -> String {
+    match line.char_indices().nth(12) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_smtpproxys_example_as_configparser_does() {
+        let text = "\u{feff}# smtpproxy.ini\n[config]\nport=25\nsleeptime = 30\n\n\
+                    ; accounts\n[Foo@Example.COM]\nSMTPHost: smtp.example.com\n\
+                    smtppassword=p=a:s;s #x\n  # an indented comment\n";
+        let sections = parse(text).unwrap();
+        assert_eq!(sections.len(), 2);
+        assert_eq!(sections[0].name, "config");
+        assert_eq!(sections[0].get("sleeptime").unwrap().value, "30");
+        let account = &sections[1];
+        assert_eq!(
+            (account.name.as_str(), account.line),
+            ("Foo@Example.COM", 7)
+        );
+        let host = account.get("smtphost").unwrap();
+        assert_eq!((host.value.as_str(), host.line), ("smtp.example.com", 8));
+        assert_eq!(account.get("smtppassword").unwrap().value, "p=a:s;s #x");
+    }
+
+    #[test]
+    fn each_malformed_line_is_named_by_its_number() {
+        for (text, line, says) in [
+            ("smtphost=x\n", 1, "before any [section]"),
+            ("[a]\n[b\n", 2, "not a [section] header"),
+            ("[a]\nx=1\n[a]\n", 3, "already began at line 1"),
+            ("[a]\nx=1\nX = 2\n", 3, "given twice"),
+            ("[a]\njust words\n", 2, "neither"),
+            ("[a]\n=value\n", 2, "without a key"),
+            ("[a]\nx=1\n  more\n", 3, "indented line"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.line, line, "{text:?}: {err}");
+            assert!(err.message.contains(says), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_error_never_quotes_a_whole_secret() {
+        let err = parse("[a]\nmy-long-secret-password\n").unwrap_err();
+        assert!(!err.message.contains("my-long-secret-password"), "{err}");
+    }
+}
