@@ -9,6 +9,7 @@
 //! - `session`: the protocol core over `BufRead + Write`
 //! - `data`: end-of-data, dot-unstuffing and line-ending rules (SMTP smuggling)
 //! - `spool`: bounded-memory holding of a message; `headers`: header block edits
+//! - `handler`: message handlers, external programs run on each complete message
 //! - `auth`: client authentication and allowed senders
 //! - `relay`: the backend trait; `backend`: lettre implementation; `memory`: test double
 //! - `accounts`: smtpproxy's per-sender accounts file, the router that relays each
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod backend;
 pub mod command;
 pub mod data;
+pub mod handler;
 pub mod headers;
 pub mod memory;
 pub mod relay;
@@ -199,6 +201,28 @@ pub struct Args {
     /// while they are received [default: $TMPDIR or /tmp].
     #[arg(long, env = "LMP_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+
+    /// A program run on each complete message before it is relayed (repeat for several,
+    /// run in order; accounts add their own with `handler=`): the message on stdin, the
+    /// envelope in LMP_SENDER, LMP_RECIPIENTS, LMP_ACCOUNT, LMP_CLIENT…; exit 0 goes on
+    /// (stdout, if any, replaces the message), 100 discards, 1-99 refuse. An absolute path,
+    /// run without a shell.
+    #[arg(
+        long = "handler",
+        env = "LMP_HANDLERS",
+        value_delimiter = ',',
+        value_name = "PROGRAM"
+    )]
+    pub handlers: Vec<PathBuf>,
+
+    /// Seconds a handler may run before it is killed and the message deferred (451).
+    #[arg(
+        long,
+        env = "LMP_HANDLER_TIMEOUT",
+        default_value = "60",
+        value_name = "SECONDS"
+    )]
+    pub handler_timeout: u64,
 
     #[command(flatten)]
     pub accounts: AccountsOptions,
@@ -560,6 +584,23 @@ fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
     config.auth_failure_delay = auth_failure_delay;
     config.max_auth_failures = args.login_limits.max_failures();
     config.spool_dir = args.spool_dir.unwrap_or_else(std::env::temp_dir);
+    for program in &args.handlers {
+        handler::check_program(program).map_err(|e| anyhow::anyhow!("--handler {e}"))?;
+    }
+    anyhow::ensure!(
+        (1..=86_400).contains(&args.handler_timeout),
+        "--handler-timeout must be 1 to 86400 seconds"
+    );
+    config.handlers = handler::Handlers {
+        all: args.handlers,
+        per_account: accounts
+            .iter()
+            .flat_map(|a| &a.accounts)
+            .filter(|a| !a.handlers.is_empty())
+            .map(|a| (a.name.clone(), a.handlers.clone()))
+            .collect(),
+        timeout: Duration::from_secs(args.handler_timeout),
+    };
 
     let backend = match target {
         Some((host, port, tls, tls_parameters)) => Some(Backend {

@@ -124,6 +124,8 @@ pub struct Account {
     /// `clientpassword`: the password a client gives with this account's name as AUTH user
     /// (--client-auth local); without it, the --client-password.
     pub client_password: Option<Password>,
+    /// `handler`: message handlers for this account's messages, after --handler's.
+    pub handlers: Vec<PathBuf>,
 }
 
 /// An address that sends through another section's account (`use=`).
@@ -190,6 +192,7 @@ const ACCOUNT_KEYS: &[&str] = &[
     "rewritefrom",
     "clientpassword",
     "clientpassword_file",
+    "handler",
 ];
 
 impl Accounts {
@@ -383,6 +386,9 @@ impl Accounts {
             }
             if let Some(password) = &a.client_password {
                 let _ = writeln!(out, "  client AUTH: {}", password.describe());
+            }
+            for program in &a.handlers {
+                let _ = writeln!(out, "  handler: {}", program.display());
             }
         }
         for alias in &self.aliases {
@@ -608,6 +614,10 @@ impl Reader<'_> {
             rewrite_from,
             allowed_recipients,
             client_password: self.password(section, "clientpassword")?,
+            handlers: match get("handler") {
+                Some(e) => self.handlers(e)?,
+                None => Vec::new(),
+            },
         })
     }
 
@@ -691,6 +701,20 @@ impl Reader<'_> {
             }
             (None, None) => Ok(None),
         }
+    }
+
+    /// `handler=/a, /b`: absolute paths of executable files (no shell, no `PATH` search).
+    fn handlers(&self, entry: &Entry) -> Result<Vec<PathBuf>, FileError> {
+        entry
+            .value
+            .split(',')
+            .map(|program| {
+                let program = PathBuf::from(program.trim());
+                crate::smtp::handler::check_program(&program)
+                    .map(|()| program)
+                    .map_err(|why| self.error(entry, why))
+            })
+            .collect()
     }
 
     fn relative(&self, value: &str) -> PathBuf {

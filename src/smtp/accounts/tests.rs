@@ -258,6 +258,18 @@ fn each_bad_file_names_its_line_and_key() {
             "not a file",
         ),
         (
+            "[a@x]\nsmtphost=h\nhandler=/bin/true, sh\n",
+            3,
+            Some("handler"),
+            "not an absolute path",
+        ),
+        (
+            "[a@x]\nsmtphost=h\nhandler=/etc/passwd\n",
+            3,
+            Some("handler"),
+            "not an executable",
+        ),
+        (
             "[config]\nwaitafterpop=soon\n",
             2,
             Some("waitafterpop"),
