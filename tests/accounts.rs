@@ -393,15 +393,28 @@ fn pop_logins(user: &User) -> Vec<String> {
         .collect()
 }
 
-fn pop_section(sender: &str, smtp: &User, pop: &User, password: &str, delay: u64) -> String {
+/// An account with POP-before-SMTP against the test Dovecot: smtpproxy's way (POP3S,
+/// `popssl=true`) or, with `stls`, our `popsecurity=tls` on the plain POP3 port.
+fn pop_section(
+    sender: &str,
+    smtp: &User,
+    pop: &User,
+    password: &str,
+    delay: u64,
+    stls: bool,
+) -> String {
     let s = servers();
+    let security = match stls {
+        true => format!("popport={}\npopsecurity=tls", s.pop3_port),
+        false => format!("popport={}\npopssl=true", s.pop3s_port),
+    };
     smtp_section(
         sender,
         smtp,
         &format!(
-            "popbeforesmtp=true\npophost={}\npopport={}\npopsecurity=tls\npopusername={}\n\
+            "popbeforesmtp=true\npophost={}\n{security}\npopusername={}\n\
              poppassword={password}\npopcheckdelay={delay}\n",
-            s.tls_host, s.pop3_port, pop.name
+            s.tls_host, pop.name
         ),
     )
 }
@@ -417,7 +430,7 @@ fn pop_before_smtp_logs_in_once_per_popcheckdelay_across_processes() {
     let dir = Dir::new("pop");
     let ini = format!(
         "[config]\nwaitafterpop=1\n\n{}",
-        pop_section("dev@pbs.test", &smtp, &pop, &pop.password, 3600)
+        pop_section("dev@pbs.test", &smtp, &pop, &pop.password, 3600, false)
     );
     let file = dir.write("smtpproxy.ini", &ini, 0o600);
     for n in 1..=2 {
@@ -446,12 +459,12 @@ fn pop_before_smtp_logs_in_once_per_popcheckdelay_across_processes() {
     wait_for_messages(&rcpt, 2);
     let logins = pop_logins(&pop);
     assert_eq!(logins.len(), 1, "{logins:?}");
-    assert!(logins[0].contains(", TLS"), "STLS was used: {logins:?}");
+    assert!(logins[0].contains(", TLS"), "POP3S was used: {logins:?}");
 
-    // popcheckdelay=0: every process logs in again.
+    // popcheckdelay=0: every process logs in again (here with STLS).
     std::fs::write(
         &file,
-        pop_section("dev@pbs.test", &smtp, &pop, &pop.password, 0),
+        pop_section("dev@pbs.test", &smtp, &pop, &pop.password, 0, true),
     )
     .unwrap();
     let out = pop_proxy(
@@ -472,6 +485,11 @@ fn pop_before_smtp_logs_in_once_per_popcheckdelay_across_processes() {
         Duration::from_secs(10),
         || pop_logins(&pop).len() == 2,
     );
+    assert!(
+        pop_logins(&pop)[1].contains(", TLS"),
+        "STLS: {:?}",
+        pop_logins(&pop)
+    );
 }
 
 #[test]
@@ -485,7 +503,7 @@ fn a_failed_pop_login_is_451_and_the_message_stays_with_the_client() {
     let dir = Dir::new("popfail");
     let file = dir.write(
         "smtpproxy.ini",
-        &pop_section("dev@pbs.test", &smtp, &pop, "wrong-password", 60),
+        &pop_section("dev@pbs.test", &smtp, &pop, "wrong-password", 60, false),
         0o600,
     );
     let state = dir.0.join("state");
