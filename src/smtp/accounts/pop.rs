@@ -24,28 +24,15 @@ pub type Login = Box<dyn FnMut(&Account, &PopBeforeSmtp) -> Result<(), String>>;
 
 /// Decides when to log in, and remembers across processes when it last worked.
 pub struct PopGate {
-    /// Where the stamp files live; `None` when no account uses POP-before-SMTP.
-    dir: Option<PathBuf>,
+    /// Where the stamp files live.
+    dir: PathBuf,
     login: Login,
     wait: fn(Duration),
 }
 
 impl PopGate {
-    /// For accounts without POP-before-SMTP: any account that has it fails.
-    pub fn none() -> PopGate {
-        PopGate {
-            dir: None,
-            login: Box::new(|_, _| Err("no --pop-before-smtp-dir".into())),
-            wait: |_| {},
-        }
-    }
-
     pub fn new(dir: PathBuf, login: Login, wait: fn(Duration)) -> PopGate {
-        PopGate {
-            dir: Some(dir),
-            login,
-            wait,
-        }
+        PopGate { dir, login, wait }
     }
 
     /// Logs in to `account`'s POP3 server unless that worked less than `popcheckdelay`
@@ -59,7 +46,7 @@ impl PopGate {
         let Some(pop) = &account.pop else {
             return Ok(());
         };
-        let dir = self.dir.as_ref().ok_or("no state directory")?;
+        let dir = &self.dir;
         create_private_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let base = crate::lock::file_name(&format!("pop-before-smtp:{}", account.name));
         let lock_path = dir.join(&base);

@@ -405,3 +405,29 @@ fn an_unreachable_account_backend_is_a_451_and_others_still_work() {
     assert_eq!(out.matches("250 2.0.0 Ok: queued").count(), 1, "{out}");
     assert_eq!(world.delivered.len(), 1);
 }
+
+#[test]
+fn an_accounts_backend_takes_the_command_line_only_where_the_file_is_silent() {
+    let accounts = Accounts::parse(Path::new("/etc/smtpproxy.ini"), INI).unwrap();
+    let defaults = Defaults {
+        tls: crate::tls::TlsOptions::default(),
+        timeouts: crate::net::Timeouts {
+            connect: std::time::Duration::from_secs(5),
+            io: std::time::Duration::from_secs(30),
+        },
+        hello: "gw.test".into(),
+        oauth2_dir: "/nonexistent".into(),
+    };
+    let foo = defaults.backend(&accounts.accounts[0]).unwrap();
+    assert_eq!((foo.host.as_str(), foo.port), ("smtp.one.example", 465));
+    assert_eq!(foo.tls, crate::net::TlsMode::Implicit);
+    assert!(foo.tls_parameters.is_some());
+    assert_eq!(foo.credentials, Some(("one".into(), "pw1".into())));
+    assert_eq!(foo.hello, "gw.test");
+    assert!(foo.oauth2.is_none());
+    let bar = defaults.backend(&accounts.accounts[1]).unwrap();
+    // smtpproxy's default security is none: no TLS parameters, port 25.
+    assert_eq!((bar.tls, bar.port), (crate::net::TlsMode::None, 25));
+    assert!(bar.tls_parameters.is_none());
+    assert!(!format!("{foo:?}").contains("pw1"));
+}
