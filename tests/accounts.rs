@@ -533,6 +533,34 @@ fn a_failed_pop_login_is_451_and_the_message_stays_with_the_client() {
             .to_string_lossy()
             .ends_with(".stamp"))
     );
+    // A POP3S certificate from a CA the account does not trust: refused like every
+    // backend's, before any password is sent.
+    let untrusted = dir.write(
+        "untrusted.ini",
+        &pop_section("dev@pbs.test", &smtp, &pop, &pop.password, 60, false).replace(
+            &format!("cafile={}", s.ca_file.display()),
+            &format!("cafile={}", s.untrusted_ca_file.display()),
+        ),
+        0o600,
+    );
+    let out = pop_proxy(
+        &untrusted,
+        &dir,
+        &format!(
+            "HELO dev\r\n{}QUIT\r\n",
+            message("dev@pbs.test", &rcpt.email, "never")
+        ),
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stdout.contains("\r\n451 4.7.0 POP-before-SMTP login failed"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("TLS handshake with localhost failed"),
+        "{stderr}"
+    );
+    assert!(pop_logins(&pop).is_empty());
     // Nothing reached Postfix for that account.
     assert!(
         !std::fs::read_to_string(&postfix().log_file)

@@ -207,7 +207,11 @@ fn first_line(output: &[u8]) -> String {
 /// Waits for the program's exit until `deadline`, then kills it. `None`: killed.
 fn wait(child: &mut std::process::Child, deadline: Instant) -> io::Result<Option<ExitStatus>> {
     loop {
-        if let Some(status) = child.try_wait()? {
+        let exited = child.try_wait().inspect_err(|_| {
+            // Never leave it running: the pipe threads end only when it is gone.
+            let _ = child.kill();
+        })?;
+        if let Some(status) = exited {
             return Ok(Some(status));
         }
         if Instant::now() >= deadline {
