@@ -28,6 +28,7 @@ smtphost=smtp.two.example
 smtpusername=two
 smtppassword=pw2
 allowedrecipients=@example.test
+rewritefrom=office@two.example
 
 [baz@localdomain.com]
 use=foo@localdomain.com
@@ -236,7 +237,7 @@ fn three_senders_in_one_session_reach_their_own_backends() {
             "[bar@other.example] MAIL FROM:<bar@other.example>",
             "[bar@other.example] RCPT TO:<b@example.test>",
             "[bar@other.example] DATA",
-            "[bar@other.example] MESSAGE 90",
+            "[bar@other.example] MESSAGE 91",
             // The alias reuses its account's connection.
             "[foo@localdomain.com] MAIL FROM:<bounces@one.example>",
             "[foo@localdomain.com] RCPT TO:<c@example.test>",
@@ -252,9 +253,15 @@ fn three_senders_in_one_session_reach_their_own_backends() {
         text.contains("\r\nReply-To: desk@one.example\r\n"),
         "{text}"
     );
+    assert!(
+        text.starts_with("From: <foo@LOCALDOMAIN.com>\r\n"),
+        "{text}"
+    );
+    // rewritefrom= likewise.
     let (account, _, _, text) = &world.delivered[1];
     assert_eq!(account, "bar@other.example");
     assert!(!text.contains("Reply-To"), "{text}");
+    assert!(text.starts_with("From: <office@two.example>\r\n"), "{text}");
 }
 
 #[test]
