@@ -189,6 +189,15 @@ fn three_senders_reach_their_mailboxes_through_their_own_accounts() {
         let line = format!("from=<{sender}> account=[{account}] rcpts=1");
         assert!(stderr.contains(&line), "{line}\n{stderr}");
     }
+    // smtpproxy's daemon settings: read, and named once in the log as ignored.
+    assert!(
+        stderr.contains(
+            "smtpproxy settings read and ignored (--check says why): [config] port, \
+             [config] sleeptime, [config] deleteonerror, [logging] file, [logging] size, \
+             [logging] count, [logging] level\n"
+        ),
+        "{stderr}"
+    );
 
     wait_for_messages(&rcpt, 3);
     let stored: Vec<String> = common::imap_fetch_all(&rcpt)
@@ -454,6 +463,10 @@ fn pop_before_smtp_logs_in_once_per_popcheckdelay_across_processes() {
             // waitafterpop=1
             assert!(started.elapsed() >= Duration::from_secs(1));
         }
+        eprintln!(
+            "POP-before-SMTP session {n} (debug build, waitafterpop=1): {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
         assert!(!stderr.contains(&pop.password), "{stderr}");
     }
     wait_for_messages(&rcpt, 2);

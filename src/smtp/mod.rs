@@ -296,8 +296,19 @@ pub fn serve(args: Args) -> ExitCode {
             if routing.accounts.debug {
                 log::set_max_level(log::max_level().max(log::LevelFilter::Debug));
             }
-            for note in &routing.accounts.ignored {
-                log::debug!("smtp: accounts file: ignored {note}");
+            if !routing.accounts.ignored.is_empty() {
+                // One line, not one per key: every connection is a process of its own.
+                let keys: Vec<&str> = routing
+                    .accounts
+                    .ignored
+                    .iter()
+                    .filter_map(|note| note.split(':').next())
+                    .collect();
+                log::info!(
+                    "smtp: accounts file: smtpproxy settings read and ignored (--check says \
+                     why): {}",
+                    keys.join(", ")
+                );
             }
             let pop = accounts::pop::PopGate::new(
                 routing.pop_dir,
