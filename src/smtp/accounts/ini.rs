@@ -10,7 +10,12 @@
 //! What it refuses, each with its line number: a key before any section, a duplicate
 //! section or key (Python 3's strict mode refuses them too), a line that is neither, and an
 //! indented line after a key (a multi-line value: no key of ours takes one, so it is far
-//! more likely a mistake than a value). `[DEFAULT]` is an ordinary section here.
+//! more likely a mistake than a value).
+//!
+//! smtpproxy reads the file with Python 2's `ConfigParser.ConfigParser`, so two more of its
+//! rules are kept (see [`interpolate`] and `Accounts::parse`): a value holding `%(` has
+//! `%(name)s` replaced by the section's (or `[DEFAULT]`'s) `name` and `%%` by `%`, and the
+//! keys of `[DEFAULT]` count in every account section that lacks them.
 
 use std::fmt;
 
@@ -118,6 +123,61 @@ pub fn parse(text: &str) -> Result<Vec<Section>, SyntaxError> {
     Ok(sections)
 }
 
+/// How deep `%(name)s` may refer to values that refer to others (Python's limit).
+const MAX_INTERPOLATION_DEPTH: usize = 10;
+
+/// Python 2 `ConfigParser` interpolation: only a value holding `%(` is touched; then each
+/// `%(name)s` becomes `lookup(name)` (the name lower-cased, itself interpolated) and `%%`
+/// becomes `%`. Any other `%` is an error, as in Python.
+pub fn interpolate<'a>(
+    value: &str,
+    lookup: &impl Fn(&str) -> Option<&'a str>,
+) -> Result<String, String> {
+    interpolate_at(value, lookup, 0)
+}
+
+fn interpolate_at<'a>(
+    value: &str,
+    lookup: &impl Fn(&str) -> Option<&'a str>,
+    depth: usize,
+) -> Result<String, String> {
+    if !value.contains("%(") {
+        return Ok(value.to_string());
+    }
+    if depth >= MAX_INTERPOLATION_DEPTH {
+        return Err("%(...)s refers round in a loop (or deeper than 10)".into());
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(more) = after.strip_prefix('%') {
+            out.push('%');
+            rest = more;
+        } else if let Some(reference) = after.strip_prefix('(') {
+            let Some((name, more)) = reference.split_once(")s") else {
+                return Err("a %( without its closing )s".into());
+            };
+            let name = name.to_lowercase();
+            let Some(referred) = lookup(&name) else {
+                return Err(format!(
+                    "%({name})s names no key of this section or [DEFAULT]"
+                ));
+            };
+            out.push_str(&interpolate_at(referred, lookup, depth + 1)?);
+            rest = more;
+        } else {
+            return Err(
+                "a % that is neither %% nor %(name)s (write %% for a %, as smtpproxy needs too)"
+                    .into(),
+            );
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// A line quoted in an error: cut, because it may be a password on a line of its own.
 fn shorten(line: &str) -> String {
     match line.char_indices().nth(12) {
@@ -163,6 +223,33 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert_eq!(err.line, line, "{text:?}: {err}");
             assert!(err.message.contains(says), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn percent_references_are_interpolated_as_python_2_does() {
+        let keys = [
+            ("host", "mail.example"),
+            ("base", "%(host)s"),
+            ("me", "%(me)s"),
+        ];
+        let lookup = |name: &str| keys.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let run = |value: &str| interpolate(value, &lookup);
+        assert_eq!(
+            run("smtp.%(HOST)s:%(base)s").unwrap(),
+            "smtp.mail.example:mail.example"
+        );
+        assert_eq!(run("100%%(%(host)s)").unwrap(), "100%(mail.example)");
+        // Without "%(" nothing is touched, %% included (Python 2 ConfigParser).
+        assert_eq!(run("p%%w%d").unwrap(), "p%%w%d");
+        for (bad, says) in [
+            ("%(nope)s", "names no key"),
+            ("%(me)s", "loop"),
+            ("%(host)", "closing"),
+            ("%(host)s %d", "neither"),
+        ] {
+            let err = run(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
         }
     }
 

@@ -171,6 +171,7 @@ const ACCOUNT_KEYS: &[&str] = &[
     "smtphost",
     "smtpport",
     "smtpsecurity",
+    "smtptls",
     "smtpusername",
     "smtppassword",
     "smtppassword_file",
@@ -236,13 +237,14 @@ impl Accounts {
 
     /// Checks the text of the file at `path` (password files are found relative to it).
     pub fn parse(path: &Path, text: &str) -> Result<Accounts, FileError> {
-        let sections = ini::parse(text).map_err(|e| FileError {
+        let mut sections = ini::parse(text).map_err(|e| FileError {
             path: path.to_path_buf(),
             line: Some(e.line),
             key: None,
             message: e.message,
         })?;
         let reader = Reader { path };
+        reader.python_semantics(&mut sections)?;
         let mut accounts = Accounts {
             path: path.to_path_buf(),
             accounts: Vec::new(),
@@ -254,6 +256,8 @@ impl Accounts {
         let mut uses = Vec::new();
         for section in &sections {
             match section.name.as_str() {
+                // Its keys are in the account sections now (python_semantics).
+                "DEFAULT" => {}
                 "config" => reader.config(section, &mut accounts)?,
                 "logging" => {
                     for entry in &section.entries {
@@ -448,6 +452,41 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// What Python 2's `ConfigParser` (smtpproxy's reader) does beyond the syntax: the keys
+    /// of `[DEFAULT]` count in each account section that lacks them (not in `use=`
+    /// sections, which smtpproxy reads for `use` alone, nor `[config]`/`[logging]`), and
+    /// `%(name)s` in a value is replaced (see [`ini::interpolate`]).
+    fn python_semantics(&self, sections: &mut [Section]) -> Result<(), FileError> {
+        let defaults = sections
+            .iter()
+            .find(|s| s.name == "DEFAULT")
+            .map(|s| s.entries.clone())
+            .unwrap_or_default();
+        for section in sections.iter_mut() {
+            let special = matches!(section.name.as_str(), "DEFAULT" | "config" | "logging");
+            if !special && section.get("use").is_none() {
+                for entry in &defaults {
+                    if section.get(&entry.key).is_none() {
+                        section.entries.push(entry.clone());
+                    }
+                }
+            }
+            let known = section.entries.clone();
+            let lookup = |name: &str| {
+                known
+                    .iter()
+                    .chain(&defaults)
+                    .find(|e| e.key == name)
+                    .map(|e| e.value.as_str())
+            };
+            for entry in &mut section.entries {
+                entry.value = ini::interpolate(&entry.value, &lookup)
+                    .map_err(|why| self.error(entry, why))?;
+            }
+        }
+        Ok(())
+    }
+
     fn error(&self, entry: &Entry, message: String) -> FileError {
         FileError {
             path: self.path.to_path_buf(),
@@ -484,6 +523,7 @@ impl Reader<'_> {
                 "deleteonerror" => {
                     "nothing is spooled: a message the backend refuses is refused to the client, which keeps it"
                 }
+                "msgdir" => "nothing is spooled: each message goes upstream while the client waits",
                 _ => "not a setting smtpproxy documents",
             };
             accounts
@@ -514,9 +554,12 @@ impl Reader<'_> {
                 format!("[{}] has no smtphost (the submission server)", section.name),
             ));
         };
-        let smtp_tls = match get("smtpsecurity") {
-            None => TlsMode::None,
-            Some(e) => match e.value.to_ascii_lowercase().as_str() {
+        let smtp_tls = match (get("smtpsecurity"), get("smtptls")) {
+            // smtpproxy before 1.5 said `smtptls=true` (its own example file still does);
+            // 1.5 replaced it with smtpsecurity, and then ignored it, sending in clear.
+            (None, Some(e)) if self.boolean(e)? => TlsMode::Starttls,
+            (None, _) => TlsMode::None,
+            (Some(e), _) => match e.value.to_ascii_lowercase().as_str() {
                 "ssl" => TlsMode::Implicit,
                 "tls" => TlsMode::Starttls,
                 "none" => TlsMode::None,

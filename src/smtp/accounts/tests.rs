@@ -388,3 +388,62 @@ fn check_output_shows_every_account_and_no_password() {
     }
     assert!(!out.contains("=password"), "{out}");
 }
+
+/// smtpproxy's own `smtpproxy.ini.example`, as shipped (older than its README: `smtptls`,
+/// and an alias section whose name ends in a stray `>`).
+const SMTPPROXY_INI_EXAMPLE: &str = "[config]\nport=25\nsleeptime=30\nwaitafterpop=5\n\
+debuglevel=0\ndeleteonerror=true\n\n[logging]\nfile=smtpproxy.log\nsize=1000000\ncount=10\n\
+level=INFO\n\n[foo@localdomain.com]\nlocalhostname=localdomain.com\nsmtphost=smtp.example.com\n\
+smtpport=25\nsmtptls=true\nsmtpusername=username\nsmtppassword=password\npopbeforesmtp=true\n\
+pophost=pop.example.com\npopport=995\npopssl=true\npopusername=username\npoppassword=password\n\
+popcheckdelay=60\n\n[bar@localdomain.com>]\nuse=foo@localdomain.com\n";
+
+#[test]
+fn smtpproxys_shipped_example_file_is_read_too() {
+    let accounts = parse(SMTPPROXY_INI_EXAMPLE).unwrap();
+    let foo = &accounts.accounts[0];
+    // smtptls=true (smtpproxy before 1.5) is STARTTLS; smtpsecurity would win over it.
+    assert_eq!((foo.smtp_tls, foo.smtp_port), (TlsMode::Starttls, 25));
+    assert_eq!(accounts.aliases[0].name, "bar@localdomain.com>");
+    let accounts = parse("[a@x]\nsmtphost=h\nsmtptls=true\nsmtpsecurity=ssl\n").unwrap();
+    assert_eq!(accounts.accounts[0].smtp_tls, TlsMode::Implicit);
+    let accounts = parse("[a@x]\nsmtphost=h\nsmtptls=false\n").unwrap();
+    assert_eq!(accounts.accounts[0].smtp_tls, TlsMode::None);
+}
+
+#[test]
+fn default_keys_and_percent_references_work_as_in_pythons_configparser() {
+    let text = "[DEFAULT]\nsmtphost=mail.example\nsmtpsecurity=ssl\ndomain=example\n\
+                [a@x.example]\nsmtpusername=a@%(domain)s\nsmtppassword=100%%(%(smtphost)s)\n\
+                [b@x.example]\nsmtphost=other.example\n[c@x.example]\nuse=a@x.example\n";
+    let err = parse(text).unwrap_err();
+    // `domain` is no key of ours: an error, at its line in [DEFAULT].
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(4), Some("domain")),
+        "{err}"
+    );
+    let text = text
+        .replace("domain=example\n", "localhostname=example\n")
+        .replace("%(domain)s", "%(localhostname)s");
+    let accounts = parse(&text).unwrap();
+    let a = &accounts.accounts[0];
+    assert_eq!(
+        (a.smtp_host.as_str(), a.smtp_tls),
+        ("mail.example", TlsMode::Implicit)
+    );
+    let (user, password) = a.smtp_login.as_ref().unwrap();
+    assert_eq!(
+        (user.as_str(), password.value.as_str()),
+        ("a@example", "100%(mail.example)")
+    );
+    assert_eq!(accounts.accounts[1].smtp_host, "other.example");
+    // A use= section takes nothing from [DEFAULT], so use= stays its only key.
+    assert_eq!(accounts.aliases[0].account, "a@x.example");
+    let err = parse("[a@x]\nsmtphost=h\nsmtppassword=%(nothing)s\nsmtpusername=u\n").unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(3), Some("smtppassword")),
+        "{err}"
+    );
+}
