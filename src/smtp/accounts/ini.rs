@@ -1,21 +1,22 @@
-//! A reader for the INI dialect of Python's `configparser`, which smtpproxy's
-//! `smtpproxy.ini` is written in, so that an existing file is read as smtpproxy reads it.
+//! A reader for the INI dialect of Python 2's `ConfigParser`, which smtpproxy reads its
+//! `smtpproxy.ini` with, so that an existing file is read as smtpproxy reads it.
 //!
-//! What it accepts, as `configparser` does by default: `[section]` headers; `key=value` or
-//! `key: value` (split at the first `=` or `:`, both sides trimmed); keys case-insensitive
-//! (kept lower-cased), section names case-sensitive; whole-line comments starting with `#`
-//! or `;` (also indented); blank lines. An `=` or `;` inside a value is part of it: Python 3
-//! has no inline comments by default, and passwords contain such characters.
+//! What it accepts, as `ConfigParser` does: `[section]` headers (anything after the `]` is
+//! ignored); `key=value` or `key: value` (split at the first `=` or `:`, both sides
+//! trimmed); keys case-insensitive (kept lower-cased), section names case-sensitive;
+//! whole-line comments starting with `#`, `;` or `rem`; blank lines. In a value, a `;`
+//! after a space or tab starts a comment (Python 2's rule; `p;w` keeps its `;`), and `""`
+//! is the empty value.
 //!
 //! What it refuses, each with its line number: a key before any section, a duplicate
 //! section or key (Python 3's strict mode refuses them too), a line that is neither, and an
 //! indented line after a key (a multi-line value: no key of ours takes one, so it is far
 //! more likely a mistake than a value).
 //!
-//! smtpproxy reads the file with Python 2's `ConfigParser.ConfigParser`, so two more of its
-//! rules are kept (see [`interpolate`] and `Accounts::parse`): a value holding `%(` has
-//! `%(name)s` replaced by the section's (or `[DEFAULT]`'s) `name` and `%%` by `%`, and the
-//! keys of `[DEFAULT]` count in every account section that lacks them.
+//! Two more rules of `ConfigParser` are kept elsewhere (see [`interpolate`] and
+//! `Accounts::parse`): a value holding `%(` has `%(name)s` replaced by the section's (or
+//! `[DEFAULT]`'s) `name` and `%%` by `%`, and the keys of `[DEFAULT]` count in every
+//! account section that lacks them.
 
 use std::fmt;
 
@@ -67,7 +68,7 @@ pub fn parse(text: &str) -> Result<Vec<Section>, SyntaxError> {
             after_entry = false;
             continue;
         }
-        if trimmed.starts_with('#') || trimmed.starts_with(';') {
+        if trimmed.starts_with('#') || trimmed.starts_with(';') || is_rem_comment(raw) {
             continue;
         }
         if raw.starts_with([' ', '\t']) && after_entry {
@@ -78,7 +79,8 @@ pub fn parse(text: &str) -> Result<Vec<Section>, SyntaxError> {
             ));
         }
         if let Some(rest) = trimmed.strip_prefix('[') {
-            let Some(name) = rest.strip_suffix(']') else {
+            // Python's `\[(?P<header>[^]]+)\]`: the rest of the line is ignored.
+            let Some((name, _)) = rest.split_once(']').filter(|(name, _)| !name.is_empty()) else {
                 return Err(error(format!("{trimmed:?} is not a [section] header")));
             };
             if let Some(first) = sections.iter().find(|s| s.name == name) {
@@ -102,7 +104,8 @@ pub fn parse(text: &str) -> Result<Vec<Section>, SyntaxError> {
             )));
         };
         let key = trimmed[..split].trim().to_lowercase();
-        let value = trimmed[split + 1..].trim().to_string();
+        let value = without_inline_comment(&trimmed[split + 1..]).trim();
+        let value = if value == "\"\"" { "" } else { value }.to_string();
         if key.is_empty() {
             return Err(error("a value without a key".into()));
         }
@@ -121,6 +124,24 @@ pub fn parse(text: &str) -> Result<Vec<Section>, SyntaxError> {
         after_entry = true;
     }
     Ok(sections)
+}
+
+/// Python 2: a line whose first word is `rem` (from column 0) is a comment.
+fn is_rem_comment(line: &str) -> bool {
+    line.starts_with(['r', 'R'])
+        && line
+            .split_whitespace()
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case("rem"))
+}
+
+/// Python 2: in a value, `;` after white space starts a comment.
+fn without_inline_comment(value: &str) -> &str {
+    let bytes = value.as_bytes();
+    match (1..bytes.len()).find(|&i| bytes[i] == b';' && bytes[i - 1].is_ascii_whitespace()) {
+        Some(at) => &value[..at],
+        None => value,
+    }
 }
 
 /// How deep `%(name)s` may refer to values that refer to others (Python's limit).
@@ -193,8 +214,9 @@ mod tests {
     #[test]
     fn reads_smtpproxys_example_as_configparser_does() {
         let text = "\u{feff}# smtpproxy.ini\n[config]\nport=25\nsleeptime = 30\n\n\
-                    ; accounts\n[Foo@Example.COM]\nSMTPHost: smtp.example.com\n\
-                    smtppassword=p=a:s;s #x\n  # an indented comment\n";
+                    ; accounts\n[Foo@Example.COM] ; the printer\nSMTPHost: smtp.example.com\n\
+                    smtppassword=p=a:s;s #x\n  # an indented comment\nrem old\n\
+                    popusername = u ; inline comment\nreplyto=\"\"\n";
         let sections = parse(text).unwrap();
         assert_eq!(sections.len(), 2);
         assert_eq!(sections[0].name, "config");
@@ -207,6 +229,9 @@ mod tests {
         let host = account.get("smtphost").unwrap();
         assert_eq!((host.value.as_str(), host.line), ("smtp.example.com", 8));
         assert_eq!(account.get("smtppassword").unwrap().value, "p=a:s;s #x");
+        assert_eq!(account.get("popusername").unwrap().value, "u");
+        assert_eq!(account.get("replyto").unwrap().value, "");
+        assert!(account.get("rem old").is_none());
     }
 
     #[test]
@@ -214,6 +239,7 @@ mod tests {
         for (text, line, says) in [
             ("smtphost=x\n", 1, "before any [section]"),
             ("[a]\n[b\n", 2, "not a [section] header"),
+            ("[]\n", 1, "not a [section] header"),
             ("[a]\nx=1\n[a]\n", 3, "already began at line 1"),
             ("[a]\nx=1\nX = 2\n", 3, "given twice"),
             ("[a]\njust words\n", 2, "neither"),
