@@ -569,3 +569,80 @@ fn a_failed_pop_login_is_451_and_the_message_stays_with_the_client() {
             .contains(&format!("sasl_username={}", smtp.name))
     );
 }
+
+/// `--client-auth local`: a device logs in with its section's name (smtpproxy's way) and
+/// the section's clientpassword_file; it may send only as that account.
+#[test]
+fn a_client_logs_in_as_its_section_and_sends_only_as_that_account() {
+    let s = servers();
+    let (one, two, rcpt) = (
+        s.new_user("auth-one"),
+        s.new_user("auth-two"),
+        s.new_user("auth-rcpt"),
+    );
+    let dir = Dir::new("auth");
+    dir.write("printer.pw", "printer-secret\n", 0o600);
+    let ini = format!(
+        "{}{}",
+        smtp_section(
+            "printer@devices.test",
+            &one,
+            &format!("clientpassword_file=printer.pw\nreturnpath={}", one.email)
+        ),
+        smtp_section("pbx@devices.test", &two, "clientpassword=pbx-secret"),
+    );
+    let file = dir.write("smtpproxy.ini", &ini, 0o600);
+    let plain = |user: &str, password: &str| {
+        legacy_mail_proxy::base64::encode(format!("\0{user}\0{password}").as_bytes())
+    };
+    let args = [
+        "--accounts",
+        file.to_str().unwrap(),
+        "--client-auth",
+        "local",
+        "--auth-failure-delay",
+        "0",
+    ];
+    let out = proxy(
+        &args,
+        &format!(
+            "EHLO dev\r\nAUTH PLAIN {}\r\nAUTH PLAIN {}\r\nMAIL FROM:<pbx@devices.test>\r\n{}QUIT\r\n",
+            plain("printer@devices.test", "pbx-secret"),
+            plain("printer@devices.test", "printer-secret"),
+            message("printer@devices.test", &rcpt.email, "logged in"),
+        ),
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let codes: Vec<&str> = stdout.lines().map(|l| &l[..3]).collect();
+    assert_eq!(
+        codes,
+        [
+            "220", "250", "250", "250", "250", "250", "250", "535", "235", "550", "250", "250",
+            "354", "250", "221"
+        ],
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("550 5.7.1 Sender address <pbx@devices.test> not allowed for this login"),
+        "{stdout}"
+    );
+    assert!(
+        !stderr.contains("printer-secret") && !stderr.contains("pbx-secret"),
+        "{stderr}"
+    );
+    wait_for_messages(&rcpt, 1);
+    wait_until(
+        "Postfix logs the submission",
+        Duration::from_secs(30),
+        || {
+            postfix_submissions()
+                .iter()
+                .any(|(user, from)| *user == one.name && *from == one.email)
+        },
+    );
+    assert!(
+        !postfix_submissions()
+            .iter()
+            .any(|(user, _)| *user == two.name)
+    );
+}

@@ -128,6 +128,11 @@ fn defaults_follow_smtpproxy() {
     assert_eq!((pop.tls, pop.port), (TlsMode::None, 110));
     assert_eq!(pop.check_delay, POP_CHECK_DELAY);
     assert_eq!(accounts.wait_after_pop, WAIT_AFTER_POP);
+    assert!(!accounts.debug);
+    let accounts = parse("[config]\ndebuglevel=1\nwaitafterpop=0\n").unwrap();
+    assert!(accounts.debug);
+    assert_eq!(accounts.wait_after_pop, Duration::ZERO);
+    assert!(accounts.ignored.is_empty(), "{:?}", accounts.ignored);
 }
 
 #[test]
