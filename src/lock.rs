@@ -113,7 +113,7 @@ pub fn open_lock_file(path: &Path) -> std::io::Result<File> {
 /// A readable, collision-free file name: safe bytes kept, every other byte as `%XX`. A
 /// name too long for the file system (255 bytes) keeps its start and gets a hash of the
 /// whole key instead of the rest.
-fn file_name(key: &str) -> String {
+pub(crate) fn file_name(key: &str) -> String {
     let name = escaped(key);
     if name.len() <= 200 {
         return name;

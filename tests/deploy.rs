@@ -301,9 +301,16 @@ fn systemd_units_have_the_settings_the_deployment_needs() {
         assert_eq!(loaded, expected, "{name}");
         // The OAuth2 token store: the default --oauth2-dir, writable under
         // ProtectSystem=strict, one directory for every instance (no %i in it).
+        // smtp also keeps POP-before-SMTP's time stamps there (--pop-before-smtp-dir).
+        let expected = match name {
+            "legacy-mail-proxy-smtp" => {
+                "legacy-mail-proxy/oauth2 legacy-mail-proxy/pop-before-smtp"
+            }
+            _ => "legacy-mail-proxy/oauth2",
+        };
         assert_eq!(
             unit_value(&service, "Service", "StateDirectory"),
-            "legacy-mail-proxy/oauth2",
+            expected,
             "{name}"
         );
         assert_eq!(

@@ -345,6 +345,57 @@ fn pop3_download_and_smtp_send_with_a_token_through_real_clients() {
     assert_no_tokens(&inetd.logs(), &dir);
 }
 
+/// `oauth2account=` in an smtpproxy.ini section (`smtp --accounts`, issue 12) logs in with
+/// the same token store as --smtp-oauth2-account.
+#[test]
+fn an_accounts_file_section_sends_with_its_oauth2_account() {
+    let w = oauth2();
+    let _up = w.idp.shared();
+    let (user, dir) = authorized_user("e2e-accounts", 2);
+    let address = format!("{}@{}", user.name, w.postfix.domain);
+    let accounts = dir.join("smtpproxy.ini");
+    std::fs::write(
+        &accounts,
+        format!(
+            "[scanner@devices.test]\nsmtphost={}\nsmtpport={}\nsmtpsecurity=ssl\n\
+             cafile={}\noauth2account=work\nreturnpath={address}\n",
+            servers().tls_host,
+            w.postfix.submissions_port,
+            servers().ca_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &accounts,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let mut args = strings(&["--log", "stderr", "smtp", "--client-auth", "none"]);
+    args.extend(strings(&["--hostname", "gw.test", "--accounts"]));
+    args.push(accounts.display().to_string());
+    args.push("--oauth2-dir".into());
+    args.push(dir.display().to_string());
+    let (out, log) = run(
+        &args,
+        &format!(
+            "EHLO c.test\r\nMAIL FROM:<scanner@devices.test>\r\nRCPT TO:<{address}>\r\n\
+             DATA\r\nSubject: through an account\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+        ),
+    );
+    assert!(out.contains("\r\n250 2.0.0 Ok: queued"), "{out}\n{log}");
+    assert!(log.contains("account=[scanner@devices.test]"), "{log}");
+    common::wait_for_messages(&user, 2);
+    let postfix_log = std::fs::read_to_string(&w.postfix.log_file).unwrap();
+    assert!(
+        postfix_log.lines().any(|l| l.contains("sasl_method=")
+            && !l.contains("sasl_method=PLAIN")
+            && l.ends_with(&format!(" sasl_username={}", user.name))),
+        "an OAuth2 SASL login as {}:\n{postfix_log}",
+        user.name
+    );
+    assert_no_tokens(&log, &dir);
+}
+
 #[test]
 fn the_token_expiring_between_sessions_is_refreshed_once() {
     let w = oauth2();

@@ -13,6 +13,9 @@ pub enum ClientAuth {
     Local { user: String, password: String },
     /// The client's AUTH credentials log in to the backend, which decides.
     Passthrough,
+    /// Like `Local`, with several user names (`--accounts`: each account's name, and
+    /// --client-user), each with its password.
+    Users(Vec<(String, String)>),
 }
 
 /// Written by hand: the password must never reach a log line through `{:?}` (a derived
@@ -26,6 +29,10 @@ impl fmt::Debug for ClientAuth {
                 .field("user", user)
                 .finish_non_exhaustive(),
             ClientAuth::Passthrough => f.write_str("Passthrough"),
+            ClientAuth::Users(users) => f
+                .debug_tuple("Users")
+                .field(&users.iter().map(|(user, _)| user).collect::<Vec<_>>())
+                .finish(),
         }
     }
 }
@@ -46,6 +53,14 @@ impl ClientAuth {
                 let user_ok = secret::equal(user.as_bytes(), u.as_bytes());
                 let password_ok = secret::equal(password.as_bytes(), p.as_bytes());
                 user_ok & password_ok
+            }
+            ClientAuth::Users(users) => {
+                // Every entry is compared, so timing says nothing about which matched.
+                users.iter().fold(false, |any, (u, p)| {
+                    let user_ok = secret::equal(user.as_bytes(), u.as_bytes());
+                    let password_ok = secret::equal(password.as_bytes(), p.as_bytes());
+                    any | (user_ok & password_ok)
+                })
             }
             _ => false,
         }

@@ -71,8 +71,14 @@ impl Backend {
     /// The bound on the whole connection step (TCP, TLS handshake, greeting, EHLO), or
     /// `None` when the configured timeouts are too large to add up.
     pub fn open_limit(&self) -> Option<Duration> {
-        let greeting = self.greeting_timeout();
-        self.timeouts.connect.checked_add(greeting.checked_mul(3)?)
+        Self::open_limit_of(self.timeouts)
+    }
+
+    /// [`Backend::open_limit`] for any backend with these timeouts (accounts' backends
+    /// are built later, at their first use).
+    pub fn open_limit_of(timeouts: Timeouts) -> Option<Duration> {
+        let greeting = timeouts.io.max(timeouts.connect);
+        timeouts.connect.checked_add(greeting.checked_mul(3)?)
     }
 }
 

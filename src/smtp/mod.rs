@@ -9,13 +9,18 @@
 //! - `session`: the protocol core over `BufRead + Write`
 //! - `data`: end-of-data, dot-unstuffing and line-ending rules (SMTP smuggling)
 //! - `spool`: bounded-memory holding of a message; `headers`: header block edits
+//! - `handler`: message handlers, external programs run on each complete message
 //! - `auth`: client authentication and allowed senders
 //! - `relay`: the backend trait; `backend`: lettre implementation; `memory`: test double
+//! - `accounts`: smtpproxy's per-sender accounts file, the router that relays each
+//!   transaction through its sender's account, and POP-before-SMTP
 
+pub mod accounts;
 pub mod auth;
 pub mod backend;
 pub mod command;
 pub mod data;
+pub mod handler;
 pub mod headers;
 pub mod memory;
 pub mod relay;
@@ -30,6 +35,8 @@ mod transcript_tests;
 
 use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
 use crate::net::TlsMode;
+use accounts::Accounts;
+use accounts::router::{self, AccountRouter};
 use anyhow::{Context, bail};
 use auth::{AllowedSenders, ClientAuth};
 use backend::{Backend, SmtpRelay};
@@ -194,20 +201,87 @@ pub struct Args {
     /// while they are received [default: $TMPDIR or /tmp].
     #[arg(long, env = "LMP_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+
+    /// A program run on each complete message before it is relayed (repeat for several,
+    /// run in order; accounts add their own with `handler=`): the message on stdin, the
+    /// envelope in LMP_SENDER, LMP_RECIPIENTS, LMP_ACCOUNT, LMP_CLIENT…; exit 0 goes on
+    /// (stdout, if any, replaces the message), 100 discards, 1-99 refuse. An absolute path,
+    /// run without a shell.
+    #[arg(
+        long = "handler",
+        env = "LMP_HANDLERS",
+        value_delimiter = ',',
+        value_name = "PROGRAM"
+    )]
+    pub handlers: Vec<PathBuf>,
+
+    /// Seconds a handler may run before it is killed and the message deferred (451).
+    #[arg(
+        long,
+        env = "LMP_HANDLER_TIMEOUT",
+        default_value = "60",
+        value_name = "SECONDS"
+    )]
+    pub handler_timeout: u64,
+
+    #[command(flatten)]
+    pub accounts: AccountsOptions,
+}
+
+/// Per-sender backend accounts from smtpproxy's accounts file (see `accounts`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AccountsOptions {
+    /// smtpproxy's `smtpproxy.ini`, read as it is: each MAIL FROM (or, with --client-auth
+    /// local, each AUTH user name) goes through its own section's submission server. A
+    /// sender without a section goes to --smtp-host when one is given, else gets 550 5.7.1.
+    #[arg(long = "accounts", env = "LMP_ACCOUNTS", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Read --accounts even when group or others may read or write it. It holds
+    /// passwords: prefer `chmod 600` and `smtppassword_file=`.
+    #[arg(long = "accounts-insecure-permissions", env = "LMP_ACCOUNTS_INSECURE_PERMISSIONS", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
+    pub insecure_permissions: bool,
+
+    /// Check --accounts, print the accounts it resolves to (never a password) and exit:
+    /// 0 when the file is good, 1 when not.
+    #[arg(long, requires = "file")]
+    pub check: bool,
+
+    /// Directory of POP-before-SMTP's timestamps (one file per account), shared by every
+    /// instance and writable by the service user only.
+    #[arg(
+        long,
+        env = "LMP_POP_BEFORE_SMTP_DIR",
+        default_value = "/var/lib/legacy-mail-proxy/pop-before-smtp",
+        value_name = "DIR"
+    )]
+    pub pop_before_smtp_dir: PathBuf,
 }
 
 /// Idle time is counted in ticks of the stdin reader (shorter if --smtp-keepalive is).
 const TICK: Duration = Duration::from_secs(1);
 
 pub fn serve(args: Args) -> ExitCode {
+    if args.accounts.check {
+        return check_accounts(&args.accounts);
+    }
     let client = crate::input::client_address();
-    let (config, backend) = match settings(args, &client) {
+    let Settings {
+        config,
+        backend,
+        routing,
+    } = match settings(args, &client) {
         Ok(ok) => ok,
         Err(e) => {
             log::error!("smtp: configuration error: {e:#}");
             // The client is told to come back later rather than left without an answer.
+            let reply: &[u8] = if e.downcast_ref::<accounts::FileError>().is_some() {
+                b"421 4.3.0 Service not available: error in the accounts file\r\n"
+            } else {
+                b"421 4.3.5 Service not available: configuration error\r\n"
+            };
             let mut out = std::io::stdout();
-            let _ = out.write_all(b"421 4.3.5 Service not available: configuration error\r\n");
+            let _ = out.write_all(reply);
             let _ = out.flush();
             return ExitCode::FAILURE;
         }
@@ -215,7 +289,40 @@ pub fn serve(args: Args) -> ExitCode {
     log::debug!("smtp: session from {client}");
     // A client that stops reading would otherwise block a reply forever.
     crate::input::tune_client_socket(config.idle_timeout);
-    let mut relay = SmtpRelay::new(backend);
+    let default = backend.map(SmtpRelay::new);
+    let mut relay: Box<dyn relay::Relay> = match routing {
+        None => Box::new(default.expect("a backend without accounts")),
+        Some(routing) => {
+            if routing.accounts.debug {
+                log::set_max_level(log::max_level().max(log::LevelFilter::Debug));
+            }
+            if !routing.accounts.ignored.is_empty() {
+                // One line, not one per key: every connection is a process of its own.
+                let keys: Vec<&str> = routing
+                    .accounts
+                    .ignored
+                    .iter()
+                    .filter_map(|note| note.split(':').next())
+                    .collect();
+                log::info!(
+                    "smtp: accounts file: smtpproxy settings read and ignored (--check says \
+                     why): {}",
+                    keys.join(", ")
+                );
+            }
+            let pop = accounts::pop::PopGate::new(
+                routing.pop_dir,
+                routing.defaults.pop_login(),
+                std::thread::sleep,
+            );
+            Box::new(AccountRouter::new(
+                routing.accounts,
+                routing.defaults.connect(),
+                default.map(|relay| Box::new(relay) as Box<dyn relay::Relay>),
+                pop,
+            ))
+        }
+    };
     let input = BufReader::with_capacity(64 * 1024, crate::input::TickingStdin::new(config.tick));
     // Gives up at the first failed write: retrying a client that stopped reading would
     // cost a send timeout each time.
@@ -226,7 +333,7 @@ pub fn serve(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    Session::new(input, output, &mut relay, &config)
+    Session::new(input, output, relay.as_mut(), &config)
         .on_client_done(close_client_side)
         .client_closed_check(client_has_closed)
         .run();
@@ -272,40 +379,56 @@ fn client_has_closed() -> bool {
     }
 }
 
+/// `smtp --accounts FILE --check`: for the admin at a terminal, so it prints to stdout.
+fn check_accounts(options: &AccountsOptions) -> ExitCode {
+    let path = options.file.as_deref().expect("clap requires --accounts");
+    match Accounts::load(path, options.insecure_permissions) {
+        Ok(accounts) => {
+            print!("{}", accounts.describe());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `serve` runs on, found before the client is greeted.
+struct Settings {
+    config: Config,
+    /// The command-line backend; `None` only with accounts and no --smtp-host.
+    backend: Option<Backend>,
+    routing: Option<Routing>,
+}
+
+/// The accounts file and what its backends take from the command line.
+struct Routing {
+    accounts: Accounts,
+    defaults: router::Defaults,
+    pop_dir: PathBuf,
+}
+
 /// Turns the options (and the legacy environment variables) into a session configuration
 /// and a backend description. Every mistake is found here, before the client is greeted.
-fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
+/// A bad accounts file is an [`accounts::FileError`].
+fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
+    let accounts = match &args.accounts.file {
+        Some(path) => Some(Accounts::load(path, args.accounts.insecure_permissions)?),
+        None => None,
+    };
     let host = args
         .smtp_host
         .clone()
-        .or_else(|| legacy_env("BACKEND_SMTP_HOST"))
-        .context("no submission server: set --smtp-host (or LMP_SMTP_HOST)")?;
-    let tls = match args.smtp_tls {
-        Some(mode) => mode,
-        None => legacy_tls_mode()?.unwrap_or(TlsMode::Implicit),
-    };
-    let port = match args.smtp_port {
-        Some(port) => port,
-        None => match legacy_env("BACKEND_SMTP_PORT") {
-            Some(p) => p
-                .parse()
-                .with_context(|| format!("BACKEND_SMTP_PORT={p} is not a port"))?,
-            None => match tls {
-                TlsMode::Implicit => 465,
-                TlsMode::Starttls => 587,
-                TlsMode::None => 25,
-            },
-        },
-    };
-    if tls == TlsMode::None {
-        log::warn!(
-            "smtp: --smtp-tls none: the password and every message cross the network to \
-             {host}:{port} unencrypted"
-        );
-    }
-    let tls_parameters = match tls {
-        TlsMode::None => None,
-        _ => Some(args.backend.tls().lettre_parameters(&host)?),
+        .or_else(|| legacy_env("BACKEND_SMTP_HOST"));
+    anyhow::ensure!(
+        host.is_some() || accounts.is_some(),
+        "no submission server: set --smtp-host (or LMP_SMTP_HOST)"
+    );
+    // The command-line backend: with --accounts, only for senders without an account.
+    let target = match host {
+        Some(host) => Some(smtp_target(&args, host)?),
+        None => None,
     };
 
     let smtp_user = args
@@ -318,8 +441,16 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
         "smtp-password",
     )?;
     let mode = match args.client_auth {
+        Some(ClientAuthMode::Passthrough) if accounts.is_some() => bail!(
+            "--client-auth passthrough does not go with --accounts: each account logs in \
+             with its own smtpusername"
+        ),
         Some(mode) => mode,
         None if args.client_user.is_some() => ClientAuthMode::Local,
+        None if accounts.is_some() => bail!(
+            "choose --client-auth: local (clients log in with their account's name) or \
+             none (an open relay for anyone who can reach the port)"
+        ),
         None if smtp_user.is_none() && args.smtp_oauth2_account.is_none() => {
             ClientAuthMode::Passthrough
         }
@@ -366,22 +497,31 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
         ClientAuthMode::None => ClientAuth::None,
         ClientAuthMode::Passthrough => ClientAuth::Passthrough,
         ClientAuthMode::Local => {
-            let user = args
-                .client_user
-                .clone()
-                .context("--client-auth local needs --client-user")?;
             let password = crate::secret::load(
                 args.client_password_file.as_deref(),
                 &["LMP_CLIENT_PASSWORD"],
                 "client-password",
-            )?
-            .with_context(|| {
-                "--client-user has no password: use --client-password-file, \
-                 LMP_CLIENT_PASSWORD or the systemd credential client-password"
-            })?;
-            ClientAuth::Local { user, password }
+            )?;
+            match &accounts {
+                Some(accounts) => account_users(accounts, args.client_user.clone(), password)?,
+                None => {
+                    let user = args
+                        .client_user
+                        .clone()
+                        .context("--client-auth local needs --client-user")?;
+                    let password = password.with_context(|| {
+                        "--client-user has no password: use --client-password-file, \
+                         LMP_CLIENT_PASSWORD or the systemd credential client-password"
+                    })?;
+                    ClientAuth::Local { user, password }
+                }
+            }
         }
     };
+    if accounts.is_some() && args.force_sender.is_some() {
+        // The sender chooses the account; each account has its own `returnpath`.
+        bail!("--force-sender does not go with --accounts: use returnpath= in the accounts");
+    }
 
     for (option, value) in [
         ("--force-sender", &args.force_sender),
@@ -455,25 +595,142 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
     config.auth_failure_delay = auth_failure_delay;
     config.max_auth_failures = args.login_limits.max_failures();
     config.spool_dir = args.spool_dir.unwrap_or_else(std::env::temp_dir);
+    for program in &args.handlers {
+        handler::check_program(program).map_err(|e| anyhow::anyhow!("--handler {e}"))?;
+    }
+    anyhow::ensure!(
+        (1..=86_400).contains(&args.handler_timeout),
+        "--handler-timeout must be 1 to 86400 seconds"
+    );
+    config.handlers = handler::Handlers {
+        all: args.handlers,
+        per_account: accounts
+            .iter()
+            .flat_map(|a| &a.accounts)
+            .filter(|a| !a.handlers.is_empty())
+            .map(|a| (a.name.clone(), a.handlers.clone()))
+            .collect(),
+        timeout: Duration::from_secs(args.handler_timeout),
+    };
 
-    let backend = Backend {
-        host,
-        port,
-        tls,
-        tls_parameters,
-        timeouts: args.backend.timeouts(),
-        end_of_data_timeout: backend::END_OF_DATA_TIMEOUT,
-        hello: hostname,
-        credentials,
-        oauth2,
+    let backend = match target {
+        Some((host, port, tls, tls_parameters)) => Some(Backend {
+            host,
+            port,
+            tls,
+            tls_parameters,
+            timeouts: args.backend.timeouts(),
+            end_of_data_timeout: backend::END_OF_DATA_TIMEOUT,
+            hello: hostname.clone(),
+            credentials,
+            oauth2,
+        }),
+        None => {
+            anyhow::ensure!(
+                credentials.is_none() && oauth2.is_none(),
+                "--smtp-user and --smtp-oauth2-account log in to --smtp-host, which is not given"
+            );
+            None
+        }
     };
     anyhow::ensure!(
-        backend.open_limit().is_some(),
+        Backend::open_limit_of(args.backend.timeouts()).is_some(),
         "--connect-timeout {} and --backend-timeout {} are too large to add up",
         args.backend.connect_timeout,
         args.backend.backend_timeout
     );
-    Ok((config, backend))
+    let routing = accounts.map(|accounts| Routing {
+        accounts,
+        defaults: router::Defaults {
+            tls: args.backend.tls(),
+            timeouts: args.backend.timeouts(),
+            hello: hostname,
+            oauth2_dir: args.oauth2.oauth2_dir.clone(),
+        },
+        pop_dir: args.accounts.pop_before_smtp_dir.clone(),
+    });
+    Ok(Settings {
+        config,
+        backend,
+        routing,
+    })
+}
+
+/// The command-line backend's host, port and TLS (`--smtp-host` and the legacy variables).
+fn smtp_target(
+    args: &Args,
+    host: String,
+) -> anyhow::Result<(
+    String,
+    u16,
+    TlsMode,
+    Option<lettre::transport::smtp::client::TlsParameters>,
+)> {
+    let tls = match args.smtp_tls {
+        Some(mode) => mode,
+        None => legacy_tls_mode()?.unwrap_or(TlsMode::Implicit),
+    };
+    let port = match args.smtp_port {
+        Some(port) => port,
+        None => match legacy_env("BACKEND_SMTP_PORT") {
+            Some(p) => p
+                .parse()
+                .with_context(|| format!("BACKEND_SMTP_PORT={p} is not a port"))?,
+            None => match tls {
+                TlsMode::Implicit => 465,
+                TlsMode::Starttls => 587,
+                TlsMode::None => 25,
+            },
+        },
+    };
+    if tls == TlsMode::None {
+        log::warn!(
+            "smtp: --smtp-tls none: the password and every message cross the network to \
+             {host}:{port} unencrypted"
+        );
+    }
+    let tls_parameters = match tls {
+        TlsMode::None => None,
+        _ => Some(args.backend.tls().lettre_parameters(&host)?),
+    };
+    Ok((host, port, tls, tls_parameters))
+}
+
+/// Who may log in with `--client-auth local` and accounts: each account and alias by its
+/// section name, with its `clientpassword` or else the --client-password, and
+/// --client-user (who may then send as any account).
+fn account_users(
+    accounts: &Accounts,
+    client_user: Option<String>,
+    client_password: Option<String>,
+) -> anyhow::Result<ClientAuth> {
+    let mut users = Vec::new();
+    if let Some(user) = client_user {
+        let password = client_password.clone().with_context(|| {
+            "--client-user has no password: use --client-password-file, \
+             LMP_CLIENT_PASSWORD or the systemd credential client-password"
+        })?;
+        users.push((user, password));
+    }
+    for account in &accounts.accounts {
+        let own = account.client_password.as_ref().map(|p| p.value.clone());
+        if let Some(password) = own.or(client_password.clone()) {
+            users.push((account.name.clone(), password.clone()));
+            for alias in accounts
+                .aliases
+                .iter()
+                .filter(|a| a.account == account.name)
+            {
+                users.push((alias.name.clone(), password.clone()));
+            }
+        }
+    }
+    anyhow::ensure!(
+        !users.is_empty(),
+        "--client-auth local with --accounts: no client could log in; give the accounts \
+         clientpassword= (or clientpassword_file=), or --client-password-file"
+    );
+    Ok(ClientAuth::Users(users))
 }
 
 /// The Python legacy-email-proxy's BACKEND_SMTP_USE_SSL / BACKEND_SMTP_USE_TLS. Both set to
@@ -498,7 +755,8 @@ mod tests {
         let mut argv = vec!["legacy-mail-proxy", "smtp", "--smtp-host", "smtp.example"];
         argv.extend(extra);
         match crate::cli::Cli::try_parse_from(argv)?.command {
-            crate::cli::Command::Smtp(args) => settings(*args, "192.0.2.1:1234"),
+            crate::cli::Command::Smtp(args) => settings(*args, "192.0.2.1:1234")
+                .map(|s| (s.config, s.backend.expect("--smtp-host is given"))),
             _ => unreachable!(),
         }
     }
@@ -607,6 +865,91 @@ mod tests {
             settings_of(&["--sender-domain", "lan.example", "--require-helo"]).unwrap();
         assert_eq!(config.sender_domain.as_deref(), Some("lan.example"));
         assert!(config.require_helo);
+    }
+
+    #[test]
+    fn accounts_choose_the_backend_and_the_client_logins() {
+        let dir = std::env::temp_dir().join(format!("lmp-smtp-accounts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("smtpproxy.ini");
+        std::fs::write(
+            &file,
+            "[a@x.example]\nsmtphost=h\nclientpassword=own\n[b@x.example]\nsmtphost=h\n\
+             [c@x.example]\nuse=a@x.example\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "legacy-mail-proxy",
+                "smtp",
+                "--accounts",
+                file.to_str().unwrap(),
+            ];
+            argv.extend(extra);
+            match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+                crate::cli::Command::Smtp(args) => settings(*args, "192.0.2.1:1234"),
+                _ => unreachable!(),
+            }
+        };
+        let pw = password_file("accounts");
+        // Without --smtp-host there is no command-line backend; passthrough cannot work.
+        let s = parse(&["--client-auth", "none"]).unwrap();
+        assert!(s.backend.is_none() && s.routing.is_some());
+        for (extra, says) in [
+            (&[][..], "choose --client-auth"),
+            (
+                &["--client-auth", "passthrough"],
+                "passthrough does not go with --accounts",
+            ),
+            (
+                &["--client-auth", "none", "--force-sender", "x@y.example"],
+                "returnpath",
+            ),
+            (
+                &[
+                    "--client-auth",
+                    "none",
+                    "--smtp-user",
+                    "u",
+                    "--smtp-password-file",
+                    &pw,
+                ],
+                "--smtp-host",
+            ),
+        ] {
+            let err = parse(extra).err().unwrap();
+            assert!(format!("{err:#}").contains(says), "{extra:?}: {err:#}");
+        }
+        // Each account (and alias) logs in by its name: its own password, else the shared one.
+        let s = parse(&["--client-auth", "local", "--client-password-file", &pw]).unwrap();
+        for (user, password, ok) in [
+            ("a@x.example", "own", true),
+            ("c@x.example", "own", true),
+            ("a@x.example", "secret", false),
+            ("b@x.example", "secret", true),
+            ("b@x.example", "own", false),
+        ] {
+            assert_eq!(
+                s.config.auth.check_local(user, password),
+                ok,
+                "{user} {password}"
+            );
+        }
+        let s = parse(&["--client-auth", "local"]).unwrap();
+        assert!(
+            !s.config.auth.check_local("b@x.example", ""),
+            "no password, no login"
+        );
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let err = parse(&["--client-auth", "none"]).err().unwrap();
+        assert!(
+            err.downcast_ref::<accounts::FileError>().is_some(),
+            "{err:#}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! The real relay (`backend.rs`) speaks SMTP through lettre; an in-memory one
 //! (`memory.rs`) drives the transcript tests. Both judge replies with [`check`].
 
+use super::headers::HeaderEdits;
 use super::reply::Reply;
 use std::fmt;
 use std::io::Read;
@@ -134,6 +135,22 @@ pub trait Relay {
 
     /// Ends the backend session politely (`QUIT`).
     fn quit(&mut self);
+
+    /// The client logged in as `user` (`--client-auth local`). A relay that routes by
+    /// account (`accounts::router`) lets the user name choose the account.
+    fn authenticated(&mut self, _user: &str) {}
+
+    /// The header edits for the open transaction when they are not the session's own
+    /// (an account's `replyto` or `rewritefrom`); asked once the message is complete.
+    fn header_edits(&self, _session: &HeaderEdits) -> Option<HeaderEdits> {
+        None
+    }
+
+    /// The accounts-file section the open transaction goes through; `None` for the
+    /// command-line backend.
+    fn account(&self) -> Option<&str> {
+        None
+    }
 }
 
 #[cfg(test)]

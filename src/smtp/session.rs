@@ -14,6 +14,7 @@
 use super::auth::{AllowedSenders, ClientAuth, decode_plain};
 use super::command::{self, AUTH_LINE_MAX, AuthStart, Command, Mechanism};
 use super::data::DataDecoder;
+use super::handler::{self, Handlers, Verdict};
 use super::headers::{self, HeaderEdits, HeaderError};
 use super::relay::{Relay, RelayError, Stage};
 use super::reply::{Enhanced, Reply};
@@ -55,6 +56,8 @@ pub struct Config {
     pub spool_dir: PathBuf,
     /// Bytes of a message kept in memory (the rest is spooled to a file).
     pub head_max: usize,
+    /// Programs run on each complete message before it is relayed.
+    pub handlers: Handlers,
 }
 
 impl Config {
@@ -81,6 +84,10 @@ impl Config {
             max_auth_failures: 3,
             spool_dir: std::env::temp_dir(),
             head_max: HEAD_MAX,
+            handlers: Handlers {
+                timeout: Duration::from_secs(60),
+                ..Handlers::default()
+            },
         }
     }
 }
@@ -110,6 +117,8 @@ enum State {
 struct Transaction {
     /// The reverse-path the client gave (before --force-sender), for logs.
     from: String,
+    /// The recipients the backend accepted (for message handlers).
+    recipients: Vec<String>,
     accepted: usize,
     /// Recipients the backend refused with 4yz (the client may try them again).
     deferred: usize,
@@ -123,6 +132,7 @@ impl Transaction {
     fn new(from: String) -> Self {
         Transaction {
             from,
+            recipients: Vec::new(),
             accepted: 0,
             deferred: 0,
             refused: 0,
@@ -477,6 +487,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         match self.relay.rcpt(to) {
             Ok(reply) if reply.is_success() => {
                 tx.accepted += 1;
+                tx.recipients.push(to.to_string());
                 self.ok(reply.relayed())
             }
             Ok(reply) => {
@@ -611,10 +622,16 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             self.log_message(spool, Outcome::Refused, &reply.summary());
             return reply;
         }
+        if let Some(reply) = self.run_handlers(spool) {
+            self.relay.reset();
+            self.log_message(spool, Outcome::of(&reply), &reply.summary());
+            return reply;
+        }
+        let account_edits = self.relay.header_edits(&self.config.edits);
         let edited = headers::edit(
             spool.head(),
             spool.complete_in_head(),
-            &self.config.edits,
+            account_edits.as_ref().unwrap_or(&self.config.edits),
             SystemTime::now(),
         );
         let (head, changes) = match edited {
@@ -649,6 +666,83 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         reply
     }
 
+    /// Runs the message handlers (`handler.rs`) in order on the complete message. `Some`
+    /// is the reply that ends the transaction here (discarded, refused, handler failed);
+    /// `None` goes on, with `spool` replaced by a handler's output if one wrote any.
+    fn run_handlers(&mut self, spool: &mut Spool) -> Option<Reply> {
+        let account = self.relay.account();
+        let programs = self.config.handlers.for_account(account);
+        let State::Mail(tx) = &self.state else {
+            return None;
+        };
+        if programs.is_empty() {
+            return None;
+        }
+        let envelope = handler::Envelope {
+            sender: &tx.from,
+            recipients: &tx.recipients,
+            account,
+            client: &self.config.client,
+            helo: &self.helo,
+            user: self.user.as_deref(),
+        };
+        let client = &self.config.client;
+        let mut output = Spool::with_head_max(
+            &self.config.spool_dir,
+            self.config.max_message_size,
+            self.config.head_max,
+        );
+        for program in &programs {
+            let name = program.display();
+            let verdict = handler::run(
+                program,
+                &envelope,
+                self.config.handlers.timeout,
+                spool,
+                &mut output,
+            );
+            match verdict {
+                Ok(Verdict::Continue { replaced: false }) => {}
+                Ok(Verdict::Continue { replaced: true }) => {
+                    if output.oversized() {
+                        log::warn!(
+                            "smtp: client={client} handler {name} made the message {} bytes, \
+                             over --max-message-size",
+                            output.size()
+                        );
+                        return Some(too_big());
+                    }
+                    log::info!(
+                        "smtp: client={client} handler {name} replaced the message ({} -> {} bytes)",
+                        spool.size(),
+                        output.size()
+                    );
+                    std::mem::swap(spool, &mut output);
+                }
+                Ok(Verdict::Discard) => {
+                    log::info!("smtp: client={client} handler {name} discarded the message");
+                    return Some(Reply::new(
+                        250,
+                        Enhanced::new(2, 0, 0),
+                        "Ok: accepted and discarded by a message handler",
+                    ));
+                }
+                Ok(Verdict::Refuse(reply)) => {
+                    log::info!(
+                        "smtp: client={client} handler {name} refused the message: {}",
+                        reply.summary()
+                    );
+                    return Some(reply);
+                }
+                Err(handler::Failure(why)) => {
+                    log::error!("smtp: client={client} handler failed: {why}");
+                    return Some(local_error());
+                }
+            }
+        }
+        None
+    }
+
     /// Says what became of a message whose client closed the connection while the backend
     /// had it (a device that gave up waiting: its socket is in CLOSE-WAIT here). The reply
     /// is still sent, for a client that only half-closed, but it may never be read.
@@ -678,8 +772,12 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         } else {
             self.stats.failed += 1;
         }
+        let account = match self.relay.account() {
+            Some(name) => format!(" account=[{name}]"),
+            None => String::new(),
+        };
         let line = format!(
-            "smtp message: client={} from=<{}> rcpts={} size={} result={} reply=\"{}\"",
+            "smtp message: client={} from=<{}>{account} rcpts={} size={} result={} reply=\"{}\"",
             self.config.client,
             tx.from,
             tx.accepted,
@@ -779,6 +877,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 "smtp: client={} authenticated as {user} (AUTH {mechanism})",
                 self.config.client
             );
+            if !matches!(self.config.auth, ClientAuth::Passthrough) {
+                self.relay.authenticated(&user);
+            }
             self.user = Some(user);
             return self.ok(reply);
         }

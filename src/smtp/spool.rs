@@ -27,8 +27,9 @@ pub const HEAD_MAX: usize = 256 * 1024;
 const FILE_BUFFER: usize = 64 * 1024;
 
 /// What holds the part of a message past the head: an unlinked file, or in tests a
-/// stand-in that fails on cue.
-pub trait Backing: Read + Write + Seek + fmt::Debug {
+/// stand-in that fails on cue. `Send`, so that message handlers (`handler.rs`) can stream
+/// a spool from a thread of their own.
+pub trait Backing: Read + Write + Seek + fmt::Debug + Send {
     /// Empties it (the file is kept for the session's next message).
     fn truncate(&mut self) -> io::Result<()>;
 }

@@ -14,6 +14,8 @@ pub struct DovecotPorts {
     pub imap: u16,
     pub imaps: u16,
     pub pop3: u16,
+    /// POP3 over implicit TLS (POP-before-SMTP tests, tests/accounts.rs).
+    pub pop3s: u16,
     pub untrusted_imap: u16,
     pub untrusted_imaps: u16,
 }
@@ -79,6 +81,7 @@ pub fn config(
         imap,
         imaps,
         pop3,
+        pop3s,
         untrusted_imap,
         untrusted_imaps,
     } = ports;
@@ -124,7 +127,7 @@ service imap-login {{
 {services}
 "#,
         accounts = accounts(dir, &paths.passwd_dir, mail_user),
-        services = pop3_lmtp_auth_services(*pop3),
+        services = pop3_lmtp_auth_services(*pop3, *pop3s),
     )
 }
 
@@ -158,9 +161,9 @@ userdb {{
     )
 }
 
-/// POP3 on `pop3_port`, the LMTP socket and the auth socket for Postfix, no auth penalty:
-/// the services both test Dovecots share.
-pub fn pop3_lmtp_auth_services(pop3_port: u16) -> String {
+/// POP3 on `pop3_port` (and POP3S on `pop3s_port` unless 0), the LMTP socket and the auth
+/// socket for Postfix, no auth penalty: the services both test Dovecots share.
+pub fn pop3_lmtp_auth_services(pop3_port: u16, pop3s_port: u16) -> String {
     format!(
         r#"{pop3_login}
 service lmtp {{
@@ -174,13 +177,14 @@ service auth {{
   }}
 }}
 {NO_AUTH_PENALTY}"#,
-        pop3_login = pop3_login(pop3_port),
+        pop3_login = pop3_login(pop3_port, pop3s_port),
     )
 }
 
-/// POP3 on 127.0.0.1:`port` only, without the POP3S listener Debian's defaults add.
-/// Shared with the benchmark's gateway Dovecot (gateway.rs).
-pub fn pop3_login(port: u16) -> String {
+/// POP3 on 127.0.0.1:`port`, and POP3S on 127.0.0.1:`pop3s_port` unless it is 0 (instead
+/// of the POP3S listener Debian's defaults add on every address). Shared with the
+/// benchmark's gateway Dovecot (gateway.rs).
+pub fn pop3_login(port: u16, pop3s_port: u16) -> String {
     format!(
         "service pop3-login {{
   inet_listener pop3 {{
@@ -188,7 +192,9 @@ pub fn pop3_login(port: u16) -> String {
     port = {port}
   }}
   inet_listener pop3s {{
-    port = 0
+    address = 127.0.0.1
+    port = {pop3s_port}
+    ssl = yes
   }}
 }}"
     )
@@ -219,6 +225,7 @@ pub fn start(
     server.wait_for_port(local(ports.imap), Some("* OK"), deadline)?;
     server.wait_for_port(local(ports.pop3), Some("+OK"), deadline)?;
     server.wait_for_port(local(ports.imaps), None, deadline)?;
+    server.wait_for_port(local(ports.pop3s), None, deadline)?;
     let untrusted = |port: u16| SocketAddr::from(([127, 0, 0, 2], port));
     server.wait_for_port(untrusted(ports.untrusted_imap), Some("* OK"), deadline)?;
     server.wait_for_path(&paths.lmtp_socket(), deadline)?;

@@ -140,7 +140,7 @@ service submission-login {{
             tls_host = s.tls_host,
             imaps = s.imaps_port,
             submissions = p.submissions_port,
-            pop3_login = dovecot::pop3_login(ports[0]),
+            pop3_login = dovecot::pop3_login(ports[0], 0),
             submission = ports[1],
             no_auth_penalty = dovecot::NO_AUTH_PENALTY,
         );

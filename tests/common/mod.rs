@@ -91,6 +91,8 @@ pub struct Servers {
     pub imaps_port: u16,
     /// Dovecot's own POP3 (plain, STLS offered): the reference for UIDLs and sizes.
     pub pop3_port: u16,
+    /// Dovecot's POP3 over implicit TLS.
+    pub pop3s_port: u16,
     /// "127.0.0.2": the listeners whose certificate is signed by the untrusted CA (the
     /// certificate names localhost, 127.0.0.1 and 127.0.0.2, so only the CA is wrong).
     pub untrusted_host: &'static str,
@@ -362,12 +364,13 @@ fn start() -> Result<Servers, String> {
     let mut attempt = 0;
     let (ports, dovecot) = loop {
         attempt += 1;
-        let p = process::free_ports("127.0.0.1", 3)?;
+        let p = process::free_ports("127.0.0.1", 4)?;
         let u = process::free_ports("127.0.0.2", 2)?;
         let ports = dovecot::DovecotPorts {
             imap: p[0],
             imaps: p[1],
             pop3: p[2],
+            pop3s: p[3],
             untrusted_imap: u[0],
             untrusted_imaps: u[1],
         };
@@ -388,6 +391,7 @@ fn start() -> Result<Servers, String> {
         imap_port: ports.imap,
         imaps_port: ports.imaps,
         pop3_port: ports.pop3,
+        pop3s_port: ports.pop3s,
         untrusted_host: "127.0.0.2",
         untrusted_imap_port: ports.untrusted_imap,
         untrusted_imaps_port: ports.untrusted_imaps,

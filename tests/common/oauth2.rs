@@ -857,7 +857,7 @@ service imap-login {{
         imap = ports[0],
         imaps = ports[1],
         accounts = accounts(&s.dir, &s.passwd_dir, MAIL_USER),
-        services = pop3_lmtp_auth_services(ports[2]),
+        services = pop3_lmtp_auth_services(ports[2], 0),
     )
 }
 
