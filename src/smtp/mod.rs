@@ -26,6 +26,8 @@ pub mod spool;
 #[cfg(test)]
 mod fake_backend;
 #[cfg(test)]
+mod queue_transcript_tests;
+#[cfg(test)]
 mod transcript_tests;
 
 use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
@@ -194,6 +196,9 @@ pub struct Args {
     /// while they are received [default: $TMPDIR or /tmp].
     #[arg(long, env = "LMP_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub queue: crate::queue::admin::QueueOptions,
 }
 
 /// Idle time is counted in ticks of the stdin reader (shorter if --smtp-keepalive is).
@@ -274,7 +279,7 @@ fn client_has_closed() -> bool {
 
 /// Turns the options (and the legacy environment variables) into a session configuration
 /// and a backend description. Every mistake is found here, before the client is greeted.
-fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
+pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
     let host = args
         .smtp_host
         .clone()
@@ -455,6 +460,15 @@ fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Backend)> {
     config.auth_failure_delay = auth_failure_delay;
     config.max_auth_failures = args.login_limits.max_failures();
     config.spool_dir = args.spool_dir.unwrap_or_else(std::env::temp_dir);
+    config.queue = args.queue.settings(&hostname);
+    if config.queue.is_some() && mode == ClientAuthMode::Passthrough {
+        // The queue delivers later, without the client: it would need the client's
+        // password, which is never stored.
+        bail!(
+            "--queue-dir needs the proxy's own login (--smtp-user or --smtp-oauth2-account \
+             with --client-auth local or none): passthrough credentials are never stored"
+        );
+    }
 
     let backend = Backend {
         host,

@@ -134,6 +134,13 @@ pub trait Relay {
 
     /// Ends the backend session politely (`QUIT`).
     fn quit(&mut self);
+
+    /// The account (accounts-file section) the open transaction goes through, stored with
+    /// a queued message so that `queue run` sends it the same way. `None`: the
+    /// command-line backend.
+    fn account(&self) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(test)]
