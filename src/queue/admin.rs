@@ -6,6 +6,7 @@
 use super::QueueMode;
 use super::deliver::{self, Outcome, Policy};
 use super::store::{Envelope, Queue, now_secs, valid_id};
+use crate::smtp::ClientAuthMode;
 use crate::smtp::backend::SmtpRelay;
 use anyhow::{Context, bail};
 use std::path::PathBuf;
@@ -207,7 +208,14 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
     if let Some(id) = &only {
         anyhow::ensure!(valid_id(id), "{id:?} is not a queue id");
     }
-    let (config, backend) = crate::smtp::settings(*common.smtp, "queue-run")?;
+    let mut smtp = common.smtp;
+    // A run serves no client: only the backend half of the smtp settings matters, so
+    // the client's login settings (--client-user and its password) need not be given.
+    // Passthrough stays, to be refused with its reason (no stored credentials).
+    if smtp.client_auth != Some(ClientAuthMode::Passthrough) {
+        smtp.client_auth = Some(ClientAuthMode::None);
+    }
+    let (config, backend) = crate::smtp::settings(*smtp, "queue-run")?;
     let Some(QueueMode { queue, policy }) = config.queue else {
         bail!("no queue: set --queue-dir (or LMP_QUEUE_DIR)");
     };
