@@ -196,6 +196,8 @@ struct Tally {
     bounced: u32,
     busy: u32,
     held: u32,
+    /// Due, but not tried: the backend was unreachable earlier in this run.
+    waiting: u32,
     failed: u32,
 }
 
@@ -235,6 +237,7 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
     let mut relay = SmtpRelay::new(backend);
     let mut tally = Tally::default();
     let now = now_secs();
+    let mut unreachable = false;
     for id in ids {
         if only.as_ref().is_some_and(|o| *o != id) {
             continue;
@@ -254,6 +257,11 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
             continue;
         }
         if !flush && envelope.next_attempt > now {
+            continue;
+        }
+        if unreachable {
+            // Left due for the next run rather than each waiting out --connect-timeout.
+            tally.waiting += 1;
             continue;
         }
         let locked = match queue.lock(&id) {
@@ -288,6 +296,14 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
         match deliver::attempt(&queue, &mut relay, locked, &policy, false) {
             Ok(Outcome::Delivered) => tally.delivered += 1,
             Ok(Outcome::Deferred(_)) => tally.deferred += 1,
+            Ok(Outcome::Unreachable(error)) => {
+                tally.deferred += 1;
+                unreachable = true;
+                log::warn!(
+                    "queue run: backend unreachable ({error}); the other due messages wait \
+                     for the next run"
+                );
+            }
             Ok(Outcome::Bounced) => tally.bounced += 1,
             Err(e) => {
                 log::error!("queue {id}: {e}");
@@ -297,12 +313,13 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
     }
     crate::smtp::relay::Relay::quit(&mut relay);
     log::info!(
-        "queue run: delivered={} deferred={} bounced={} busy={} held={} errors={}",
+        "queue run: delivered={} deferred={} bounced={} busy={} held={} waiting={} errors={}",
         tally.delivered,
         tally.deferred,
         tally.bounced,
         tally.busy,
         tally.held,
+        tally.waiting,
         tally.failed
     );
     Ok(if tally.failed == 0 {

@@ -34,6 +34,9 @@ pub enum Outcome {
     Delivered,
     /// Still queued; tried again at `next_attempt`.
     Deferred(String),
+    /// Deferred because no connection to the backend could be made at all: trying the
+    /// other messages now would only wait for the same failure.
+    Unreachable(String),
     /// A DSN went out (or none was due: null sender) and the message left the queue.
     Bounced,
 }
@@ -61,6 +64,7 @@ pub fn attempt(
     open: bool,
 ) -> io::Result<Outcome> {
     let id = locked.id().to_string();
+    let mut unreachable = false;
     if !locked.envelope.to.is_empty() {
         locked.envelope.attempts += 1;
         log::info!(
@@ -69,7 +73,7 @@ pub fn attempt(
             locked.envelope.from,
             locked.envelope.to.len()
         );
-        let error = send(queue, relay, &mut locked, open)?;
+        let error = send(queue, relay, &mut locked, open, &mut unreachable)?;
         if let Some(error) = error {
             locked.envelope.last_error = Some(error);
         }
@@ -90,7 +94,11 @@ pub fn attempt(
                 wait.as_secs() / 60
             );
             queue.update(&locked)?;
-            return Ok(Outcome::Deferred(error));
+            return Ok(if unreachable {
+                Outcome::Unreachable(error)
+            } else {
+                Outcome::Deferred(error)
+            });
         }
         log::warn!(
             "queue {id}: lifetime of {} h over after {} attempts: {error}",
@@ -115,11 +123,13 @@ pub fn attempt(
 
 /// Sends the message to the pending recipients. Moves accepted ones out of `to` and
 /// refused ones to `failed`; returns the error that leaves the rest pending.
+/// `unreachable` is set when no connection to the backend could be made at all.
 fn send(
     queue: &Queue,
     relay: &mut dyn Relay,
     locked: &mut Locked,
     open: bool,
+    unreachable: &mut bool,
 ) -> io::Result<Option<String>> {
     let id = locked.id().to_string();
     let mut accepted = Vec::new();
@@ -136,7 +146,10 @@ fn send(
                 refuse_all(locked, &reply.summary());
                 return Ok(None);
             }
-            Err(e) => return Ok(Some(describe(&e))),
+            Err(e) => {
+                *unreachable = matches!(e, RelayError::Unavailable(_));
+                return Ok(Some(describe(&e)));
+            }
         }
         let mut recipients = std::mem::take(&mut locked.envelope.to).into_iter();
         for recipient in recipients.by_ref() {
