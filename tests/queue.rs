@@ -972,8 +972,8 @@ fn queue_benchmark() {
          final dot. Median of the runs. \"Backend down\": every connection to the backend \
          is dropped at once. Queue on \"disk\": ext4 on the machine's virtio disk; on \
          \"tmpfs\": fsync does nothing, so disk ÷ tmpfs is the cost of the fsyncs (three per \
-         queued message: data, envelope, directory; two more per delivery: tombstone and \
-         removal).\n\n\
+         queued message: data, envelope, directory; one more per delivery: the \
+         tombstone).\n\n\
          | case | messages/s (median) | runs | answered 250 |\n|---|---:|---|---:|\n",
     );
     for (name, median, rates, accepted) in &rows {

@@ -281,7 +281,7 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
                 "queue {id}: leftover of a message the backend already accepted (a crash \
                  before its removal): removed, not sent again"
             );
-            queue.remove(locked)?;
+            queue.remove_tombstoned(locked)?;
             continue;
         }
         if let Some(account) = &locked.envelope.account {

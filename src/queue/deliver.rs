@@ -246,7 +246,7 @@ fn describe(e: &RelayError) -> String {
 fn finish(queue: &Queue, locked: Locked) -> io::Result<()> {
     queue.tombstone(locked.id())?;
     super::crash_point("before-removal");
-    queue.remove(locked)
+    queue.remove_tombstoned(locked)
 }
 
 /// Sends the DSN for `failed` and takes the message out of the queue. A DSN the backend

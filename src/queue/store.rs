@@ -400,9 +400,22 @@ impl Queue {
         valid_id(id) && self.tombstone_dir().join(id).exists()
     }
 
-    /// Takes the message out of the queue (the lock is released when `locked` drops).
-    /// The envelope goes first: without it the message is no longer queued.
+    /// Takes the message out of the queue (the lock is released when `locked` drops),
+    /// durably: the admin's `queue remove`, with no tombstone behind it.
     pub fn remove(&self, locked: Locked) -> io::Result<()> {
+        self.unlink(locked, true)
+    }
+
+    /// Takes a tombstoned message out of the queue. The directory is not fsynced: should
+    /// the removal be lost in a crash, the tombstone (fsynced) marks the files as a
+    /// leftover that `queue run` removes without sending. One fsync fewer per delivery.
+    pub fn remove_tombstoned(&self, locked: Locked) -> io::Result<()> {
+        debug_assert!(self.has_tombstone(locked.id()));
+        self.unlink(locked, false)
+    }
+
+    /// The envelope goes first: without it the message is no longer queued.
+    fn unlink(&self, locked: Locked, durable: bool) -> io::Result<()> {
         let id = locked.id().to_string();
         match fs::remove_file(self.envelope_path(&id)) {
             Ok(()) => {}
@@ -410,7 +423,9 @@ impl Queue {
             Err(e) => return Err(e),
         }
         let _ = fs::remove_file(self.data_path(&id));
-        sync_dir(&self.dir)?;
+        if durable {
+            sync_dir(&self.dir)?;
+        }
         drop(locked);
         Ok(())
     }
