@@ -16,6 +16,7 @@ mod common;
 use common::{User, imap_fetch_all, postfix, proxy_bin, run_proxy, servers, wait_until};
 use std::fs;
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -609,6 +610,62 @@ fn an_unusable_queue_directory_gives_451_and_a_log_line_naming_it() {
     assert!(!run.status.success());
     assert!(stderr(&run).contains("queue directory"), "{}", stderr(&run));
     fs::remove_file(&queue.path).unwrap();
+}
+
+#[test]
+fn a_queue_directory_the_service_user_cannot_write_gives_451_and_a_log_line() {
+    let s = servers();
+    let sender = s.new_user("qperm");
+    let queue = QueueDir::new("root-only");
+    fs::create_dir_all(&queue.path).unwrap();
+    fs::set_permissions(&queue.path, fs::Permissions::from_mode(0o700)).unwrap();
+    let gateway = Gateway::new(postfix().submissions_port, &sender, &queue);
+    // The proxy as `nobody`, as a service user would be, facing root's 0700 directory.
+    let as_nobody = |subcommand: &[&str], input: &[u8]| {
+        let proxy = gateway.command(subcommand);
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(proxy.get_program())
+            .args(proxy.get_args())
+            .env_clear()
+            .envs(proxy.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let _ = std::io::Write::write_all(&mut child.stdin.take().unwrap(), input);
+        child.wait_with_output().unwrap()
+    };
+    let out = as_nobody(
+        &["smtp"],
+        &session(&sender.email, &[&sender.email], &[message("perm", "x\r\n")]),
+    );
+    assert!(
+        stdout(&out).contains("451 4.3.0 Local error: cannot queue the message; try again later"),
+        "{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(&format!(
+            "message not queued in {}: cannot write to the queue: Permission denied",
+            queue.path.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let list = as_nobody(&["queue", "list"], b"");
+    assert!(!list.status.success());
+    assert!(
+        stderr(&list).contains(&format!(
+            "cannot read the queue directory {}: Permission denied",
+            queue.path.display()
+        )),
+        "{}",
+        stderr(&list)
+    );
+    assert!(queue.envelopes().is_empty());
 }
 
 #[test]
