@@ -392,6 +392,7 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<(Config, Back
         ("--force-sender", &args.force_sender),
         ("--rewrite-from", &args.rewrite_from),
         ("--reply-to", &args.reply_to),
+        ("--queue-bounce-to", &args.queue.queue_bounce_to),
     ] {
         if let Some(address) = value {
             command::check_address(address, false)
@@ -588,6 +589,41 @@ mod tests {
             args.extend(extra);
             assert!(settings_of(&args).is_err(), "{extra:?}");
         }
+    }
+
+    #[test]
+    fn the_queue_needs_the_proxys_own_login_and_defaults_to_five_days() {
+        let err = settings_of(&["--queue-dir", "/var/q"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("passthrough credentials are never stored"),
+            "{err}"
+        );
+        let pw = password_file("queue");
+        let (config, _) = settings_of(&[
+            "--smtp-user",
+            "gw",
+            "--smtp-password-file",
+            &pw,
+            "--client-auth",
+            "none",
+            "--queue-dir",
+            "/var/q",
+            "--queue-max-size",
+            "1000",
+            "--queue-bounce-to",
+            "admin@example.org",
+        ])
+        .unwrap();
+        let mode = config.queue.expect("queue mode");
+        assert_eq!(mode.queue.dir, PathBuf::from("/var/q"));
+        assert_eq!(mode.queue.max_size, Some(1000));
+        assert_eq!(mode.policy.lifetime, Duration::from_secs(5 * 86400));
+        assert_eq!(mode.policy.bounce_to.as_deref(), Some("admin@example.org"));
+        let (config, _) = settings_of(&["--hostname", "gw.example"]).unwrap();
+        assert!(config.queue.is_none(), "off unless asked for");
+        assert!(settings_of(&["--queue-lifetime", "5w"]).is_err());
+        assert!(settings_of(&["--queue-bounce-to", "a b@c"]).is_err());
     }
 
     #[test]
