@@ -358,3 +358,30 @@ fn an_unwritable_queue_answers_451_4_3_0() {
     );
     assert!(run.relay.delivered.is_empty());
 }
+
+#[test]
+fn a_backend_lost_while_a_slow_client_sends_leaves_the_message_for_the_queue() {
+    let dir = queue_dir("keepalive", 0);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = queue_config(dir.clone(), None);
+    // Every idle tick is a keepalive, and the backend drops the connection at the first.
+    config.keepalive = config.tick;
+    let mut relay = MemoryRelay::default();
+    relay.drop_at = Some("NOOP".into());
+    let input = session(&["b@d.example"], true);
+    let (out, _) = run_once(&config, &mut relay, feed(input.as_bytes(), 16, true));
+    let queue = &config.queue.as_ref().unwrap().queue;
+    let ids = queue.ids().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.contains(&format!("250 2.0.0 Ok: queued as {}\r\n", ids[0])),
+        "{out}"
+    );
+    assert!(!out.contains("451"), "{out}");
+    assert!(relay.delivered.is_empty(), "{:?}", relay.log);
+    assert!(
+        relay.log.contains(&"DROPPED".to_string()),
+        "{:?}",
+        relay.log
+    );
+}
