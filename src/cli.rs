@@ -42,6 +42,8 @@ pub enum Command {
     Tunnel(crate::tunnel::Args),
     /// Manage the OAuth2 accounts the backends log in with (run by the admin).
     Oauth2(crate::oauth2::admin::Args),
+    /// Deliver and manage the queue of `smtp --queue-dir` (run by a timer, cron or the admin).
+    Queue(crate::queue::admin::Args),
 }
 
 impl Command {
@@ -52,6 +54,7 @@ impl Command {
             Command::Smtp(args) => &args.backend,
             Command::Tunnel(args) => &args.backend,
             Command::Oauth2(args) => args.backend(),
+            Command::Queue(args) => args.backend(),
         }
     }
 }

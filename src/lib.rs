@@ -13,6 +13,7 @@ pub mod logging;
 pub mod net;
 pub mod oauth2;
 pub mod pop3;
+pub mod queue;
 pub mod secret;
 pub mod smtp;
 pub mod starttls;

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use legacy_mail_proxy::cli::{Cli, Command};
-use legacy_mail_proxy::{logging, oauth2, pop3, smtp, tls, tunnel};
+use legacy_mail_proxy::{logging, oauth2, pop3, queue, smtp, tls, tunnel};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -37,5 +37,6 @@ fn main() -> ExitCode {
         Command::Smtp(args) => smtp::serve(*args),
         Command::Tunnel(args) => tunnel::serve(args),
         Command::Oauth2(args) => oauth2::admin::run(args),
+        Command::Queue(args) => queue::admin::run(args),
     }
 }

@@ -170,6 +170,14 @@ fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
         );
     }
     copy(
+        "systemd/legacy-mail-proxy-queue.service",
+        "legacy-mail-proxy-queue.service",
+    );
+    copy(
+        "systemd/legacy-mail-proxy-queue.timer",
+        "legacy-mail-proxy-queue.timer",
+    );
+    copy(
         "systemd/examples/legacy-mail-proxy-pop3-work.socket",
         "legacy-mail-proxy-pop3-work.socket",
     );
@@ -301,10 +309,11 @@ fn systemd_units_have_the_settings_the_deployment_needs() {
         assert_eq!(loaded, expected, "{name}");
         // The OAuth2 token store: the default --oauth2-dir, writable under
         // ProtectSystem=strict, one directory for every instance (no %i in it).
-        // smtp also keeps POP-before-SMTP's time stamps there (--pop-before-smtp-dir).
+        // smtp also keeps POP-before-SMTP's time stamps (--pop-before-smtp-dir) and the
+        // queue (--queue-dir, shared with legacy-mail-proxy-queue.service) there.
         let expected = match name {
             "legacy-mail-proxy-smtp" => {
-                "legacy-mail-proxy/oauth2 legacy-mail-proxy/pop-before-smtp"
+                "legacy-mail-proxy/oauth2 legacy-mail-proxy/pop-before-smtp legacy-mail-proxy/queue"
             }
             _ => "legacy-mail-proxy/oauth2",
         };
@@ -330,6 +339,141 @@ fn systemd_units_have_the_settings_the_deployment_needs() {
         tmpfiles.contains(&format!("\nd {lock_dir} 0700 {user} {user} -")),
         "{tmpfiles}"
     );
+}
+
+#[test]
+fn the_queue_runner_shares_the_smtp_gateways_settings_queue_and_hardening() {
+    let smtp = shipped("systemd/legacy-mail-proxy-smtp@.service");
+    let runner = shipped("systemd/legacy-mail-proxy-queue.service");
+    let timer = shipped("systemd/legacy-mail-proxy-queue.timer");
+    let get = |unit: &str, key: &str| unit_value(unit, "Service", key);
+    assert_eq!(get(&runner, "Type"), "oneshot");
+    assert!(get(&runner, "ExecStart").ends_with(" --log stderr queue run"));
+    // The same settings, so each message goes out through the same backend and login.
+    assert_eq!(
+        get(&runner, "EnvironmentFile"),
+        "/etc/legacy-mail-proxy/legacy-mail-proxy-smtp.env"
+    );
+    assert!(
+        unit_values(&runner, "Service", "LoadCredential")
+            .contains(&"smtp-password:legacy-mail-proxy-smtp.smtp-password".to_string())
+    );
+    assert_eq!(get(&runner, "User"), get(&smtp, "User"));
+    // One queue directory for every connection and every run, at the env file's example
+    // path, made for the fixed user and writable under ProtectSystem=strict.
+    let queue_dir =
+        env_file("systemd/legacy-mail-proxy-smtp.env", &["LMP_QUEUE_DIR"])["LMP_QUEUE_DIR"].clone();
+    assert_eq!(queue_dir, "/var/lib/legacy-mail-proxy/queue");
+    for unit in [&smtp, &runner] {
+        let state = get(unit, "StateDirectory");
+        assert!(
+            state.split(' ').any(|d| d == "legacy-mail-proxy/queue"),
+            "{state}"
+        );
+        assert_eq!(get(unit, "StateDirectoryMode"), "0700");
+        assert!(unit_values(unit, "Service", "RuntimeDirectory").is_empty());
+        assert!(unit_values(unit, "Service", "DynamicUser").is_empty());
+    }
+    // The runner is hardened like the gateway: every setting of the gateway's from
+    // NoNewPrivileges= on is the same.
+    let hardening = |unit: &str| -> Vec<(String, String, String)> {
+        let entries = unit_entries(unit);
+        let at = entries
+            .iter()
+            .position(|(_, k, _)| k == "NoNewPrivileges")
+            .unwrap();
+        entries[at..].to_vec()
+    };
+    assert_eq!(hardening(&runner), hardening(&smtp));
+    assert_eq!(unit_value(&timer, "Timer", "OnCalendar"), "minutely");
+    assert_eq!(unit_value(&timer, "Install", "WantedBy"), "timers.target");
+
+    // Under xinetd: the cron line, with the same queue directory and a `queue run`.
+    let cron = shipped("xinetd/legacy-mail-proxy-queue.cron");
+    let xinetd = shipped("xinetd/legacy-mail-proxy-smtp");
+    assert!(xinetd.contains("legacy-mail-proxy-queue.cron"));
+    let vars: BTreeMap<&str, &str> = cron
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('*'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    assert_eq!(vars["LMP_QUEUE_DIR"], queue_dir);
+    assert_eq!(vars["LMP_LOG"], "syslog");
+    assert!(!cron.contains("PASSWORD="), "only a password file");
+    let job = cron.lines().find(|l| l.starts_with("* * * * * ")).unwrap();
+    assert_eq!(
+        job,
+        "* * * * * legacy-mail-proxy /usr/local/bin/legacy-mail-proxy queue run"
+    );
+}
+
+#[test]
+fn the_queue_cron_settings_run_queue_run_as_shipped() {
+    // The cron file's variables, as cron would set them, with only the backend's address,
+    // login and queue directory changed to the test servers'.
+    let s = servers();
+    let account = s.new_user("qcron");
+    let rcpt = s.new_user("qcronrcpt");
+    let dir = scratch("queue-cron", true);
+    let queue = dir.join("queue");
+    let password = password_file(&dir, "smtp-password", &account.password);
+    let cron = shipped("xinetd/legacy-mail-proxy-queue.cron");
+    let mut vars: BTreeMap<String, String> = cron
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('*'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (key, value) in [
+        ("LMP_SMTP_HOST", "127.0.0.1".to_string()),
+        ("LMP_SMTP_PORT", postfix().submissions_port.to_string()),
+        ("LMP_SMTP_USER", account.name.clone()),
+        ("LMP_SMTP_PASSWORD_FILE", password),
+        ("LMP_QUEUE_DIR", queue.display().to_string()),
+    ] {
+        assert!(vars.insert(key.into(), value).is_some(), "{key}");
+    }
+    vars.insert("LMP_CA_FILE".into(), s.ca_file.display().to_string());
+    vars.insert("LMP_LOG".into(), "stderr".into());
+    let run = |vars: &BTreeMap<String, String>, args: &[&str], input: &[u8]| {
+        let mut child = Command::new(proxy_bin())
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(vars)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // A message queued while the backend is unreachable…
+    let mut down = vars.clone();
+    down.insert("LMP_SMTP_PORT".into(), "1".into());
+    // The xinetd side's own client login is not in the cron file; open for this test.
+    down.insert("LMP_CLIENT_AUTH".into(), "none".into());
+    let message = "From: <cron@example.test>\r\nSubject: cron\r\nDate: Sat, 22 Nov 2025 00:32:00 +0000\r\nMessage-ID: <cron@x>\r\n\r\nhi\r\n";
+    let session = format!(
+        "HELO x\r\nMAIL FROM:<{}>\r\nRCPT TO:<{}>\r\nDATA\r\n{message}.\r\nQUIT\r\n",
+        account.email, rcpt.email
+    );
+    let out = run(&down, &["smtp"], session.as_bytes());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("queued as "),
+        "{}",
+        text(&out)
+    );
+    // …goes out with the cron job's command line.
+    let job = cron.lines().find(|l| l.starts_with("* * * * * ")).unwrap();
+    let argv: Vec<&str> = job.split_whitespace().skip(7).collect();
+    assert_eq!(argv, ["queue", "run"]);
+    let out = run(&vars, &argv, b"");
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for_messages(&rcpt, 1);
+    assert!(imap_fetch_all(&rcpt)[0].1.ends_with(message.as_bytes()));
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

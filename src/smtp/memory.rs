@@ -43,6 +43,8 @@ pub struct MemoryRelay {
     pub data_command_reply: Option<Reply>,
     /// Overrides the reply to the final dot.
     pub data_reply: Option<Reply>,
+    /// Overrides the reply to the next final dot only (a later DSN goes through).
+    pub data_reply_once: Option<Reply>,
     /// Sending the message after `354` fails with this error.
     pub data_error: Option<RelayError>,
     /// The connection is lost at the first exchange whose log entry starts with this
@@ -203,7 +205,11 @@ impl Relay for MemoryRelay {
             self.lose_connection();
             return Err(e);
         }
-        if let Some(reply) = self.data_reply.clone() {
+        if let Some(reply) = self
+            .data_reply_once
+            .take()
+            .or_else(|| self.data_reply.clone())
+        {
             return self.judge(Stage::EndOfData, reply);
         }
         open.data = data;

@@ -31,6 +31,8 @@ pub mod spool;
 #[cfg(test)]
 mod fake_backend;
 #[cfg(test)]
+mod queue_transcript_tests;
+#[cfg(test)]
 mod transcript_tests;
 
 use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
@@ -225,6 +227,9 @@ pub struct Args {
     pub handler_timeout: u64,
 
     #[command(flatten)]
+    pub queue: crate::queue::admin::QueueOptions,
+
+    #[command(flatten)]
     pub accounts: AccountsOptions,
 }
 
@@ -289,40 +294,7 @@ pub fn serve(args: Args) -> ExitCode {
     log::debug!("smtp: session from {client}");
     // A client that stops reading would otherwise block a reply forever.
     crate::input::tune_client_socket(config.idle_timeout);
-    let default = backend.map(SmtpRelay::new);
-    let mut relay: Box<dyn relay::Relay> = match routing {
-        None => Box::new(default.expect("a backend without accounts")),
-        Some(routing) => {
-            if routing.accounts.debug {
-                log::set_max_level(log::max_level().max(log::LevelFilter::Debug));
-            }
-            if !routing.accounts.ignored.is_empty() {
-                // One line, not one per key: every connection is a process of its own.
-                let keys: Vec<&str> = routing
-                    .accounts
-                    .ignored
-                    .iter()
-                    .filter_map(|note| note.split(':').next())
-                    .collect();
-                log::info!(
-                    "smtp: accounts file: smtpproxy settings read and ignored (--check says \
-                     why): {}",
-                    keys.join(", ")
-                );
-            }
-            let pop = accounts::pop::PopGate::new(
-                routing.pop_dir,
-                routing.defaults.pop_login(),
-                std::thread::sleep,
-            );
-            Box::new(AccountRouter::new(
-                routing.accounts,
-                routing.defaults.connect(),
-                default.map(|relay| Box::new(relay) as Box<dyn relay::Relay>),
-                pop,
-            ))
-        }
-    };
+    let mut relay = relay_for(backend, routing);
     let input = BufReader::with_capacity(64 * 1024, crate::input::TickingStdin::new(config.tick));
     // Gives up at the first failed write: retrying a client that stopped reading would
     // cost a send timeout each time.
@@ -379,6 +351,49 @@ fn client_has_closed() -> bool {
     }
 }
 
+/// The relay a session (or `queue run`) talks to: the command-line backend, or with
+/// `--accounts` the router that picks each sender's account (falling back to the
+/// command-line backend when there is one).
+pub(crate) fn relay_for(
+    backend: Option<Backend>,
+    routing: Option<Routing>,
+) -> Box<dyn relay::Relay> {
+    let default = backend.map(SmtpRelay::new);
+    match routing {
+        None => Box::new(default.expect("a backend without accounts")),
+        Some(routing) => {
+            if routing.accounts.debug {
+                log::set_max_level(log::max_level().max(log::LevelFilter::Debug));
+            }
+            if !routing.accounts.ignored.is_empty() {
+                // One line, not one per key: every connection is a process of its own.
+                let keys: Vec<&str> = routing
+                    .accounts
+                    .ignored
+                    .iter()
+                    .filter_map(|note| note.split(':').next())
+                    .collect();
+                log::info!(
+                    "smtp: accounts file: smtpproxy settings read and ignored (--check says \
+                     why): {}",
+                    keys.join(", ")
+                );
+            }
+            let pop = accounts::pop::PopGate::new(
+                routing.pop_dir,
+                routing.defaults.pop_login(),
+                std::thread::sleep,
+            );
+            Box::new(AccountRouter::new(
+                routing.accounts,
+                routing.defaults.connect(),
+                default.map(|relay| Box::new(relay) as Box<dyn relay::Relay>),
+                pop,
+            ))
+        }
+    }
+}
+
 /// `smtp --accounts FILE --check`: for the admin at a terminal, so it prints to stdout.
 fn check_accounts(options: &AccountsOptions) -> ExitCode {
     let path = options.file.as_deref().expect("clap requires --accounts");
@@ -395,15 +410,15 @@ fn check_accounts(options: &AccountsOptions) -> ExitCode {
 }
 
 /// What `serve` runs on, found before the client is greeted.
-struct Settings {
-    config: Config,
+pub(crate) struct Settings {
+    pub(crate) config: Config,
     /// The command-line backend; `None` only with accounts and no --smtp-host.
-    backend: Option<Backend>,
-    routing: Option<Routing>,
+    pub(crate) backend: Option<Backend>,
+    pub(crate) routing: Option<Routing>,
 }
 
 /// The accounts file and what its backends take from the command line.
-struct Routing {
+pub(crate) struct Routing {
     accounts: Accounts,
     defaults: router::Defaults,
     pop_dir: PathBuf,
@@ -412,7 +427,7 @@ struct Routing {
 /// Turns the options (and the legacy environment variables) into a session configuration
 /// and a backend description. Every mistake is found here, before the client is greeted.
 /// A bad accounts file is an [`accounts::FileError`].
-fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
+pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
     let accounts = match &args.accounts.file {
         Some(path) => Some(Accounts::load(path, args.accounts.insecure_permissions)?),
         None => None,
@@ -527,6 +542,7 @@ fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
         ("--force-sender", &args.force_sender),
         ("--rewrite-from", &args.rewrite_from),
         ("--reply-to", &args.reply_to),
+        ("--queue-bounce-to", &args.queue.queue_bounce_to),
     ] {
         if let Some(address) = value {
             command::check_address(address, false)
@@ -612,6 +628,15 @@ fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
             .collect(),
         timeout: Duration::from_secs(args.handler_timeout),
     };
+    config.queue = args.queue.settings(&hostname);
+    if config.queue.is_some() && mode == ClientAuthMode::Passthrough {
+        // The queue delivers later, without the client: it would need the client's
+        // password, which is never stored.
+        bail!(
+            "--queue-dir needs the proxy's own login (--smtp-user or --smtp-oauth2-account \
+             with --client-auth local or none): passthrough credentials are never stored"
+        );
+    }
 
     let backend = match target {
         Some((host, port, tls, tls_parameters)) => Some(Backend {
@@ -832,6 +857,41 @@ mod tests {
             args.extend(extra);
             assert!(settings_of(&args).is_err(), "{extra:?}");
         }
+    }
+
+    #[test]
+    fn the_queue_needs_the_proxys_own_login_and_defaults_to_five_days() {
+        let err = settings_of(&["--queue-dir", "/var/q"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("passthrough credentials are never stored"),
+            "{err}"
+        );
+        let pw = password_file("queue");
+        let (config, _) = settings_of(&[
+            "--smtp-user",
+            "gw",
+            "--smtp-password-file",
+            &pw,
+            "--client-auth",
+            "none",
+            "--queue-dir",
+            "/var/q",
+            "--queue-max-size",
+            "1000",
+            "--queue-bounce-to",
+            "admin@example.org",
+        ])
+        .unwrap();
+        let mode = config.queue.expect("queue mode");
+        assert_eq!(mode.queue.dir, PathBuf::from("/var/q"));
+        assert_eq!(mode.queue.max_size, Some(1000));
+        assert_eq!(mode.policy.lifetime, Duration::from_secs(5 * 86400));
+        assert_eq!(mode.policy.bounce_to.as_deref(), Some("admin@example.org"));
+        let (config, _) = settings_of(&["--hostname", "gw.example"]).unwrap();
+        assert!(config.queue.is_none(), "off unless asked for");
+        assert!(settings_of(&["--queue-lifetime", "5w"]).is_err());
+        assert!(settings_of(&["--queue-bounce-to", "a b@c"]).is_err());
     }
 
     #[test]

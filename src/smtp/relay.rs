@@ -146,11 +146,17 @@ pub trait Relay {
         None
     }
 
-    /// The accounts-file section the open transaction goes through; `None` for the
-    /// command-line backend.
+    /// The accounts-file section the last MAIL chose (also when its backend could not be
+    /// reached, and after a reset); `None` for the command-line backend. A queued message
+    /// keeps it, so that `queue run` sends it through the same account.
     fn account(&self) -> Option<&str> {
         None
     }
+
+    /// From now on, MAIL goes through `account` (`None`: the command-line backend),
+    /// whatever the sender: `queue run` sends a queued message, and its delivery-status
+    /// notification (null sender), the way the message was accepted.
+    fn route_to(&mut self, _account: Option<&str>) {}
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use super::relay::{Relay, RelayError, Stage};
 use super::reply::{Enhanced, Reply};
 use super::spool::{HEAD_MAX, Spool};
 use crate::lines::{LineBuffer, LineStatus};
+use crate::queue::{Locked, NewMessage, QueueMode, StoreError, deliver};
 use std::io::{self, BufRead, Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -58,6 +59,10 @@ pub struct Config {
     pub head_max: usize,
     /// Programs run on each complete message before it is relayed.
     pub handlers: Handlers,
+    /// `--queue-dir`: store-and-forward. The final dot is answered `250` once the message
+    /// is durable in the queue; a backend that is down or defers at MAIL, RCPT or DATA no
+    /// longer gets the client a `4yz`.
+    pub queue: Option<QueueMode>,
 }
 
 impl Config {
@@ -88,6 +93,7 @@ impl Config {
                 timeout: Duration::from_secs(60),
                 ..Handlers::default()
             },
+            queue: None,
         }
     }
 }
@@ -117,8 +123,10 @@ enum State {
 struct Transaction {
     /// The reverse-path the client gave (before --force-sender), for logs.
     from: String,
-    /// The recipients the backend accepted (for message handlers).
-    recipients: Vec<String>,
+    /// The reverse-path sent upstream (after --force-sender), kept for the queue.
+    upstream_from: String,
+    /// Accepted recipients (by the backend, or in queue mode by the proxy for the queue).
+    to: Vec<String>,
     accepted: usize,
     /// Recipients the backend refused with 4yz (the client may try them again).
     deferred: usize,
@@ -126,17 +134,22 @@ struct Transaction {
     refused: usize,
     /// The backend connection died mid-transaction; DATA is refused at once.
     broken: bool,
+    /// Queue mode only: the backend could not take part (down, deferring, lost), so the
+    /// proxy accepts for the queue, and `queue run` delivers. The reason, for the envelope.
+    offline: Option<String>,
 }
 
 impl Transaction {
-    fn new(from: String) -> Self {
+    fn new(from: String, upstream_from: String) -> Self {
         Transaction {
             from,
-            recipients: Vec::new(),
+            upstream_from,
+            to: Vec::new(),
             accepted: 0,
             deferred: 0,
             refused: 0,
             broken: false,
+            offline: None,
         }
     }
 }
@@ -146,6 +159,8 @@ impl Transaction {
 enum Outcome {
     /// The backend accepted it.
     Sent,
+    /// Stored durably in the queue (queue mode), to be delivered from there.
+    Queued,
     /// Refused for now (4yz): the client keeps it and retries.
     Deferred,
     /// Refused for good (5yz), by the backend or by the proxy's own limits.
@@ -168,6 +183,7 @@ impl Outcome {
     fn as_str(self) -> &'static str {
         match self {
             Outcome::Sent => "sent",
+            Outcome::Queued => "queued",
             Outcome::Deferred => "deferred",
             Outcome::Refused => "refused",
             Outcome::Aborted => "aborted",
@@ -451,14 +467,28 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 format!("Sender address <{}> not allowed", mail.address),
             ));
         }
-        let upstream = self.config.force_sender.as_deref().unwrap_or(&mail.address);
+        let upstream = self
+            .config
+            .force_sender
+            .clone()
+            .unwrap_or_else(|| mail.address.clone());
         self.backend_idle = Duration::ZERO;
-        match self.relay.mail(upstream) {
+        let result = self.relay.mail(&upstream);
+        let queueing = self.config.queue.is_some();
+        match result {
             Ok(reply) if reply.is_success() => {
-                self.state = State::Mail(Transaction::new(mail.address));
+                self.state = State::Mail(Transaction::new(mail.address, upstream));
                 self.ok(reply.relayed())
             }
+            Ok(reply) if queueing && reply.is_transient() => {
+                self.accept_offline(mail.address, upstream, reply.summary())
+            }
             Ok(reply) => self.bad(&reply.relayed()),
+            Err(e) if queueing => {
+                // Logged as in relay mode; the client's reply is the queue's.
+                let _ = self.relay_failure(&e, Stage::Mail);
+                self.accept_offline(mail.address, upstream, e.to_string())
+            }
             Err(e) => {
                 let reply = self.relay_failure(&e, Stage::Mail);
                 self.ok(reply)
@@ -483,12 +513,25 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         if tx.broken {
             return self.ok(lost_backend());
         }
+        if tx.offline.is_some() {
+            return self.queue_recipient(to);
+        }
         self.backend_idle = Duration::ZERO;
+        let queueing = self.config.queue.is_some();
         match self.relay.rcpt(to) {
             Ok(reply) if reply.is_success() => {
                 tx.accepted += 1;
-                tx.recipients.push(to.to_string());
+                tx.to.push(to.to_string());
                 self.ok(reply.relayed())
+            }
+            Ok(reply) if queueing && reply.is_transient() => {
+                tx.offline = Some(reply.summary());
+                self.queue_recipient(to)
+            }
+            Err(e) if queueing => {
+                tx.offline = Some(e.to_string());
+                let _ = self.relay_failure(&e, Stage::Rcpt);
+                self.queue_recipient(to)
             }
             Ok(reply) => {
                 if reply.code == 421 {
@@ -552,18 +595,23 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             self.log_message(&spool, Outcome::Aborted, reason);
             return Ok(Flow::Close(reason));
         }
-        let reply = self.relay_message(&mut spool);
+        let (reply, queued) = self.relay_message(&mut spool);
         if (self.client_closed)() {
             self.log_fate_unseen(&reply);
         }
         self.spool = Some(spool);
+        let live = matches!(&self.state, State::Mail(tx) if tx.offline.is_none());
         // RFC 5321 §4.1.1.4: after the reply to the final dot the transaction is over.
         self.state = State::Ready;
         if reply.is_success() {
             self.errors = 0;
             self.junk_commands = 0;
         }
-        self.ok(reply)
+        let flow = self.ok(reply);
+        if let Some(locked) = queued {
+            self.deliver_queued(locked, live);
+        }
+        flow
     }
 
     /// Reads the message up to its final dot into `spool`, with idle ticks.
@@ -595,8 +643,15 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         }
     }
 
-    /// Decides the reply to the final dot: the proxy's own refusal, or the backend's answer.
-    fn relay_message(&mut self, spool: &mut Spool) -> Reply {
+    /// Decides the reply to the final dot: the proxy's own refusal, or the backend's answer;
+    /// in queue mode the queue's, with the stored message still locked for its delivery.
+    fn relay_message(&mut self, spool: &mut Spool) -> (Reply, Option<Locked>) {
+        let mut queued = None;
+        let reply = self.relay_or_queue(spool, &mut queued);
+        (reply, queued)
+    }
+
+    fn relay_or_queue(&mut self, spool: &mut Spool, queued: &mut Option<Locked>) -> Reply {
         if let State::Mail(tx) = &self.state
             && tx.broken
         {
@@ -654,11 +709,26 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             Ok((tail, tail_len)) => {
                 let len = head.len() as u64 + tail_len;
                 let mut message = io::Cursor::new(head).chain(tail);
-                self.relay.data(&mut message, len)
+                if self.config.queue.is_some() {
+                    // Instead of relaying now: the message goes to the queue first.
+                    let (reply, locked) = self.queue_message(&mut message, len);
+                    *queued = locked;
+                    Ok(reply)
+                } else {
+                    self.relay.data(&mut message, len)
+                }
             }
             Err(e) => Err(RelayError::Local(format!("cannot read the spool: {e}"))),
         };
         let reply = match result {
+            Ok(reply) if self.config.queue.is_some() => {
+                let outcome = match queued {
+                    Some(_) => Outcome::Queued,
+                    None => Outcome::Deferred,
+                };
+                self.log_message(spool, outcome, &reply.summary());
+                return reply;
+            }
             Ok(reply) => reply.relayed(),
             Err(e) => self.relay_failure(&e, Stage::EndOfData),
         };
@@ -680,7 +750,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         }
         let envelope = handler::Envelope {
             sender: &tx.from,
-            recipients: &tx.recipients,
+            recipients: &tx.to,
             account,
             client: &self.config.client,
             helo: &self.helo,
@@ -743,6 +813,115 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         None
     }
 
+    /// Queue mode: a transient backend failure at MAIL does not reach the client; the
+    /// transaction goes on without the backend, for the queue.
+    fn accept_offline(&mut self, from: String, upstream: String, why: String) -> io::Result<Flow> {
+        log::warn!(
+            "smtp: client={} backend cannot take <{from}> now ({why}): accepting for the queue",
+            self.config.client
+        );
+        self.relay.reset();
+        let mut tx = Transaction::new(from, upstream);
+        tx.offline = Some(why);
+        self.state = State::Mail(tx);
+        self.ok(Reply::new(250, Enhanced::new(2, 1, 0), "Ok"))
+    }
+
+    /// Queue mode: a recipient accepted by the proxy for the queue (the backend is not
+    /// part of this transaction any more, or deferred this recipient).
+    fn queue_recipient(&mut self, to: &str) -> io::Result<Flow> {
+        let State::Mail(tx) = &mut self.state else {
+            return self.bad(&need("Need MAIL command"));
+        };
+        tx.accepted += 1;
+        tx.to.push(to.to_string());
+        self.ok(Reply::new(250, Enhanced::new(2, 1, 5), "Ok"))
+    }
+
+    /// Stores the complete message in the queue. `250` naming the queue id only once it is
+    /// durable; `452 4.3.1` when the queue or the disk is full, `451 4.3.0` when the queue
+    /// cannot be written. The backend's half-open transaction is kept for the immediate
+    /// delivery, or dropped when the message is not queued.
+    fn queue_message(&mut self, message: &mut dyn Read, len: u64) -> (Reply, Option<Locked>) {
+        let (Some(mode), State::Mail(tx)) = (&self.config.queue, &self.state) else {
+            return (local_error(), None);
+        };
+        let new = NewMessage {
+            from: tx.upstream_from.clone(),
+            to: tx.to.clone(),
+            account: self.relay.account().map(str::to_string),
+            client: self.config.client.clone(),
+            last_error: tx.offline.clone(),
+        };
+        match mode.queue.store(new, message, len) {
+            Ok(locked) => {
+                let e = &locked.envelope;
+                log::info!(
+                    "queue {}: queued client={} from=<{}> to={} size={} account={}",
+                    e.id,
+                    e.client,
+                    e.from,
+                    e.to.iter()
+                        .map(|t| format!("<{t}>"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    e.size,
+                    e.account.as_deref().unwrap_or("-")
+                );
+                let reply = Reply::new(
+                    250,
+                    Enhanced::new(2, 0, 0),
+                    format!("Ok: queued as {}", e.id),
+                );
+                (reply, Some(locked))
+            }
+            Err(e) => {
+                self.relay.reset();
+                let reply = match &e {
+                    StoreError::Full { .. } | StoreError::NoSpace(_) => Reply::new(
+                        452,
+                        Enhanced::new(4, 3, 1),
+                        "Insufficient system storage: mail queue full; try again later",
+                    ),
+                    StoreError::Io(_) => Reply::new(
+                        451,
+                        Enhanced::new(4, 3, 0),
+                        "Local error: cannot queue the message; try again later",
+                    ),
+                };
+                log::error!(
+                    "smtp: client={} message not queued in {}: {e}",
+                    self.config.client,
+                    mode.queue.dir.display()
+                );
+                (reply, None)
+            }
+        }
+    }
+
+    /// Delivers a just-queued message at once, after its client had its `250` (the client
+    /// may hang up meanwhile). When the backend took part in the whole transaction only
+    /// DATA is left; otherwise (it was down or deferring moments ago) the message is left
+    /// for `queue run` rather than kept waiting on a second failure here.
+    fn deliver_queued(&mut self, locked: Locked, live: bool) {
+        let Some(mode) = &self.config.queue else {
+            return;
+        };
+        if !live {
+            self.relay.reset();
+            log::info!(
+                "queue {}: the backend was not available during the session; left for \
+                 queue run",
+                locked.id()
+            );
+            return;
+        }
+        let id = locked.id().to_string();
+        if let Err(e) = deliver::attempt(&mode.queue, self.relay, locked, &mode.policy, true) {
+            log::error!("queue {id}: {e}");
+        }
+    }
+
     /// Says what became of a message whose client closed the connection while the backend
     /// had it (a device that gave up waiting: its socket is in CLOSE-WAIT here). The reply
     /// is still sent, for a client that only half-closed, but it may never be read.
@@ -767,7 +946,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             return;
         };
         self.stats.messages += 1;
-        if outcome == Outcome::Sent {
+        if matches!(outcome, Outcome::Sent | Outcome::Queued) {
             self.stats.sent += 1;
         } else {
             self.stats.failed += 1;
@@ -785,7 +964,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             outcome.as_str(),
             reply.replace('"', "'")
         );
-        if outcome == Outcome::Sent {
+        if matches!(outcome, Outcome::Sent | Outcome::Queued) {
             log::info!("{line}");
         } else {
             log::warn!("{line}");
@@ -1067,6 +1246,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         self.idle += self.config.tick;
         if let State::Mail(tx) = &mut self.state
             && !tx.broken
+            && tx.offline.is_none()
         {
             // Counted whether or not the client sends: the backend hears nothing from us
             // while the message is being received.
@@ -1078,7 +1258,11 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                         "smtp: client={} backend keepalive failed; the transaction is lost: {e}",
                         self.config.client
                     );
-                    tx.broken = true;
+                    if self.config.queue.is_some() {
+                        tx.offline = Some(e.to_string());
+                    } else {
+                        tx.broken = true;
+                    }
                 }
             }
         }

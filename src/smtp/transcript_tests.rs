@@ -16,7 +16,7 @@ use std::io::{self, BufReader, Read};
 use std::time::Duration;
 
 /// Hands out its parts in order; `None` is a read timeout (an idle tick).
-struct Feed {
+pub(super) struct Feed {
     parts: VecDeque<Option<Vec<u8>>>,
 }
 
@@ -37,7 +37,7 @@ impl Read for Feed {
     }
 }
 
-fn feed(input: &[u8], chunk: usize, ticks: bool) -> Feed {
+pub(super) fn feed(input: &[u8], chunk: usize, ticks: bool) -> Feed {
     let mut parts = VecDeque::new();
     for piece in input.chunks(chunk.max(1)) {
         parts.push_back(Some(piece.to_vec()));
@@ -48,7 +48,7 @@ fn feed(input: &[u8], chunk: usize, ticks: bool) -> Feed {
     Feed { parts }
 }
 
-fn run_once(config: &Config, relay: &mut MemoryRelay, input: Feed) -> (String, Stats) {
+pub(super) fn run_once(config: &Config, relay: &mut MemoryRelay, input: Feed) -> (String, Stats) {
     let mut out = Vec::new();
     let stats = Session::new(BufReader::new(input), &mut out, relay, config).run();
     (String::from_utf8_lossy(&out).into_owned(), stats)
@@ -124,7 +124,7 @@ fn transcript(config: &Config, input: &str) -> Run {
     transcript_with(config, |_| {}, input.as_bytes())
 }
 
-fn config() -> Config {
+pub(super) fn config() -> Config {
     let mut c = Config::new("mx.test");
     c.auth_failure_delay = Duration::ZERO;
     // Ticks between input pieces must stay far below the idle timeout.
@@ -132,10 +132,11 @@ fn config() -> Config {
     c
 }
 
-const GREETING: &str = "220 mx.test ESMTP ready\r\n";
+pub(super) const GREETING: &str = "220 mx.test ESMTP ready\r\n";
 const EHLO_REPLY: &str = "250-mx.test greets c.example\r\n250-PIPELINING\r\n250-SIZE 36700160\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n";
 /// Header fields that keep the proxy from adding its own, so message bytes are exact.
-const DATED: &str = "Date: Sat, 22 Nov 2025 00:32:00 +0000\r\nMessage-ID: <1@c.example>\r\n";
+pub(super) const DATED: &str =
+    "Date: Sat, 22 Nov 2025 00:32:00 +0000\r\nMessage-ID: <1@c.example>\r\n";
 
 fn replies(lines: &[&str]) -> String {
     lines.concat()

@@ -38,7 +38,20 @@ pub struct AccountRouter {
     route: Option<Route>,
     /// The AUTH user name (--client-auth local).
     user: Option<String>,
+    /// The account the last MAIL chose, kept when its backend failed or the transaction
+    /// was reset (the queue stores it).
+    chosen: Option<String>,
+    /// Set by `queue run` ([`Relay::route_to`]): every MAIL goes this way.
+    forced: Option<Forced>,
     pop: PopGate,
+}
+
+/// Where `queue run` sends a queued message.
+enum Forced {
+    /// The command-line backend.
+    Default,
+    /// The named account, whatever the sender.
+    Account(String),
 }
 
 impl AccountRouter {
@@ -55,6 +68,8 @@ impl AccountRouter {
             relays: Vec::new(),
             route: None,
             user: None,
+            chosen: None,
+            forced: None,
             pop,
         }
     }
@@ -82,6 +97,53 @@ impl AccountRouter {
         let relay = (self.connect)(account)?;
         self.relays.push((account.name.clone(), relay));
         Ok(self.relays.len() - 1)
+    }
+
+    /// MAIL through the command-line backend (a sender without an account).
+    fn mail_default(&mut self, from: &str) -> RelayResult {
+        let Some(relay) = &mut self.default else {
+            return Err(RelayError::Local(
+                "no command-line backend (--smtp-host) for a message without an account".into(),
+            ));
+        };
+        let reply = relay.mail(from)?;
+        self.route = Some(Route::Default);
+        Ok(reply)
+    }
+
+    /// MAIL through `account`: POP-before-SMTP when it asks for it, then its own backend,
+    /// with its `returnpath` as the upstream sender (never for the null sender, which
+    /// must stay null: it marks a bounce).
+    fn mail_through(&mut self, account: &Account, from: &str) -> RelayResult {
+        self.chosen = Some(account.name.clone());
+        if let Err(e) = self.pop.before_smtp(account, self.accounts.wait_after_pop) {
+            log::warn!(
+                "smtp: account [{}]: POP-before-SMTP failed: {e}",
+                account.name
+            );
+            return Ok(Reply::new(
+                451,
+                Enhanced::new(4, 7, 0),
+                "POP-before-SMTP login failed; try again later",
+            ));
+        }
+        let i = self
+            .relay_for(account)
+            .map_err(|e| in_account(&account.name, e))?;
+        let upstream = match account.return_path.as_deref() {
+            Some(path) if !from.is_empty() => path,
+            _ => from,
+        };
+        let reply = self.relays[i]
+            .1
+            .mail(upstream)
+            .map_err(|e| in_account(&account.name, e))?;
+        log::debug!(
+            "smtp: sender <{from}> goes through account [{}] as <{upstream}>",
+            account.name
+        );
+        self.route = Some(Route::Account(i));
+        Ok(reply)
     }
 
     /// Whether the authenticated user may send as `from`: any sender for a user who is not
@@ -130,6 +192,21 @@ impl Relay for AccountRouter {
 
     fn mail(&mut self, from: &str) -> RelayResult {
         self.route = None;
+        self.chosen = None;
+        match &self.forced {
+            None => {}
+            Some(Forced::Default) => return self.mail_default(from),
+            Some(Forced::Account(name)) => {
+                let Some(account) = self.accounts.accounts.iter().find(|a| &a.name == name) else {
+                    return Err(RelayError::Local(format!(
+                        "account [{name}] is no longer in {}",
+                        self.accounts.path.display()
+                    )));
+                };
+                let account = account.clone();
+                return self.mail_through(&account, from);
+            }
+        }
         if !self.user_may_send_as(from) {
             let user = self.user.as_deref().unwrap_or_default();
             log::warn!(
@@ -140,11 +217,9 @@ impl Relay for AccountRouter {
             )));
         }
         let Some(found) = self.accounts.find(from) else {
-            if let Some(relay) = &mut self.default {
+            if self.default.is_some() {
                 log::debug!("smtp: sender <{from}> has no account: the command-line backend");
-                let reply = relay.mail(from)?;
-                self.route = Some(Route::Default);
-                return Ok(reply);
+                return self.mail_default(from);
             }
             log::warn!(
                 "smtp: sender <{from}> refused: no account for it in {}",
@@ -155,31 +230,7 @@ impl Relay for AccountRouter {
             )));
         };
         let account = found.account().clone();
-        if let Err(e) = self.pop.before_smtp(&account, self.accounts.wait_after_pop) {
-            log::warn!(
-                "smtp: account [{}]: POP-before-SMTP failed: {e}",
-                account.name
-            );
-            return Ok(Reply::new(
-                451,
-                Enhanced::new(4, 7, 0),
-                "POP-before-SMTP login failed; try again later",
-            ));
-        }
-        let i = self
-            .relay_for(&account)
-            .map_err(|e| in_account(&account.name, e))?;
-        let upstream = account.return_path.as_deref().unwrap_or(from);
-        let reply = self.relays[i]
-            .1
-            .mail(upstream)
-            .map_err(|e| in_account(&account.name, e))?;
-        log::debug!(
-            "smtp: sender <{from}> goes through account [{}] as <{upstream}>",
-            account.name
-        );
-        self.route = Some(Route::Account(i));
-        Ok(reply)
+        self.mail_through(&account, from)
     }
 
     fn rcpt(&mut self, to: &str) -> RelayResult {
@@ -249,7 +300,14 @@ impl Relay for AccountRouter {
     }
 
     fn account(&self) -> Option<&str> {
-        self.current_account().map(|a| a.name.as_str())
+        self.chosen.as_deref()
+    }
+
+    fn route_to(&mut self, account: Option<&str>) {
+        self.forced = Some(match account {
+            Some(name) => Forced::Account(name.to_string()),
+            None => Forced::Default,
+        });
     }
 }
 
