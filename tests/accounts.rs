@@ -109,33 +109,6 @@ fn message(from: &str, to: &str, subject: &str) -> String {
     )
 }
 
-/// Postfix's log: for each queue id, the SASL user who submitted it and its envelope
-/// sender (`smtpd: QID: client=…, sasl_username=U` and `qmgr: QID: from=<F>`).
-fn postfix_submissions() -> Vec<(String, String)> {
-    let log = std::fs::read_to_string(&postfix().log_file).unwrap_or_default();
-    let mut out = Vec::new();
-    for line in log.lines() {
-        let Some((before, user)) = line.split_once(", sasl_username=") else {
-            continue;
-        };
-        let Some(qid) = before.split(' ').find(|w| {
-            w.ends_with(':')
-                && w.len() > 6
-                && w.chars().all(|c| c.is_ascii_alphanumeric() || c == ':')
-        }) else {
-            continue;
-        };
-        let from = log
-            .lines()
-            .filter_map(|l| l.split_once(&format!(" {qid} from=<")))
-            .find_map(|(_, rest)| rest.split_once('>').map(|(f, _)| f.to_string()));
-        if let Some(from) = from {
-            out.push((user.to_string(), from));
-        }
-    }
-    out
-}
-
 #[test]
 fn three_senders_reach_their_mailboxes_through_their_own_accounts() {
     let s = servers();
@@ -226,7 +199,8 @@ fn three_senders_reach_their_mailboxes_through_their_own_accounts() {
         "Postfix logs the three submissions",
         Duration::from_secs(30),
         || {
-            seen = postfix_submissions()
+            seen = postfix()
+                .submissions()
                 .into_iter()
                 .filter(|(user, _)| *user == one.name || *user == two.name)
                 .collect();
@@ -635,13 +609,15 @@ fn a_client_logs_in_as_its_section_and_sends_only_as_that_account() {
         "Postfix logs the submission",
         Duration::from_secs(30),
         || {
-            postfix_submissions()
+            postfix()
+                .submissions()
                 .iter()
                 .any(|(user, from)| *user == one.name && *from == one.email)
         },
     );
     assert!(
-        !postfix_submissions()
+        !postfix()
+            .submissions()
             .iter()
             .any(|(user, _)| *user == two.name)
     );

@@ -1053,3 +1053,133 @@ fn queue_benchmark() {
     fs::write(&path, md).unwrap();
     eprintln!("wrote {}", path.display());
 }
+
+/// With `--accounts` (issue 12) and no command-line backend: a message accepted while its
+/// account's backend is down is queued with that account, the other sender's message in
+/// the same session goes out at once through its own, and `queue flush` later sends the
+/// first through its account's login (Postfix's log names the SASL user of each). A
+/// refusal after DATA bounces through the same account: the DSN (null sender) is
+/// submitted with that account's login and reaches the sender.
+#[test]
+fn with_accounts_a_queued_message_goes_out_through_the_account_it_was_accepted_for() {
+    policies();
+    let s = servers();
+    let alpha = s.new_user("qacc-alpha");
+    let beta = s.new_user("qacc-beta");
+    let rcpt = s.new_user("qacc-rcpt");
+    let queue = QueueDir::new("accounts");
+    let switch = Switch::new(false);
+    let section = |user: &User, port: u16| {
+        format!(
+            "[{}]\nsmtphost={}\nsmtpport={port}\nsmtpsecurity=ssl\nsmtpusername={}\n\
+             smtppassword={}\ncafile={}\n\n",
+            user.email,
+            s.host,
+            user.name,
+            user.password,
+            s.ca_file.display()
+        )
+    };
+    let ini = s
+        .dir
+        .join(format!("queue-accounts-{}.ini", std::process::id()));
+    fs::write(
+        &ini,
+        format!(
+            "{}{}",
+            section(&alpha, switch.port),
+            section(&beta, postfix().submissions_port)
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&ini, fs::Permissions::from_mode(0o600)).unwrap();
+    let gateway = Gateway {
+        args: [
+            "--accounts",
+            ini.to_str().unwrap(),
+            "--client-auth",
+            "none",
+            "--hostname",
+            "proxy.test",
+            "--connect-timeout",
+            "5",
+            "--backend-timeout",
+            "30",
+            "--queue-dir",
+            queue.path.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .into(),
+        env: Vec::new(),
+    };
+    let mut input = session(
+        &alpha.email,
+        &[&rcpt.email],
+        &[message("via-alpha", "a\r\n")],
+    );
+    input.truncate(input.len() - b"QUIT\r\n".len());
+    input.extend(session(
+        &beta.email,
+        &[&rcpt.email],
+        &[message("via-beta", "b\r\n")],
+    ));
+    let out = gateway.smtp(&input);
+    let ids = queue_ids(&out);
+    assert_eq!(ids.len(), 2, "{}\n{}", stdout(&out), stderr(&out));
+    wait_for(&rcpt, 1);
+    let listed = list_json(&gateway);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], ids[0].as_str());
+    assert_eq!(listed[0]["account"], alpha.email.as_str(), "{listed:?}");
+
+    switch.set(true);
+    let flush = gateway.queue(&["flush"]);
+    assert!(
+        stderr(&flush).contains(&format!("queue {}: delivered", ids[0])),
+        "{}",
+        stderr(&flush)
+    );
+    wait_for(&rcpt, 2);
+    postfix_settled();
+    let submitted = postfix().submissions();
+    for user in [&alpha, &beta] {
+        assert!(
+            submitted.contains(&(user.name.clone(), user.email.clone())),
+            "{} submitted as its own login: {submitted:?}",
+            user.email
+        );
+    }
+    assert!(
+        !submitted
+            .iter()
+            .any(|(login, from)| login == &beta.name && from == &alpha.email),
+        "{submitted:?}"
+    );
+
+    let out = gateway.smtp(&session(
+        &alpha.email,
+        &[&rcpt.email],
+        &[message("REJECT-ME", "no\r\n")],
+    ));
+    let ids = queue_ids(&out);
+    assert_eq!(ids.len(), 1, "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("queue {}: bounced: DSN", ids[0])),
+        "{}",
+        stderr(&out)
+    );
+    wait_for(&alpha, 1);
+    let dsn = String::from_utf8_lossy(&mailbox(&alpha)[0]).into_owned();
+    assert!(
+        dsn.contains("Return-Path: <>") && dsn.contains("Subject: REJECT-ME"),
+        "{dsn}"
+    );
+    assert!(
+        postfix()
+            .submissions()
+            .contains(&(alpha.name.clone(), String::new())),
+        "the DSN went through alpha's login: {:?}",
+        postfix().submissions()
+    );
+    assert!(queue.envelopes().is_empty());
+}

@@ -234,7 +234,7 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
         .ids()
         .with_context(|| format!("cannot read the queue directory {}", queue.dir.display()))?;
     // The same relay as the smtp sessions: with --accounts, each message goes out through
-    // the account it was accepted for (route_to below), its DSN too.
+    // the account it was accepted for, its DSN too (deliver.rs, Relay::route_to).
     let mut relay = crate::smtp::relay_for(settings.backend, settings.routing);
     let mut tally = Tally::default();
     let now = now_secs();
@@ -287,7 +287,6 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
             continue;
         }
         let account = locked.envelope.account.clone();
-        relay.route_to(account.as_deref());
         match deliver::attempt(&queue, relay.as_mut(), locked, &policy, false) {
             Ok(Outcome::Delivered) => tally.delivered += 1,
             Ok(Outcome::Deferred(_)) => tally.deferred += 1,

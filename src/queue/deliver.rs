@@ -138,6 +138,9 @@ fn send(
     if open {
         accepted = std::mem::take(&mut locked.envelope.to);
     } else {
+        // Through the account it was accepted for, whatever the accounts file now says
+        // of its sender.
+        relay.route_to(locked.envelope.account.as_deref());
         match relay.mail(&locked.envelope.from) {
             Ok(reply) if reply.is_success() => {}
             Ok(reply) if reply.is_transient() => return Ok(Some(reply.summary())),
@@ -276,6 +279,8 @@ fn bounce(
         head
     };
     let report = dsn::build(&locked.envelope, &head, &policy.hostname, SystemTime::now());
+    // The null sender has no account of its own: the DSN goes the message's way.
+    relay.route_to(locked.envelope.account.as_deref());
     let result = send_dsn(relay, &to, &report);
     match result {
         Ok(reply) => {

@@ -153,9 +153,9 @@ pub trait Relay {
         None
     }
 
-    /// From now on, MAIL goes through `account` (`None`: the command-line backend),
-    /// whatever the sender: `queue run` sends a queued message, and its delivery-status
-    /// notification (null sender), the way the message was accepted.
+    /// The next MAIL goes through `account` (`None`: the command-line backend), whatever
+    /// its sender: the queue sends a queued message, and its delivery-status notification
+    /// (null sender), the way the message was accepted.
     fn route_to(&mut self, _account: Option<&str>) {}
 }
 

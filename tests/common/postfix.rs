@@ -57,6 +57,33 @@ pub fn postfix_if_started() -> Option<&'static Postfix> {
 }
 
 impl Postfix {
+    /// Postfix's log: for each queue id, the SASL user who submitted it and its envelope
+    /// sender (`smtpd: QID: client=…, sasl_username=U` and `qmgr: QID: from=<F>`).
+    pub fn submissions(&self) -> Vec<(String, String)> {
+        let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+        let mut out = Vec::new();
+        for line in log.lines() {
+            let Some((before, user)) = line.split_once(", sasl_username=") else {
+                continue;
+            };
+            let Some(qid) = before.split(' ').find(|w| {
+                w.ends_with(':')
+                    && w.len() > 6
+                    && w.chars().all(|c| c.is_ascii_alphanumeric() || c == ':')
+            }) else {
+                continue;
+            };
+            let from = log
+                .lines()
+                .filter_map(|l| l.split_once(&format!(" {qid} from=<")))
+                .find_map(|(_, rest)| rest.split_once('>').map(|(f, _)| f.to_string()));
+            if let Some(from) = from {
+                out.push((user.to_string(), from));
+            }
+        }
+        out
+    }
+
     /// Everything Postfix logged so far (maillog_file) plus master's stdout/stderr.
     pub fn logs(&self) -> String {
         self.master.logs()

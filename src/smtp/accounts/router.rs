@@ -41,7 +41,7 @@ pub struct AccountRouter {
     /// The account the last MAIL chose, kept when its backend failed or the transaction
     /// was reset (the queue stores it).
     chosen: Option<String>,
-    /// Set by `queue run` ([`Relay::route_to`]): every MAIL goes this way.
+    /// Set by the queue ([`Relay::route_to`]): the next MAIL goes this way.
     forced: Option<Forced>,
     pop: PopGate,
 }
@@ -193,11 +193,11 @@ impl Relay for AccountRouter {
     fn mail(&mut self, from: &str) -> RelayResult {
         self.route = None;
         self.chosen = None;
-        match &self.forced {
+        match self.forced.take() {
             None => {}
             Some(Forced::Default) => return self.mail_default(from),
             Some(Forced::Account(name)) => {
-                let Some(account) = self.accounts.accounts.iter().find(|a| &a.name == name) else {
+                let Some(account) = self.accounts.accounts.iter().find(|a| a.name == name) else {
                     return Err(RelayError::Local(format!(
                         "account [{name}] is no longer in {}",
                         self.accounts.path.display()

@@ -139,9 +139,10 @@ impl Default for Setup {
     }
 }
 
-fn run_once(setup: &Setup, input: &[u8], chunk: usize) -> (String, World) {
+/// The router of `setup` over in-memory relays that report to `world`; POP-before-SMTP
+/// stamps go to `dir`.
+fn router(setup: &Setup, world: &Rc<RefCell<World>>, dir: &Path) -> AccountRouter {
     let accounts = Accounts::parse(Path::new("/etc/smtpproxy.ini"), INI).unwrap();
-    let world = Rc::new(RefCell::new(World::default()));
     let for_connect = world.clone();
     let down = setup.down.clone();
     let connect: Connect = Box::new(move |account| {
@@ -160,16 +161,10 @@ fn run_once(setup: &Setup, input: &[u8], chunk: usize) -> (String, World) {
             world: world.clone(),
         }) as Box<dyn Relay>
     });
-    let dir = std::env::temp_dir().join(format!(
-        "lmp-router-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
     let for_pop = world.clone();
     let pop_fails = setup.pop_fails;
     let pop = PopGate::new(
-        dir.clone(),
+        dir.to_path_buf(),
         Box::new(move |_, _| {
             for_pop.borrow_mut().pop_logins += 1;
             if pop_fails {
@@ -180,7 +175,24 @@ fn run_once(setup: &Setup, input: &[u8], chunk: usize) -> (String, World) {
         }),
         |_| {},
     );
-    let mut router = AccountRouter::new(accounts, connect, default, pop);
+    AccountRouter::new(accounts, connect, default, pop)
+}
+
+/// A fresh directory for one test's POP-before-SMTP stamps.
+fn stamp_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "lmp-router-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn run_once(setup: &Setup, input: &[u8], chunk: usize) -> (String, World) {
+    let world = Rc::new(RefCell::new(World::default()));
+    let dir = stamp_dir();
+    let mut router = router(setup, &world, &dir);
     let mut out = Vec::new();
     let input = BufReader::new(Chunked {
         data: input.to_vec(),
@@ -437,4 +449,71 @@ fn an_accounts_backend_takes_the_command_line_only_where_the_file_is_silent() {
     assert_eq!((bar.tls, bar.port), (crate::net::TlsMode::None, 25));
     assert!(bar.tls_parameters.is_none());
     assert!(!format!("{foo:?}").contains("pw1"));
+}
+
+/// The queue stores the account a message was accepted for, also when that account's
+/// backend was down at MAIL (the session then resets the transaction).
+#[test]
+fn the_account_of_the_last_mail_is_known_even_when_its_backend_is_down() {
+    let setup = Setup {
+        down: vec!["foo@localdomain.com"],
+        ..Setup::default()
+    };
+    let world = Rc::new(RefCell::new(World::default()));
+    let dir = stamp_dir();
+    let mut router = router(&setup, &world, &dir);
+    assert!(router.mail("baz@localdomain.com").is_err());
+    router.reset();
+    assert_eq!(router.account(), Some("foo@localdomain.com"));
+    assert!(router.mail("bar@other.example").unwrap().is_success());
+    assert_eq!(router.account(), Some("bar@other.example"));
+    assert!(router.mail("nobody@nowhere.example").unwrap().is_refusal());
+    assert_eq!(router.account(), None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `queue run` and the queue's DSNs: the next MAIL goes through the given account
+/// whatever its sender, the null sender stays null (no returnpath for a bounce), and the
+/// MAIL after it is routed by its sender again.
+#[test]
+fn route_to_sends_the_next_mail_through_the_account_and_keeps_the_null_sender() {
+    let setup = Setup {
+        with_default: true,
+        ..Setup::default()
+    };
+    let world = Rc::new(RefCell::new(World::default()));
+    let dir = stamp_dir();
+    let mut router = router(&setup, &world, &dir);
+    router.route_to(Some("foo@localdomain.com"));
+    assert!(router.mail("").unwrap().is_success());
+    assert_eq!(router.account(), Some("foo@localdomain.com"));
+    router.reset();
+    router.route_to(Some("foo@localdomain.com"));
+    assert!(router.mail("bar@other.example").unwrap().is_success());
+    router.reset();
+    router.route_to(None);
+    assert!(router.mail("foo@localdomain.com").unwrap().is_success());
+    router.reset();
+    assert!(router.mail("bar@other.example").unwrap().is_success());
+    router.reset();
+    router.route_to(Some("gone@localdomain.com"));
+    let gone = router.mail("foo@localdomain.com").unwrap_err();
+    assert!(
+        gone.to_string()
+            .contains("account [gone@localdomain.com] is no longer in"),
+        "{gone}"
+    );
+    let log = world.borrow().log.join("\n");
+    let mails: Vec<&str> = log.lines().filter(|l| l.contains("MAIL FROM")).collect();
+    assert_eq!(
+        mails,
+        [
+            "[foo@localdomain.com] MAIL FROM:<>",
+            "[foo@localdomain.com] MAIL FROM:<bounces@one.example>",
+            "[command line] MAIL FROM:<foo@localdomain.com>",
+            "[bar@other.example] MAIL FROM:<bar@other.example>",
+        ],
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
