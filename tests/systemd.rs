@@ -25,6 +25,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -64,15 +65,7 @@ impl Container {
                  systemd-container mmdebstrap (tests/setup.sh installs them)"
             );
         }
-        let rootfs = Command::new(deb::repo().join("tests/container/rootfs"))
-            .output()
-            .expect("tests/container/rootfs did not start");
-        assert!(
-            rootfs.status.success(),
-            "tests/container/rootfs: {}",
-            output_text(&rootfs)
-        );
-        let rootfs = String::from_utf8(rootfs.stdout).unwrap().trim().to_owned();
+        let rootfs = rootfs();
         let deb = deb::package("systemd");
         let n = N.fetch_add(1, Ordering::Relaxed);
         let name = format!("lmp-{}-{n}", std::process::id());
@@ -92,7 +85,7 @@ impl Container {
             .arg("sh")
             .args([
                 "-D",
-                &rootfs,
+                rootfs,
                 "--volatile=overlay",
                 "--boot",
                 "--register=no",
@@ -360,6 +353,28 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The cached root file system, built on first use (once per process; the script itself
+/// also takes a lock, for other processes).
+fn rootfs() -> &'static str {
+    static ROOTFS: OnceLock<String> = OnceLock::new();
+    ROOTFS.get_or_init(|| {
+        let started = Instant::now();
+        let out = Command::new(deb::repo().join("tests/container/rootfs"))
+            .output()
+            .expect("tests/container/rootfs did not start");
+        assert!(
+            out.status.success(),
+            "tests/container/rootfs: {}",
+            output_text(&out)
+        );
+        eprintln!(
+            "root file system ready in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    })
+}
+
 /// Installs the package and configures the three gateways as the README says: the CA
 /// file, the env files, and each socket on a free port. Returns the ports (pop3, smtp,
 /// tunnel). Enables nothing.
@@ -581,7 +596,8 @@ fn package_installs_inert_then_serves_pop3_smtp_and_tunnel_and_removes_cleanly()
 }
 
 /// Python that opens a POP3 connection to `port` (from `source`), prints the greeting,
-/// then waits for a line on stdin before each of the given commands, printing each reply.
+/// then waits for a line on stdin before each of the given commands, printing each reply,
+/// and holds the connection until its stdin ends.
 fn held_pop3(port: u16, source: &str, commands: &[&str]) -> String {
     format!(
         "import socket, sys\n\
@@ -591,7 +607,8 @@ fn held_pop3(port: u16, source: &str, commands: &[&str]) -> String {
          for c in {commands:?}:\n\
          \x20   sys.stdin.readline()\n\
          \x20   s.sendall(c.encode() + b'\\r\\n')\n\
-         \x20   print(f.readline().decode().strip() or 'closed')\n"
+         \x20   print(f.readline().decode().strip() or 'closed')\n\
+         sys.stdin.readline()\n"
     )
 }
 
@@ -670,4 +687,123 @@ fn hardening_holds_in_a_running_instance_and_socket_stop_spares_the_session() {
             .trim()
             .is_empty()
     });
+}
+
+#[test]
+fn credentials_lock_and_connection_limits_under_systemd() {
+    let c = Container::boot();
+    let [pop3, _, _] = install_and_configure(&c);
+    let user = seeded_user();
+    let client_password = "Client-pw-systemd-17";
+    c.set_env("legacy-mail-proxy-pop3", "LMP_AUTH", "fixed");
+    c.set_env("legacy-mail-proxy-pop3", "LMP_IMAP_USER", &user.name);
+    c.set_env("legacy-mail-proxy-pop3", "LMP_CLIENT_USER", "alice");
+    c.ok(&format!("systemctl enable --now {}", SOCKETS[0]));
+    let login = |password: &str| {
+        c.python(&format!(
+            "import poplib\n\
+             p = poplib.POP3('127.0.0.1', {pop3}, timeout=30)\n\
+             p.user('alice')\n\
+             try:\n    p.pass_({password:?}); print('stat', p.stat()[0]); p.quit()\n\
+             except poplib.error_proto as e:\n    print(e)\n"
+        ))
+    };
+
+    // No credential files: LoadCredential= with a relative name found nowhere is skipped,
+    // the instance starts, and the gateway answers -ERR and logs why (priority err).
+    let refused = login(client_password);
+    assert!(refused.contains("-ERR"), "{refused}");
+    let journal = c.gateway_journal();
+    assert!(
+        journal
+            .iter()
+            .any(|(p, m)| *p == 3 && m.contains("configuration error")),
+        "{journal:#?}"
+    );
+    assert!(!c.ok("journalctl --no-pager").contains("243/CREDENTIALS"));
+
+    // An absolute LoadCredential= path that is missing fails the instance instead
+    // (status 243/CREDENTIALS): the client gets no greeting at all. The units use
+    // relative names for that reason.
+    let absolute = "/etc/systemd/system/legacy-mail-proxy-pop3@.service.d/absolute.conf";
+    c.write(
+        absolute,
+        "0644",
+        b"[Service]\nLoadCredential=absent:/etc/credstore/absent\n",
+    );
+    c.ok("systemctl daemon-reload");
+    let mut closed = c.spawn_python(&held_pop3(pop3, "127.0.0.1", &[]));
+    assert_eq!(closed.line(), "closed");
+    closed.finish();
+    wait_until(
+        "243/CREDENTIALS in the journal",
+        Duration::from_secs(10),
+        || c.ok("journalctl --no-pager").contains("243/CREDENTIALS"),
+    );
+    c.ok(&format!("rm {absolute} && systemctl daemon-reload"));
+
+    // The credentials, written as the README says (no TTY needed), then a login.
+    c.ok("install -d -m 0700 /etc/credstore");
+    c.write(
+        "/etc/credstore/legacy-mail-proxy-pop3.imap-password",
+        "0600",
+        format!("{}\n", user.password).as_bytes(),
+    );
+    c.write(
+        "/etc/credstore/legacy-mail-proxy-pop3.client-password",
+        "0600",
+        format!("{client_password}\n").as_bytes(),
+    );
+    assert_eq!(login(client_password).trim(), "stat 1");
+
+    // The mailbox lock across two instances: the second session is refused [IN-USE].
+    let pass = format!("PASS {client_password}");
+    let commands = ["USER alice", pass.as_str()];
+    let mut first = c.spawn_python(&held_pop3(pop3, "127.0.0.1", &commands));
+    let mut second = c.spawn_python(&held_pop3(pop3, "127.0.0.1", &commands));
+    for session in [&mut first, &mut second] {
+        assert!(session.line().starts_with("+OK"));
+        session.proceed();
+        assert!(session.line().starts_with("+OK"));
+    }
+    first.proceed();
+    assert!(first.line().starts_with("+OK"), "first login");
+    second.proceed();
+    let refused = second.line();
+    assert!(refused.starts_with("-ERR [IN-USE]"), "{refused}");
+    first.finish();
+    second.finish();
+
+    // MaxConnectionsPerSource=10, MaxConnections=20: over either, systemd closes the
+    // new connection before any instance starts.
+    let hold = |source: &str| {
+        let mut session = c.spawn_python(&held_pop3(pop3, source, &[]));
+        let greeting = session.line();
+        (session, greeting)
+    };
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let (session, greeting) = hold("127.0.0.1");
+        assert!(greeting.starts_with("+OK"), "{greeting}");
+        held.push(session);
+    }
+    let (over, greeting) = hold("127.0.0.1");
+    assert_eq!(greeting, "closed", "the 11th from one address");
+    over.finish();
+    for _ in 0..10 {
+        let (session, greeting) = hold("127.0.0.2");
+        assert!(greeting.starts_with("+OK"), "{greeting}");
+        held.push(session);
+    }
+    let (over, greeting) = hold("127.0.0.3");
+    assert_eq!(greeting, "closed", "the 21st connection");
+    over.finish();
+    for session in held {
+        session.finish();
+    }
+    let socket_log = c.ok(&format!("journalctl --no-pager -u {}", SOCKETS[0]));
+    assert!(
+        socket_log.contains("Too many incoming connections (20)"),
+        "{socket_log}"
+    );
 }
