@@ -208,11 +208,17 @@ fn package_scripts_enable_nothing_stop_sockets_on_remove_and_purge_state() {
     let guarded = postinst.matches("--quiet was-enabled").count();
     assert_eq!(enables, guarded, "{postinst}");
     let prerm = deb.control("prerm");
-    assert!(
-        prerm.contains("\"$1\" = remove")
-            && prerm.contains("deb-systemd-invoke stop 'legacy-mail-proxy-pop3.socket'"),
-        "{prerm}"
-    );
+    let stop = prerm
+        .lines()
+        .find(|line| line.contains("deb-systemd-invoke stop"))
+        .unwrap_or_else(|| panic!("prerm stops nothing:\n{prerm}"));
+    assert!(prerm.contains("\"$1\" = remove"), "{prerm}");
+    for socket in ["pop3", "smtp", "tunnel"] {
+        assert!(
+            stop.contains(&format!("'legacy-mail-proxy-{socket}.socket'")),
+            "{stop}"
+        );
+    }
     let postrm = deb.control("postrm");
     assert!(
         postrm.contains("rm -rf /var/lib/legacy-mail-proxy /run/lock/legacy-mail-proxy"),

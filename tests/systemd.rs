@@ -801,6 +801,10 @@ fn credentials_lock_and_connection_limits_under_systemd() {
     for session in held {
         session.finish();
     }
+    let everything = c.ok("journalctl -o export --no-pager");
+    for secret in [client_password, user.password.as_str()] {
+        assert!(!everything.contains(secret), "a password is in the journal");
+    }
     let socket_log = c.ok(&format!("journalctl --no-pager -u {}", SOCKETS[0]));
     assert!(
         socket_log.contains("Too many incoming connections (20)"),
