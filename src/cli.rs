@@ -10,8 +10,21 @@ use clap::builder::FalseyValueParser;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `--version`: the release and the git commit it was built from (see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("LMP_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, clap::Parser)]
-#[command(name = "legacy-mail-proxy", version, about, propagate_version = true)]
+#[command(
+    name = "legacy-mail-proxy",
+    version = VERSION,
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// Where log lines go. stdout is the client's socket and never gets logs; under xinetd
     /// stderr is the socket too, so use `stderr` only under systemd or by hand.

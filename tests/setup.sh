@@ -12,6 +12,8 @@ PACKAGES=(
     dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix
     dovecot-submissiond # the benchmark's Dovecot gateway (submission_relay_*)
     xinetd systemd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
+    debhelper lintian # the Debian package (packaging/build-deb, tests/package.rs)
+    mmdebstrap systemd-container # the real systemd in a container (tests/systemd.rs)
 )
 
 if [[ $(id -u) -ne 0 ]]; then
