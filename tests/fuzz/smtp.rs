@@ -301,10 +301,10 @@ fn path_junk(rest: &[u8], prefix: &[u8], reverse: bool) -> Option<String> {
     }
     let ok_address = match address.iter().rposition(|&b| b == b'@') {
         Some(at) => at > 0 && at + 1 < address.len(),
-        None => {
-            (reverse && address.is_empty())
-                || (!reverse && address.eq_ignore_ascii_case(b"postmaster"))
-        }
+        // MAIL takes the null path and, since the hardening issue, a bare local part
+        // (`MAIL FROM:<scanner>`, completed or refused by the session); RCPT only
+        // `postmaster` without a domain.
+        None => reverse || address.eq_ignore_ascii_case(b"postmaster"),
     };
     if !ok_address {
         return Some(format!("the address {}", show(address)));
