@@ -549,7 +549,11 @@ impl<R: BufRead> Reader<R> {
 
     fn atom_upper(&mut self) -> Result<String, Error> {
         let atom = self.atom()?;
-        Ok(String::from_utf8_lossy(atom).to_ascii_uppercase())
+        // One allocation on the common path: attribute names are ASCII.
+        Ok(match std::str::from_utf8(atom) {
+            Ok(atom) => atom.to_ascii_uppercase(),
+            Err(_) => String::from_utf8_lossy(atom).to_ascii_uppercase(),
+        })
     }
 
     fn number(&mut self) -> Result<u32, Error> {
@@ -616,20 +620,22 @@ impl<R: BufRead> Reader<R> {
         ))
     }
 
-    /// Reads one line into `self.line` without its CRLF (a bare LF is taken too).
+    /// Reads one line into `self.line` without its CRLF.
     fn read_line(&mut self) -> Result<(), Error> {
         self.line.clear();
         self.at = 0;
         let mut limited = (&mut self.input).take(MAX_LINE as u64);
         match limited.read_until(b'\n', &mut self.line) {
             Ok(0) => Err(Error::Closed),
-            Ok(_) if self.line.ends_with(b"\n") => {
-                self.line.pop();
-                if self.line.ends_with(b"\r") {
-                    self.line.pop();
-                }
+            Ok(_) if self.line.ends_with(b"\r\n") => {
+                self.line.truncate(self.line.len() - 2);
                 Ok(())
             }
+            // RFC 3501 §2.2: lines end in CRLF. After a bare LF it would be a guess where
+            // a literal announced on that line starts.
+            Ok(_) if self.line.ends_with(b"\n") => Err(Error::Syntax(
+                "a response line ends in LF without CR".into(),
+            )),
             Ok(_) if self.line.len() >= MAX_LINE => {
                 Err(Error::Syntax("response line too long".into()))
             }

@@ -332,6 +332,8 @@ fn grammar_errors_are_errors_not_guesses() {
         b"a1 MAYBE\r\n",
         b" OK\r\n",
         b"* 1 FETCH (\"name\" 1)\r\n",
+        b"* 1 FETCH (UID 1 BODY[] {0}\n UID 1)\r\n",
+        b"a1 OK done\n",
     ] {
         assert!(
             matches!(first_error(bad), Error::Syntax(_)),

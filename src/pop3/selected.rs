@@ -6,6 +6,8 @@
 //! Read from the raw response rather than through the `imap` crate, which drops response
 //! codes it does not know, `MAILBOXID` among them.
 
+use crate::imap_wire::Value;
+
 /// The selected mailbox.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Selected {
@@ -87,23 +89,19 @@ fn code(status: &str) -> Option<(&str, &str)> {
     Some(inner.split_once(' ').unwrap_or((inner, "")))
 }
 
-/// The GUID in `* STATUS mailbox (X-GUID guid)`, if `line` is that line and the GUID is a
-/// well-formed objectid.
-pub fn status_guid(line: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(line).ok()?.trim_end();
-    if !text.get(..9)?.eq_ignore_ascii_case("* STATUS ") {
+/// The X-GUID in the values of a `* STATUS mailbox (…)` response, if well formed: Dovecot's
+/// mailbox GUID.
+pub fn status_guid(values: &[Value]) -> Option<String> {
+    let [_mailbox, Value::List(items)] = values else {
         return None;
-    }
-    // The mailbox name may be quoted and hold spaces; the item list is last.
-    let items = parenthesised(&text[text.rfind('(')?..])?;
-    let mut words = items.split_ascii_whitespace();
-    while let Some(name) = words.next() {
-        let value = words.next()?;
-        if name.eq_ignore_ascii_case("X-GUID") && is_objectid(value) {
-            return Some(value.to_string());
+    };
+    items.chunks(2).find_map(|pair| match pair {
+        [name, Value::Atom(value)] if name.bytes()?.eq_ignore_ascii_case(b"X-GUID") => {
+            let value = std::str::from_utf8(value).ok()?;
+            is_objectid(value).then(|| value.to_string())
         }
-    }
-    None
+        _ => None,
+    })
 }
 
 /// "(x y)" → "x y".
@@ -172,7 +170,11 @@ mod tests {
 
     #[test]
     fn dovecot_status_x_guid() {
-        use super::status_guid;
+        use crate::imap_wire::{KeepAll, Reader, Response};
+        let status_guid = |line: &[u8]| match Reader::new(line).next(&mut KeepAll) {
+            Ok(Response::Data { name, values }) if name == "STATUS" => super::status_guid(&values),
+            _ => None,
+        };
         assert_eq!(
             status_guid(b"* STATUS INBOX (X-GUID b61665115027116b6810000083ecc375)\r\n").as_deref(),
             Some("b61665115027116b6810000083ecc375")
