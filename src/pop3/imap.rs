@@ -1525,6 +1525,57 @@ mod oauth2_tests {
         maildrop.close();
     }
 
+    /// A logged-in maildrop on a server that answers body fetches with UID `body_uid`,
+    /// before or after the body.
+    fn answering_with_uid(body_uid: u32, uid_after_body: bool) -> (FakeImap, Box<dyn Maildrop>) {
+        let fake = FakeImap::start(Script {
+            message: Some(MESSAGE.into()),
+            body_uid: Some(body_uid),
+            uid_after_body,
+            ..script(&ALL, &["t1"])
+        });
+        let tokens = Tokens::new("alice@example.com", &["t1"]);
+        let credentials = Credentials {
+            user: "alice",
+            password: "pw",
+        };
+        let maildrop = opener(&fake, &tokens).open(&credentials).unwrap();
+        (fake, maildrop)
+    }
+
+    #[test]
+    fn the_body_of_the_right_uid_is_passed_on_in_either_order() {
+        for uid_after_body in [false, true] {
+            let (_fake, mut maildrop) = answering_with_uid(5, uid_after_body);
+            assert_eq!(retr(&mut maildrop).unwrap(), MESSAGE.as_bytes());
+            maildrop.close();
+        }
+    }
+
+    #[test]
+    fn a_body_of_another_uid_fails_the_fetch_and_the_connection_is_not_trusted_again() {
+        // UID before the body: nothing reaches the sink.
+        let (_fake, mut maildrop) = answering_with_uid(6, false);
+        let mut sink = Collect::default();
+        let result = maildrop.fetch(0, Extent::Whole, &mut sink);
+        assert!(
+            matches!(&result, Err(FetchError::Backend(e)) if e.0.contains("UID 6")),
+            "{result:?}"
+        );
+        assert!(sink.0.is_empty());
+        assert!(maildrop.keepalive().is_err());
+        maildrop.close();
+        // UID after the body (Microsoft 365's order): the fetch fails before it completes,
+        // so the session never sends the final "." of the wrong message.
+        let (_fake, mut maildrop) = answering_with_uid(6, true);
+        let result = retr(&mut maildrop);
+        assert!(
+            matches!(&result, Err(FetchError::Backend(e)) if e.0.contains("UID 6")),
+            "{result:?}"
+        );
+        maildrop.close();
+    }
+
     #[test]
     fn a_server_without_an_oauth2_mechanism_is_a_setup_error() {
         let fake = FakeImap::start(script(&["AUTH=PLAIN"], &["t1"]));
