@@ -24,6 +24,11 @@ pub struct Script {
     /// On the first connection, answer the command with this number (1 is the first)
     /// with Exchange's `* BYE Session invalidated - AccessTokenExpired` and close.
     pub bye_at_command: Option<usize>,
+    /// The UID the body's FETCH response names (`None`: the message's own, 5): a server
+    /// that answers with the wrong message.
+    pub body_uid: Option<u32>,
+    /// Send the UID after the body, as Microsoft 365 does.
+    pub uid_after_body: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -149,10 +154,18 @@ fn serve(stream: TcpStream, script: &Script, journal: &Mutex<Journal>) -> Option
                     "* 1 FETCH (UID 5 RFC822.SIZE {} FLAGS ())\r\n{tag} OK done\r\n",
                     message.len()
                 ),
-                (Some(message), Some("5")) => format!(
-                    "* 1 FETCH (UID 5 BODY[] {{{}}}\r\n{message})\r\n{tag} OK done\r\n",
-                    message.len()
-                ),
+                (Some(message), Some("5")) => {
+                    let uid = script.body_uid.unwrap_or(5);
+                    let length = message.len();
+                    match script.uid_after_body {
+                        false => format!(
+                            "* 1 FETCH (UID {uid} BODY[] {{{length}}}\r\n{message})\r\n{tag} OK done\r\n"
+                        ),
+                        true => format!(
+                            "* 1 FETCH (BODY[] {{{length}}}\r\n{message} UID {uid})\r\n{tag} OK done\r\n"
+                        ),
+                    }
+                }
                 _ => format!("{tag} OK done\r\n"),
             },
             "LOGOUT" => {

@@ -17,13 +17,16 @@ use super::maildrop::{
     Opener, Update,
 };
 use super::selected::{Selected, status_guid};
+use crate::imap_wire::{
+    self, Fetch, KeepAll, Literals, MessageData, Reader, Response, Status, StatusKind, Value,
+};
 use crate::lock::{self, LockError, MailboxLock};
 use crate::net::{self, Stream, Timeouts, TlsMode};
 use crate::oauth2::login::{Account, Failure, Refusal};
 use crate::oauth2::sasl::Target;
 use crate::starttls::Protocol;
 use std::cell::RefCell;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::rc::Rc;
 
@@ -382,22 +385,14 @@ fn mode_hint(mode: TlsMode, error: &str) -> &'static str {
 pub(super) fn login_error(error: imap::Error) -> OpenError {
     match error {
         imap::Error::No(no) => {
-            // The imap crate keeps codes it does not know inside the text.
-            let text = format!("{:?} {}", no.code, no.information).to_ascii_uppercase();
-            let has = |code: &str| text.contains(&format!("[{code}]")) || text.contains(code);
+            // The imap crate keeps the codes it does not know, RFC 5530's among them, in
+            // the text as the server sent it: read the code from there by the grammar.
+            let (code, _) = imap_wire::parse_resp_text(&no.information);
             let why = format!("LOGIN: {}", no.information);
-            if ["UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE"]
-                .iter()
-                .any(|c| has(c))
-            {
-                OpenError::Temporary(why)
-            } else if ["PRIVACYREQUIRED", "CONTACTADMIN", "EXPIRED"]
-                .iter()
-                .any(|c| has(c))
-            {
-                OpenError::Permanent(why)
-            } else {
-                OpenError::Auth(why)
+            match code.as_ref().map_or("", |code| code.name.as_str()) {
+                "UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "INUSE" => OpenError::Temporary(why),
+                "PRIVACYREQUIRED" | "CONTACTADMIN" | "EXPIRED" => OpenError::Permanent(why),
+                _ => OpenError::Auth(why),
             }
         }
         // LOGIN refuses CR and LF in credentials: no server would accept them either.
@@ -664,18 +659,13 @@ impl Maildrop for ImapMaildrop {
         loop {
             self.fetches += 1;
             let tag = format!("L{}", self.fetches);
-            let section = match chunk {
-                None => "BODY.PEEK[]".to_string(),
-                Some(chunk) => format!("BODY.PEEK[]<{offset}.{chunk}>"),
-            };
-            let command = format!("UID FETCH {uid} ({section})");
             let mut reader = RawCommand::new(&self.raw, tag);
-            let result = reader.fetch(&command, offset == 0, chunk, &mut sink);
+            let result = reader.fetch(uid, offset, chunk, &mut sink);
             reader.finish();
             let (length, more) = match result {
                 Ok(Some(body)) => body,
                 // Dovecot answers OK with no data for a UID expunged elsewhere.
-                Ok(None) | Err(Chunk::No(_)) if offset == 0 => return Err(FetchError::Gone),
+                Ok(None) | Err(Chunk::No(..)) if offset == 0 => return Err(FetchError::Gone),
                 Ok(None) => {
                     return Err(FetchError::Backend(BackendError(
                         "message vanished while being fetched".into(),
@@ -687,7 +677,7 @@ impl Maildrop for ImapMaildrop {
                     self.broken = Some("the client failed in the middle of a message".into());
                     return Err(FetchError::Client(e));
                 }
-                Err(Chunk::No(why)) => return Err(FetchError::Backend(BackendError(why))),
+                Err(Chunk::No(why, _)) => return Err(FetchError::Backend(BackendError(why))),
                 Err(Chunk::Backend(why)) => {
                     self.ended_by_server = why == SERVER_CLOSED;
                     self.broken = Some(why.clone());
@@ -714,8 +704,8 @@ impl Maildrop for ImapMaildrop {
         }
         self.usable()?;
         let set = self.uids[index].to_string();
-        let stored = self.session.uid_store(set, "+FLAGS.SILENT (\\Seen)");
-        stored.map(drop).map_err(|e| self.lost(e))
+        let stored = self.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Seen)"));
+        stored.map_err(|e| self.lost_raw(e))
     }
 
     fn check_delete(&self) -> Result<(), String> {
@@ -727,8 +717,8 @@ impl Maildrop for ImapMaildrop {
 
     fn keepalive(&mut self) -> Result<(), BackendError> {
         self.usable()?;
-        let noop = self.session.noop();
-        match noop.map_err(|e| self.lost(e)) {
+        let noop = self.run("NOOP");
+        match noop.map_err(|e| self.lost_raw(e)) {
             Err(_) if self.log_in_again() => Ok(()),
             other => other,
         }
@@ -743,11 +733,11 @@ impl Maildrop for ImapMaildrop {
         }
         self.usable()?;
         let set = self.uid_set(indexes);
-        let mut applied = self.apply_delete(&set).map_err(|e| self.lost(e));
+        let mut applied = self.apply_delete(&set).map_err(|e| self.lost_raw(e));
         if applied.is_err() && self.log_in_again() {
             // The server ended the session before acting on the command (a `* BYE` in
             // its place); the policy's commands act by UID and may be sent again.
-            applied = self.apply_delete(&set).map_err(|e| self.lost(e));
+            applied = self.apply_delete(&set).map_err(|e| self.lost_raw(e));
         }
         applied.map(|()| Update::Applied)
     }
@@ -774,18 +764,6 @@ impl ImapMaildrop {
             Some(why) => Err(BackendError(format!("IMAP connection lost earlier: {why}"))),
             None => Ok(()),
         }
-    }
-
-    /// The error of a command; unless the server answered it (NO, BAD), the connection is
-    /// now unusable: timed out, cut, or stopped in the middle of a response.
-    fn lost(&mut self, error: imap::Error) -> BackendError {
-        let why = describe(&error);
-        if !matches!(error, imap::Error::No(_) | imap::Error::Bad(_)) {
-            self.broken = Some(why.clone());
-            self.ended_by_server =
-                matches!(error, imap::Error::Bye(_) | imap::Error::ConnectionLost);
-        }
-        BackendError(why)
     }
 
     /// Logs in again with the OAuth2 account after the server ended the session, and
@@ -834,27 +812,27 @@ impl ImapMaildrop {
         }
     }
 
-    /// Applies the delete policy to the UIDs in `set` (UPDATE state, RFC 1939 §6).
-    fn apply_delete(&mut self, set: &str) -> imap::Result<()> {
-        let session = &mut self.session;
+    /// Applies the delete policy to the UIDs in `set` (UPDATE state, RFC 1939 §6), on the
+    /// raw connection, so that `[TRYCREATE]` is read from the wire.
+    fn apply_delete(&mut self, set: &str) -> Result<(), Chunk> {
         match self.settings.policy {
             DeletePolicy::Keep => {}
             DeletePolicy::Hide => {
-                let flags = format!("+FLAGS.SILENT ({})", self.settings.deleted_keyword);
-                session.uid_store(set, flags)?;
+                let keyword = self.settings.deleted_keyword.clone();
+                self.run(&format!("UID STORE {set} +FLAGS.SILENT ({keyword})"))?;
             }
             DeletePolicy::Expunge => {
-                session.uid_store(set, "+FLAGS.SILENT (\\Deleted)")?;
-                session.uid_expunge(set)?;
+                self.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"))?;
+                self.run(&format!("UID EXPUNGE {set}"))?;
             }
             DeletePolicy::Trash => {
-                let trash = self.settings.trash_mailbox.as_str();
-                match move_to(session, set, trash, self.has_move) {
+                let trash = quoted(&self.settings.trash_mailbox);
+                match self.move_to(set, &trash) {
                     // RFC 3501 §6.4.7: the trash mailbox does not exist yet. Only then is
                     // a retry safe: after another NO, a COPY may already have happened.
-                    Err(imap::Error::No(no)) if is_trycreate(&no) => {
-                        session.create(trash)?;
-                        move_to(session, set, trash, self.has_move)?;
+                    Err(Chunk::No(_, status)) if status.has_code("TRYCREATE") => {
+                        self.run(&format!("CREATE {trash}"))?;
+                        self.move_to(set, &trash)?;
                     }
                     other => other?,
                 }
@@ -862,12 +840,43 @@ impl ImapMaildrop {
         }
         Ok(())
     }
-}
 
-/// Whether a NO carries `[TRYCREATE]`. The imap crate parses the code into a type of
-/// imap-proto's, which we do not depend on directly; its debug form names it.
-fn is_trycreate(no: &imap::error::No) -> bool {
-    format!("{:?}", no.code).contains("TryCreate") || no.information.contains("[TRYCREATE]")
+    /// UID MOVE (RFC 6851) where offered, else UID COPY + \Deleted + UID EXPUNGE (RFC 4315).
+    fn move_to(&mut self, set: &str, quoted_mailbox: &str) -> Result<(), Chunk> {
+        if self.has_move {
+            return self.run(&format!("UID MOVE {set} {quoted_mailbox}"));
+        }
+        self.run(&format!("UID COPY {set} {quoted_mailbox}"))?;
+        self.run(&format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"))?;
+        self.run(&format!("UID EXPUNGE {set}"))
+    }
+
+    /// Runs `command` on the raw connection: `Ok` for OK, [`Chunk::No`] when the server
+    /// refused it (NO or BAD: the connection goes on).
+    fn run(&mut self, command: &str) -> Result<(), Chunk> {
+        self.fetches += 1;
+        let mut raw = RawCommand::new(&self.raw, format!("L{}", self.fetches));
+        let result = raw.simple(command);
+        raw.finish();
+        let status = result?;
+        match status.kind {
+            StatusKind::Ok => Ok(()),
+            _ => {
+                let verb = command.split(' ').take(2).collect::<Vec<_>>().join(" ");
+                Err(Chunk::No(format!("{verb}: {status}"), status))
+            }
+        }
+    }
+
+    /// The error of a raw command; unless the server answered it, the connection is now
+    /// unusable.
+    fn lost_raw(&mut self, error: Chunk) -> BackendError {
+        if let Chunk::Backend(why) = &error {
+            self.broken = Some(why.clone());
+            self.ended_by_server = why == SERVER_CLOSED;
+        }
+        BackendError(error.into_text())
+    }
 }
 
 /// A mailbox name as an IMAP quoted string. The imap crate quotes the mailbox for UID MOVE
@@ -876,10 +885,11 @@ fn quoted(mailbox: &str) -> String {
     format!("\"{}\"", mailbox.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// How a body fetch failed.
+/// How a raw command failed.
 enum Chunk {
-    /// The server answered NO.
-    No(String),
+    /// The server answered NO (or, to a delete command, BAD): the connection is in step.
+    No(String, Status),
+    /// The connection is unusable: cut, timed out, out of step, or not to be trusted.
     Backend(String),
     Client(io::Error),
 }
@@ -887,7 +897,7 @@ enum Chunk {
 impl Chunk {
     fn into_text(self) -> String {
         match self {
-            Chunk::No(why) | Chunk::Backend(why) => why,
+            Chunk::No(why, _) | Chunk::Backend(why) => why,
             Chunk::Client(e) => e.to_string(),
         }
     }
@@ -913,30 +923,29 @@ impl MessageSink for Watched<'_> {
     }
 }
 
-/// Longest response line accepted outside literals; message data only comes in literals.
-const MAX_RESPONSE_LINE: usize = 64 * 1024;
-
-/// One command run on the raw connection and read without the `imap` crate: a body fetch,
-/// streamed, or the message list, parsed line by line. Generic over the stream only so
-/// that [`read_listing`] and [`read_body`] can run it over bytes.
+/// One command run on the raw connection and read with [`imap_wire::Reader`], not the
+/// `imap` crate: a body fetch, streamed, the message list, parsed response by response, and
+/// the commands whose response codes matter (`[TRYCREATE]`). Generic over the stream only
+/// so that [`read_listing`] and [`read_body`] can run it over bytes.
 struct RawCommand<S = Shared> {
-    input: BufReader<S>,
+    reader: Reader<BufReader<S>>,
     tag: String,
 }
 
 impl RawCommand {
     fn new(raw: &Shared, tag: String) -> RawCommand {
         RawCommand {
-            input: BufReader::with_capacity(64 * 1024, raw.clone()),
+            reader: Reader::new(BufReader::with_capacity(64 * 1024, raw.clone())),
             tag,
         }
     }
 
     /// Hands bytes read past the tagged response back to the connection.
     fn finish(self) {
-        let rest = self.input.buffer().to_vec();
+        let input = self.reader.into_inner();
+        let rest = input.buffer().to_vec();
         if !rest.is_empty() {
-            let raw = self.input.into_inner();
+            let raw = input.into_inner();
             let mut inner = raw.0.borrow_mut();
             let mut unread = rest;
             unread.append(&mut inner.unread);
@@ -948,36 +957,59 @@ impl RawCommand {
 impl<S: Read + Write> RawCommand<S> {
     fn send(&mut self, command: &str) -> Result<(), Chunk> {
         let backend = |e: io::Error| Chunk::Backend(describe_io(&e));
-        let stream = self.input.get_mut();
+        let stream = self.reader.get_mut().get_mut();
         stream
             .write_all(format!("{} {command}\r\n", self.tag).as_bytes())
             .map_err(backend)?;
         stream.flush().map_err(backend)
     }
 
-    /// `Some(status)` when `line` is this command's tagged response: `Ok` for OK, else the
-    /// error.
-    fn status(&self, line: &[u8], command: &str) -> Option<Result<(), Chunk>> {
-        let tagged = line.len() > self.tag.len()
-            && line.starts_with(self.tag.as_bytes())
-            && line[self.tag.len()] == b' ';
-        if !tagged {
-            return None;
+    /// Reads responses up to this command's tagged one and returns its status. Each
+    /// untagged response goes to `each` with `state`, which also decides about literals.
+    /// Unsolicited responses (EXISTS, EXPUNGE, a flag change, an ALERT) may come anywhere.
+    fn read_to_tagged<L: Literals>(
+        &mut self,
+        command: &str,
+        state: &mut L,
+        mut each: impl FnMut(&mut L, Response),
+    ) -> Result<Status, Chunk> {
+        loop {
+            match self.reader.next(state) {
+                Ok(Response::Tagged { tag, status }) if tag == self.tag => return Ok(status),
+                Ok(Response::Tagged { tag, status }) => {
+                    return Err(Chunk::Backend(format!(
+                        "{command}: an answer to a command never sent ({tag} {status})"
+                    )));
+                }
+                Ok(Response::Continuation(text)) => {
+                    return Err(Chunk::Backend(format!(
+                        "{command}: an unexpected continuation request ({text})"
+                    )));
+                }
+                // The server closes the connection next; reading on finds that.
+                Ok(Response::Condition(status)) if status.kind == StatusKind::Bye => {
+                    log::info!("the IMAP server ends the session: {status}");
+                }
+                Ok(response) => each(state, response),
+                Err(imap_wire::Error::Handler(e)) => return Err(Chunk::Client(e)),
+                Err(imap_wire::Error::Closed) => return Err(Chunk::Backend(SERVER_CLOSED.into())),
+                Err(imap_wire::Error::Io(e)) => return Err(Chunk::Backend(describe_io(&e))),
+                Err(e) => return Err(Chunk::Backend(format!("{command}: {e}"))),
+            }
         }
-        let status = String::from_utf8_lossy(&line[self.tag.len() + 1..])
-            .trim_end()
-            .to_string();
-        let word = status.split(' ').next().unwrap_or("").to_ascii_uppercase();
-        Some(match word.as_str() {
-            "OK" => Ok(()),
-            "NO" => Err(Chunk::No(format!("{command}: {status}"))),
-            _ => Err(Chunk::Backend(format!("{command}: {status}"))),
-        })
+    }
+
+    /// Runs a command whose untagged data we do not use (UID STORE, UID EXPUNGE, UID COPY,
+    /// UID MOVE, CREATE, NOOP): its tagged status, code and all.
+    fn simple(&mut self, command: &str) -> Result<Status, Chunk> {
+        self.send(command)?;
+        let verb = command.split(' ').take(2).collect::<Vec<_>>().join(" ");
+        self.read_to_tagged(&verb, &mut KeepAll, |_, _| {})
     }
 
     /// `UID FETCH 1:* (UID RFC822.SIZE FLAGS)`: (UID, size) of every message without the
-    /// keyword `hide`, in the server's order. Each response line is parsed as it comes:
-    /// one round trip, and no memory or time spent on a whole parsed response (through the
+    /// keyword `hide`, in the server's order. Each response is parsed as it comes: one
+    /// round trip, and no memory or time spent on a whole parsed response (through the
     /// crate, 20,000 messages took 55 MiB at once, or 20 round trips in batches, and most
     /// of the login's CPU time went to imap-proto's parser and malloc).
     fn list(&mut self, hide: Option<&str>) -> Result<Vec<(u32, u64)>, String> {
@@ -985,25 +1017,21 @@ impl<S: Read + Write> RawCommand<S> {
         self.send("UID FETCH 1:* (UID RFC822.SIZE FLAGS)")
             .map_err(text)?;
         let mut listed = Vec::new();
-        let mut line = Vec::new();
-        loop {
-            if let Err(e) = self.read_line(&mut line) {
-                break Err(text(e));
-            }
-            if let Some(status) = self.status(&line, "UID FETCH") {
-                break status.map(|()| listed).map_err(text);
-            }
-            if let Some(length) = literal_length(&line) {
-                // Not in answer to these items; skip it and the rest of its response.
-                if let Err(e) = self.skip(length) {
-                    break Err(text(e));
+        let status = self
+            .read_to_tagged("UID FETCH", &mut KeepAll, |_, response| {
+                // FETCH responses without both numbers are unsolicited (a flag change).
+                if let Response::Message {
+                    data: MessageData::Fetch(fetch),
+                    ..
+                } = response
+                {
+                    listed.extend(listing_item(&fetch, hide));
                 }
-                continue;
-            }
-            // Lines without both numbers are unsolicited (EXISTS, a flag change…).
-            if let Some(item) = listing_item(&line, hide) {
-                listed.extend(item);
-            }
+            })
+            .map_err(text)?;
+        match status.kind {
+            StatusKind::Ok => Ok(listed),
+            _ => Err(format!("UID FETCH: {status}")),
         }
     }
 
@@ -1014,110 +1042,178 @@ impl<S: Read + Write> RawCommand<S> {
         self.send(&format!("STATUS {} (X-GUID)", quoted(mailbox)))
             .map_err(text)?;
         let mut guid = None;
-        let mut line = Vec::new();
-        loop {
-            if let Err(e) = self.read_line(&mut line) {
-                break Err(text(e));
+        self.read_to_tagged("STATUS", &mut KeepAll, |_, response| {
+            if let Response::Data { name, values } = response
+                && name == "STATUS"
+                && guid.is_none()
+            {
+                guid = status_guid(&values);
             }
-            if self.status(&line, "STATUS").is_some() {
-                break Ok(guid);
-            }
-            if let Some(length) = literal_length(&line) {
-                if let Err(e) = self.skip(length) {
-                    break Err(text(e));
-                }
-                continue;
-            }
-            guid = guid.or_else(|| status_guid(&line));
-        }
+        })
+        .map_err(text)?;
+        Ok(guid)
     }
 
-    /// Sends `command`, then reads to its tagged response. Returns the body's length and
-    /// whether the sink wants more, or `None` when no body came. `range` is the partial
-    /// fetch's length, which the body must not exceed.
+    /// `UID FETCH uid (UID BODY.PEEK[])`, or the partial range `<offset.length>`, read to
+    /// its tagged response. Returns the body's length and whether the sink wants more, or
+    /// `None` when no body came. The body goes to `sink` as it arrives, but only the body
+    /// of `uid`: see [`BodyTaker`].
     fn fetch(
         &mut self,
-        command: &str,
-        first: bool,
+        uid: u32,
+        offset: usize,
         range: Option<usize>,
         sink: &mut dyn MessageSink,
     ) -> Result<Option<(usize, bool)>, Chunk> {
-        self.send(command)?;
-        let mut body = None;
-        let mut line = Vec::new();
-        loop {
-            self.read_line(&mut line)?;
-            if let Some(status) = self.status(&line, "UID FETCH") {
-                return status.map(|()| body);
+        let section = match range {
+            None => "BODY.PEEK[]".to_string(),
+            Some(length) => format!("BODY.PEEK[]<{offset}.{length}>"),
+        };
+        // UID first: a server that answers in the order asked names the message before
+        // its body, so a wrong one is refused before any of it reaches the client.
+        self.send(&format!("UID FETCH {uid} (UID {section})"))?;
+        let mut body = BodyTaker {
+            uid,
+            offset: offset as u64,
+            range: range.map(|r| r as u64),
+            first: offset == 0,
+            sink,
+            taken: None,
+            checked: false,
+            more: true,
+            wrong: None,
+        };
+        let status = self.read_to_tagged("UID FETCH", &mut body, |body, response| {
+            if let Response::Message {
+                number,
+                data: MessageData::Fetch(fetch),
+            } = response
+            {
+                body.check_uid(number, &fetch);
             }
-            // An untagged line; each literal in it is followed by more of the line.
-            while let Some(length) = literal_length(&line) {
-                let is_body =
-                    body.is_none() && line.starts_with(b"* ") && ends_with_body_item(&line);
-                if !is_body {
-                    self.skip(length)?;
-                } else if range.is_some_and(|range| length > range) {
-                    // Sending it on would repeat the message from the next offset.
-                    return Err(Chunk::Backend(format!(
-                        "server ignored the partial fetch range (sent {length} octets for {})",
-                        range.unwrap_or_default()
-                    )));
-                } else {
-                    if first {
-                        sink.start().map_err(Chunk::Client)?;
-                    }
-                    let more = self.stream_literal(length, sink)?;
-                    body = Some((length, more));
-                }
-                self.read_line(&mut line)?;
-            }
+        })?;
+        if let Some(why) = body.wrong {
+            log::error!(
+                "IMAP protocol error in the answer to UID FETCH {uid}: {why}; the message is \
+                 not passed on (a message already begun is cut, without its final \".\")"
+            );
+            return Err(Chunk::Backend(why));
+        }
+        match status.kind {
+            StatusKind::Ok => Ok(body.taken.map(|(length, _)| (length as usize, body.more))),
+            StatusKind::No => Err(Chunk::No(format!("UID FETCH: {status}"), status)),
+            _ => Err(Chunk::Backend(format!("UID FETCH: {status}"))),
         }
     }
+}
 
-    /// Reads one line (to LF) into `line`.
-    fn read_line(&mut self, line: &mut Vec<u8>) -> Result<(), Chunk> {
-        line.clear();
-        let mut limited = (&mut self.input).take(MAX_RESPONSE_LINE as u64);
-        match limited.read_until(b'\n', line) {
-            Ok(0) => Err(Chunk::Backend(SERVER_CLOSED.into())),
-            Ok(_) if line.ends_with(b"\n") => Ok(()),
-            Ok(_) => Err(Chunk::Backend("IMAP response line too long".into())),
-            Err(e) => Err(Chunk::Backend(describe_io(&e))),
+/// Decides which literal of a body fetch's answer is the message, and checks that it is
+/// the message asked for.
+///
+/// The UID is checked against the one asked for in every FETCH response that carries the
+/// body. When the UID comes before the body (Dovecot, Gmail, and anyone answering in the
+/// order asked), a wrong one is found before any byte is passed on. When it comes after
+/// (Microsoft 365 sends `BODY[]` before `UID`), only the sequence number is known at the
+/// body's start; holding the body back until the UID arrives would cost memory as large
+/// as the message, so it is streamed and checked at the end: a mismatch, or no UID at all,
+/// then fails the fetch before the POP3 response gets its final ".", and a client never
+/// takes a cut response for a whole message. Either way it is an error with a log line.
+struct BodyTaker<'a> {
+    uid: u32,
+    offset: u64,
+    range: Option<u64>,
+    /// Whether this is the message's first fetch (the sink is started at its body).
+    first: bool,
+    sink: &'a mut dyn MessageSink,
+    /// The body taken: its length and the number of the message it came with.
+    taken: Option<(u64, u32)>,
+    /// Whether the UID of the FETCH response with the body was checked.
+    checked: bool,
+    /// Whether the sink wants more.
+    more: bool,
+    /// Why the answer cannot be trusted. Found while reading, reported after the tagged
+    /// response, so that the connection stays in step with its commands.
+    wrong: Option<String>,
+}
+
+impl Literals for BodyTaker<'_> {
+    fn offer(&mut self, number: u32, name: &str, before: &Fetch, length: u64) -> io::Result<bool> {
+        let Some(origin) = body_origin(name) else {
+            return Ok(false);
+        };
+        if self.wrong.is_some() {
+            return Ok(false);
         }
+        let wrong = if self.taken.is_some() {
+            Some(format!("a second message body (with message {number})"))
+        } else if let Some(uid) = before.uid().filter(|&uid| uid != self.uid) {
+            Some(format!(
+                "the server sent the body of UID {uid} (message {number}) for UID {}",
+                self.uid
+            ))
+        } else if origin.unwrap_or(0) != self.offset {
+            Some(format!(
+                "the server sent octets from {} for a fetch from {}",
+                origin.unwrap_or(0),
+                self.offset
+            ))
+        } else {
+            // Sending it on would repeat the message from the next offset.
+            self.range.filter(|&range| length > range).map(|range| {
+                format!("server ignored the partial fetch range (sent {length} octets for {range})")
+            })
+        };
+        if wrong.is_some() {
+            self.wrong = wrong;
+            return Ok(false);
+        }
+        if self.first {
+            self.sink.start()?;
+        }
+        self.taken = Some((length, number));
+        Ok(true)
     }
 
-    /// Passes `length` octets to the sink; once it wants no more, reads and drops the rest.
-    fn stream_literal(
-        &mut self,
-        mut length: usize,
-        sink: &mut dyn MessageSink,
-    ) -> Result<bool, Chunk> {
-        let mut more = true;
-        while length > 0 {
-            let available = self
-                .input
-                .fill_buf()
-                .map_err(|e| Chunk::Backend(describe_io(&e)))?;
-            if available.is_empty() {
-                return Err(Chunk::Backend(SERVER_CLOSED.into()));
-            }
-            let n = available.len().min(length);
-            if more {
-                more = sink.data(&available[..n]).map_err(Chunk::Client)?;
-            }
-            self.input.consume(n);
-            length -= n;
-        }
-        Ok(more)
-    }
-
-    fn skip(&mut self, length: usize) -> Result<(), Chunk> {
-        let copied = io::copy(&mut (&mut self.input).take(length as u64), &mut io::sink())
-            .map_err(|e| Chunk::Backend(describe_io(&e)))?;
-        if copied < length as u64 {
-            return Err(Chunk::Backend(SERVER_CLOSED.into()));
+    fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.more {
+            self.more = self.sink.data(bytes)?;
         }
         Ok(())
+    }
+}
+
+impl BodyTaker<'_> {
+    /// Checks the UID of a whole FETCH response, if it is the one that carried the body.
+    fn check_uid(&mut self, number: u32, fetch: &Fetch) {
+        let carried_body = fetch.0.iter().any(|(_, v)| matches!(v, Value::Taken(_)));
+        if self.checked || !carried_body || self.taken.is_none_or(|(_, n)| n != number) {
+            return;
+        }
+        self.checked = true;
+        let wrong = match fetch.uid() {
+            Some(uid) if uid == self.uid => return,
+            Some(uid) => format!(
+                "the server sent the body of UID {uid} (message {number}) for UID {}",
+                self.uid
+            ),
+            None => format!("no UID in the FETCH response with the body (message {number})"),
+        };
+        self.wrong.get_or_insert(wrong);
+    }
+}
+
+/// `Some(origin)` when `name` is `BODY[]` (origin `None`) or `BODY[]<origin>`: the only
+/// fetch item with a message body we ask for.
+fn body_origin(name: &str) -> Option<Option<u64>> {
+    let rest = name.strip_prefix("BODY[]")?;
+    if rest.is_empty() {
+        return Some(None);
+    }
+    let digits = rest.strip_prefix('<')?.strip_suffix('>')?;
+    match digits.parse() {
+        Ok(origin) => Some(Some(origin)),
+        // "BODY[]<x>" is no body item of ours.
+        Err(_) => None,
     }
 }
 
@@ -1144,96 +1240,43 @@ impl<R> Write for Recorded<R> {
 /// (tests/fuzz), which has no server.
 pub fn read_listing(response: impl Read, hide: Option<&str>) -> Result<Vec<(u32, u64)>, String> {
     RawCommand {
-        input: BufReader::new(Recorded(response)),
+        reader: Reader::new(BufReader::new(Recorded(response))),
         tag: "L0".into(),
     }
     .list(hide)
 }
 
-/// What one body fetch (tag `L1`) makes of `response`: the body's length and whether
-/// `sink` wants more, `None` when no body came. `range` is the partial fetch's length.
-/// For the fuzzer (tests/fuzz), which has no server.
+/// What one body fetch of UID 1 (tag `L1`) makes of `response`: the body's length and
+/// whether `sink` wants more, `None` when no body came. `range` is the partial fetch's
+/// length (from offset 0). For the fuzzer (tests/fuzz), which has no server.
 pub fn read_body(
     response: impl Read,
     range: Option<usize>,
     sink: &mut dyn MessageSink,
 ) -> Result<Option<(usize, bool)>, FetchError> {
     let mut command = RawCommand {
-        input: BufReader::new(Recorded(response)),
+        reader: Reader::new(BufReader::new(Recorded(response))),
         tag: "L1".into(),
     };
-    command
-        .fetch("UID FETCH 1 (BODY.PEEK[])", true, range, sink)
-        .map_err(|e| match e {
-            Chunk::Client(e) => FetchError::Client(e),
-            Chunk::No(why) | Chunk::Backend(why) => FetchError::Backend(BackendError(why)),
+    command.fetch(1, 0, range, sink).map_err(|e| match e {
+        Chunk::Client(e) => FetchError::Client(e),
+        Chunk::No(why, _) | Chunk::Backend(why) => FetchError::Backend(BackendError(why)),
+    })
+}
+
+/// (UID, size) from a FETCH response, `None` for a message carrying the keyword `hide` or
+/// a response without both numbers (an unsolicited flag change). Items may come in any
+/// order (RFC 3501 §7.4.2).
+fn listing_item(fetch: &Fetch, hide: Option<&str>) -> Option<(u32, u64)> {
+    let (uid, size) = (fetch.uid()?, fetch.number("RFC822.SIZE")?);
+    let hidden = hide.is_some_and(|keyword| {
+        fetch.flags().is_some_and(|flags| {
+            flags
+                .iter()
+                .any(|flag| flag.eq_ignore_ascii_case(keyword.as_bytes()))
         })
-}
-
-/// (UID, size) from one `* n FETCH (…)` line, or `Some(None)` for a message carrying the
-/// keyword `hide`; `None` when the line is not a FETCH with both numbers. Items may come in
-/// any order (RFC 3501 §7.4.2).
-fn listing_item(line: &[u8], hide: Option<&str>) -> Option<Option<(u32, u64)>> {
-    let text = std::str::from_utf8(line).ok()?.trim_end();
-    let mut words = text.splitn(3, ' ');
-    let (Some("*"), Some(_), Some(rest)) = (words.next(), words.next(), words.next()) else {
-        return None;
-    };
-    let rest = rest.strip_prefix("FETCH (").or_else(|| {
-        rest.get(..7)
-            .filter(|p| p.eq_ignore_ascii_case("FETCH ("))
-            .map(|_| &rest[7..])
-    })?;
-    let mut items = rest.strip_suffix(')')?;
-    let (mut uid, mut size, mut hidden) = (None, None, false);
-    while !items.is_empty() {
-        let (name, after) = items.split_once(' ')?;
-        let (value, next) = if after.starts_with('(') {
-            let end = after.find(')')?;
-            (&after[1..end], after[end + 1..].trim_start())
-        } else {
-            let end = after.find(' ').unwrap_or(after.len());
-            (&after[..end], after[end..].trim_start())
-        };
-        match name.to_ascii_uppercase().as_str() {
-            "UID" => uid = value.parse::<u32>().ok(),
-            "RFC822.SIZE" => size = value.parse::<u64>().ok(),
-            "FLAGS" => {
-                hidden = hide.is_some_and(|k| value.split(' ').any(|f| f.eq_ignore_ascii_case(k)));
-            }
-            _ => {}
-        }
-        items = next;
-    }
-    let (uid, size) = (uid?, size?);
-    Some((!hidden).then_some((uid, size)))
-}
-
-/// `n` when the line ends with a literal announcement `{n}` CRLF (RFC 3501 §4.3).
-fn literal_length(line: &[u8]) -> Option<usize> {
-    let line = line.strip_suffix(b"}\r\n")?;
-    let open = line.iter().rposition(|&b| b == b'{')?;
-    let digits = &line[open + 1..];
-    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// Whether the literal that ends `line` is the value of `BODY[]` or `BODY[]<origin>`: the
-/// only fetch item with a message body we ask for, in the only FETCH response with one.
-fn ends_with_body_item(line: &[u8]) -> bool {
-    let Some(open) = line.iter().rposition(|&b| b == b'{') else {
-        return false;
-    };
-    let mut item = line[..open].trim_ascii_end();
-    if item.ends_with(b">") {
-        let Some(lt) = item.iter().rposition(|&b| b == b'<') else {
-            return false;
-        };
-        item = &item[..lt];
-    }
-    item.len() >= 6 && item[item.len() - 6..].eq_ignore_ascii_case(b"BODY[]")
+    });
+    (!hidden).then_some((uid, size))
 }
 
 fn describe_io(error: &io::Error) -> String {
@@ -1243,21 +1286,6 @@ fn describe_io(error: &io::Error) -> String {
         }
         _ => format!("IMAP connection failed: {error}"),
     }
-}
-
-/// UID MOVE (RFC 6851) where offered, else UID COPY + \Deleted + UID EXPUNGE (RFC 4315).
-fn move_to(
-    session: &mut ImapSession,
-    set: &str,
-    mailbox: &str,
-    has_move: bool,
-) -> imap::Result<()> {
-    if has_move {
-        return session.uid_mv(set, mailbox);
-    }
-    session.uid_copy(set, quoted(mailbox))?;
-    session.uid_store(set, "+FLAGS.SILENT (\\Deleted)")?;
-    session.uid_expunge(set).map(drop)
 }
 
 #[cfg(test)]
@@ -1497,6 +1525,57 @@ mod oauth2_tests {
         maildrop.close();
     }
 
+    /// A logged-in maildrop on a server that answers body fetches with UID `body_uid`,
+    /// before or after the body.
+    fn answering_with_uid(body_uid: u32, uid_after_body: bool) -> (FakeImap, Box<dyn Maildrop>) {
+        let fake = FakeImap::start(Script {
+            message: Some(MESSAGE.into()),
+            body_uid: Some(body_uid),
+            uid_after_body,
+            ..script(&ALL, &["t1"])
+        });
+        let tokens = Tokens::new("alice@example.com", &["t1"]);
+        let credentials = Credentials {
+            user: "alice",
+            password: "pw",
+        };
+        let maildrop = opener(&fake, &tokens).open(&credentials).unwrap();
+        (fake, maildrop)
+    }
+
+    #[test]
+    fn the_body_of_the_right_uid_is_passed_on_in_either_order() {
+        for uid_after_body in [false, true] {
+            let (_fake, mut maildrop) = answering_with_uid(5, uid_after_body);
+            assert_eq!(retr(&mut maildrop).unwrap(), MESSAGE.as_bytes());
+            maildrop.close();
+        }
+    }
+
+    #[test]
+    fn a_body_of_another_uid_fails_the_fetch_and_the_connection_is_not_trusted_again() {
+        // UID before the body: nothing reaches the sink.
+        let (_fake, mut maildrop) = answering_with_uid(6, false);
+        let mut sink = Collect::default();
+        let result = maildrop.fetch(0, Extent::Whole, &mut sink);
+        assert!(
+            matches!(&result, Err(FetchError::Backend(e)) if e.0.contains("UID 6")),
+            "{result:?}"
+        );
+        assert!(sink.0.is_empty());
+        assert!(maildrop.keepalive().is_err());
+        maildrop.close();
+        // UID after the body (Microsoft 365's order): the fetch fails before it completes,
+        // so the session never sends the final "." of the wrong message.
+        let (_fake, mut maildrop) = answering_with_uid(6, true);
+        let result = retr(&mut maildrop);
+        assert!(
+            matches!(&result, Err(FetchError::Backend(e)) if e.0.contains("UID 6")),
+            "{result:?}"
+        );
+        maildrop.close();
+    }
+
     #[test]
     fn a_server_without_an_oauth2_mechanism_is_a_setup_error() {
         let fake = FakeImap::start(script(&["AUTH=PLAIN"], &["t1"]));
@@ -1512,70 +1591,171 @@ mod oauth2_tests {
 
 #[cfg(test)]
 mod tests {
-    use super::{ends_with_body_item, listing_item, literal_length, uid_set};
-
-    #[test]
-    fn listing_lines_in_any_item_order() {
-        let hide = Some("$POP3Deleted");
-        let item = |line: &str| listing_item(line.as_bytes(), hide);
-        assert_eq!(
-            item("* 1 FETCH (UID 7 RFC822.SIZE 1234 FLAGS (\\Seen))\r\n"),
-            Some(Some((7, 1234)))
-        );
-        assert_eq!(
-            item("* 2 FETCH (FLAGS () RFC822.SIZE 5 UID 9)\r\n"),
-            Some(Some((9, 5)))
-        );
-        assert_eq!(
-            item("* 3 fetch (uid 10 rfc822.size 6 flags ($pop3deleted \\Seen))\r\n"),
-            Some(None)
-        );
-        assert_eq!(
-            item("* 4 FETCH (UID 11 MODSEQ (42) RFC822.SIZE 7 FLAGS ($POP3Deleted2))\r\n"),
-            Some(Some((11, 7)))
-        );
-        assert_eq!(
-            listing_item(
-                b"* 3 FETCH (UID 10 RFC822.SIZE 6 FLAGS ($POP3Deleted))\r\n",
-                None
-            ),
-            Some(Some((10, 6)))
-        );
-        // Unsolicited: no size, or not a FETCH at all.
-        assert_eq!(item("* 5 FETCH (FLAGS (\\Seen) UID 12)\r\n"), None);
-        assert_eq!(item("* 23 EXISTS\r\n"), None);
-        assert_eq!(item("* OK [ALERT] FETCH (soon)\r\n"), None);
-    }
-
-    #[test]
-    fn literal_announcements_are_recognised() {
-        assert_eq!(
-            literal_length(b"* 1 FETCH (UID 5 BODY[] {1234}\r\n"),
-            Some(1234)
-        );
-        assert_eq!(literal_length(b"* 1 FETCH (BODY[]<0> {0}\r\n"), Some(0));
-        assert_eq!(literal_length(b"* 1 FETCH (UID 5 FLAGS ())\r\n"), None);
-        assert_eq!(literal_length(b"* OK {x}\r\n"), None);
-        assert_eq!(literal_length(b"* OK {}\r\n"), None);
-        assert_eq!(literal_length(b"* OK {12345678901}\r\n"), None);
-    }
-
-    #[test]
-    fn only_the_body_item_is_streamed() {
-        assert!(ends_with_body_item(b"* 1 FETCH (UID 5 BODY[] {12}\r\n"));
-        assert!(ends_with_body_item(
-            b"* 1 FETCH (UID 5 BODY[]<65536> {12}\r\n"
-        ));
-        assert!(ends_with_body_item(b"* 1 FETCH (body[] {12}\r\n"));
-        assert!(!ends_with_body_item(b"* 1 FETCH (BODY[HEADER] {12}\r\n"));
-        assert!(!ends_with_body_item(b"* 1 FETCH (X-SUBJECT {12}\r\n"));
-        assert!(!ends_with_body_item(b"* 1 FETCH (UID 5 FLAGS ())\r\n"));
-    }
+    use super::uid_set;
 
     #[test]
     fn uid_sets_compress_runs() {
         assert_eq!(uid_set(&[1]), "1");
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
         assert_eq!(uid_set(&[4294967295]), "4294967295");
+    }
+}
+
+#[cfg(test)]
+mod reader_tests {
+    //! The listing and the body fetch over server transcripts (tag `L0` and `L1`, UID 1
+    //! asked for): the response styles of Gmail and Microsoft 365, and unsolicited
+    //! responses at every position.
+
+    use super::{read_body, read_listing};
+    use crate::pop3::maildrop::{FetchError, MessageSink};
+    use std::io;
+
+    #[derive(Default)]
+    struct Collect(Vec<u8>, usize);
+
+    impl MessageSink for Collect {
+        fn start(&mut self) -> io::Result<()> {
+            self.1 += 1;
+            Ok(())
+        }
+        fn data(&mut self, bytes: &[u8]) -> io::Result<bool> {
+            self.0.extend_from_slice(bytes);
+            Ok(true)
+        }
+    }
+
+    fn body(response: &[u8]) -> Result<Vec<u8>, String> {
+        let mut sink = Collect::default();
+        match read_body(response, None, &mut sink) {
+            Ok(Some((length, true))) if length == sink.0.len() && sink.1 == 1 => Ok(sink.0),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(FetchError::Backend(e)) => Err(e.0),
+            Err(e) => Err(format!("{e:?}")),
+        }
+    }
+
+    const UNSOLICITED: [&str; 5] = [
+        "* 5 EXISTS\r\n",
+        "* 2 EXPUNGE\r\n",
+        "* 3 FETCH (FLAGS (\\Seen) UID 3)\r\n",
+        "* OK [ALERT] Mailbox almost full {5}\r\n",
+        "* 4 FETCH (X-GM-LABELS (\"a (b)\") UID 4 FLAGS ())\r\n",
+    ];
+
+    /// `parts` joined, with `extra` inserted before part `at` (after all when `at` is the
+    /// number of parts).
+    fn with(parts: &[&str], extra: &str, at: usize) -> Vec<u8> {
+        let mut out = String::new();
+        for (i, part) in parts.iter().enumerate() {
+            if i == at {
+                out.push_str(extra);
+            }
+            out.push_str(part);
+        }
+        if at == parts.len() {
+            out.push_str(extra);
+        }
+        out.into_bytes()
+    }
+
+    #[test]
+    fn the_body_survives_unsolicited_responses_at_every_position() {
+        let styles: [&[&str]; 3] = [
+            // Dovecot and Gmail: UID first.
+            &[
+                "* 1 FETCH (UID 1 BODY[] {5}\r\n",
+                "hello",
+                ")\r\n",
+                "L1 OK done\r\n",
+            ],
+            // Microsoft 365: the body first, the UID after it.
+            &[
+                "* 1 FETCH (BODY[] {5}\r\n",
+                "hello",
+                " UID 1)\r\n",
+                "L1 OK done\r\n",
+            ],
+            // Gmail with its attributes around the body.
+            &[
+                "* 1 FETCH (X-GM-MSGID 17 X-GM-LABELS (\"\\\\Inbox\" \"a (b)\") UID 1 BODY[] {5}\r\n",
+                "hello",
+                " FLAGS (\\Seen))\r\n",
+                "L1 OK Success\r\n",
+            ],
+        ];
+        for parts in styles {
+            // Between the lines of the response, never inside one.
+            for at in [0, 3, 4] {
+                for extra in UNSOLICITED {
+                    let response = with(parts, extra, at);
+                    assert_eq!(
+                        body(&response).as_deref(),
+                        Ok(&b"hello"[..]),
+                        "{}",
+                        String::from_utf8_lossy(&response)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_brace_at_the_end_of_an_alert_skips_nothing() {
+        let response =
+            b"* OK [ALERT] Quota {5}\r\n* 1 FETCH (UID 1 BODY[] {5}\r\nhello)\r\nL1 OK done\r\n";
+        assert_eq!(body(response).as_deref(), Ok(&b"hello"[..]));
+    }
+
+    #[test]
+    fn the_body_may_follow_another_literal_of_its_response() {
+        let response =
+            b"* 1 FETCH (BODY[HEADER] {3}\r\nabc BODY[] {5}\r\nhello UID 1)\r\nL1 OK done\r\n";
+        assert_eq!(body(response).as_deref(), Ok(&b"hello"[..]));
+    }
+
+    #[test]
+    fn the_body_of_another_uid_is_never_passed_on() {
+        // The UID before the body: nothing reaches the client.
+        let mut sink = Collect::default();
+        let response = b"* 2 FETCH (UID 2 BODY[] {5}\r\nwrong)\r\nL1 OK done\r\n";
+        let result = read_body(&response[..], None, &mut sink);
+        assert!(
+            matches!(&result, Err(FetchError::Backend(e)) if e.0.contains("UID 2")),
+            "{result:?}"
+        );
+        assert_eq!((sink.0.len(), sink.1), (0, 0));
+        // The UID after the body (Microsoft 365's order), or none at all: an error before
+        // the fetch completes, so the client never gets the final "." of a wrong message.
+        for response in [
+            &b"* 2 FETCH (BODY[] {5}\r\nwrong UID 2)\r\nL1 OK done\r\n"[..],
+            b"* 1 FETCH (BODY[] {5}\r\nwhose)\r\nL1 OK done\r\n",
+        ] {
+            let result = body(response);
+            assert!(
+                result.as_ref().is_err_and(|e| e.contains("UID")),
+                "{result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_listing_reads_gmail_labels_and_unsolicited_responses() {
+        let parts = [
+            "* 1 FETCH (X-GM-LABELS (\"a (b)\" Work) UID 7 RFC822.SIZE 120 FLAGS (\\Seen))\r\n",
+            "* 2 FETCH (UID 9 X-GM-LABELS (\"x) y\") RFC822.SIZE 5 FLAGS ())\r\n",
+            "L0 OK done\r\n",
+        ];
+        for at in 0..=parts.len() {
+            for extra in UNSOLICITED {
+                let response = with(&parts, extra, at);
+                assert_eq!(
+                    read_listing(&response[..], None),
+                    Ok(vec![(7, 120), (9, 5)]),
+                    "{}",
+                    String::from_utf8_lossy(&response)
+                );
+            }
+        }
     }
 }

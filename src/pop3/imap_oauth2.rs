@@ -172,14 +172,16 @@ fn refusal(
         }
         // No challenge (Exchange sends none): the NO's code decides, as for LOGIN; an
         // expired "passphrase" (RFC 5530 EXPIRED) is an expired token here.
-        None => match super::imap::login_error(imap::Error::No(no)) {
-            OpenError::Auth(_) => Refusal::Rejected(said),
-            OpenError::Permanent(_) if said.to_ascii_uppercase().contains("EXPIRED") => {
-                Refusal::Rejected(said)
+        None => {
+            let (code, _) = crate::imap_wire::parse_resp_text(&no.information);
+            let expired = code.is_some_and(|code| code.name == "EXPIRED");
+            match super::imap::login_error(imap::Error::No(no)) {
+                OpenError::Auth(_) => Refusal::Rejected(said),
+                OpenError::Permanent(_) if expired => Refusal::Rejected(said),
+                OpenError::Permanent(_) => Refusal::Failed(OpenError::Permanent(said)),
+                _ => Refusal::Failed(OpenError::Temporary(said)),
             }
-            OpenError::Permanent(_) => Refusal::Failed(OpenError::Permanent(said)),
-            _ => Refusal::Failed(OpenError::Temporary(said)),
-        },
+        }
     }
 }
 
@@ -348,6 +350,11 @@ mod tests {
             ),
             ("a1 NO [EXPIRED] token expired\r\n", "Rejected("),
             ("a1 NO [UNAVAILABLE] try later\r\n", "Failed(Temporary("),
+            // The code decides, not a word in the text: no new token helps here.
+            (
+                "a1 NO [CONTACTADMIN] Account expired\r\n",
+                "Failed(Permanent(",
+            ),
             ("a1 BAD unknown mechanism\r\n", "Failed(Permanent("),
             (
                 "+ eyJzdGF0dXMiOiJpbnN1ZmZpY2llbnRfc2NvcGUiLCJzY29wZSI6Im1haWwifQ==\r\na1 NO no\r\n",

@@ -3,8 +3,10 @@
 //! Dovecot's mailbox GUID, `STATUS mailbox (X-GUID)` (Dovecot 2.2 and 2.3, which have no
 //! OBJECTID; unadvertised, and answered BAD by servers without it).
 //!
-//! Read from the raw response rather than through the `imap` crate, which drops response
-//! codes it does not know, `MAILBOXID` among them.
+//! Read from the raw response with [`crate::imap_wire`]'s grammar rather than through the
+//! `imap` crate, which drops response codes it does not know, `MAILBOXID` among them.
+
+use crate::imap_wire::{Code, KeepAll, MessageData, Reader, Response, Status, StatusKind, Value};
 
 /// The selected mailbox.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -23,48 +25,50 @@ pub struct Selected {
 }
 
 impl Selected {
-    /// Parses the whole response: untagged lines, then the tagged OK line last.
+    /// Parses the whole response, read by the IMAP grammar: untagged responses, then the
+    /// tagged OK. A response that breaks the grammar ends the reading; what came before
+    /// it counts.
     pub fn parse(response: &[u8]) -> Selected {
         let mut selected = Selected::default();
-        let text = String::from_utf8_lossy(response);
-        let lines: Vec<&str> = text.lines().collect();
-        for (i, line) in lines.iter().enumerate() {
-            let line = line.trim_end();
-            let Some(rest) = line.strip_prefix("* ") else {
-                // The tagged line: "tag OK [READ-ONLY] …".
-                if i + 1 == lines.len() {
-                    selected.read_only = code(line.split_once(' ').map_or("", |(_, r)| r))
-                        .is_some_and(|(name, _)| name.eq_ignore_ascii_case("READ-ONLY"));
-                }
-                continue;
-            };
-            if let Some((number, word)) = rest.split_once(' ')
-                && word.eq_ignore_ascii_case("EXISTS")
-            {
-                selected.exists = number.parse().unwrap_or(0);
-                continue;
-            }
-            let Some((name, value)) = code(rest) else {
-                continue;
-            };
-            match name.to_ascii_uppercase().as_str() {
-                "UIDVALIDITY" => selected.uid_validity = value.parse().ok(),
-                "PERMANENTFLAGS" => {
-                    selected.permanent_flags = parenthesised(value)
-                        .unwrap_or("")
-                        .split_ascii_whitespace()
-                        .map(str::to_string)
-                        .collect();
-                }
-                "MAILBOXID" => {
-                    selected.mailbox_id = parenthesised(value)
-                        .filter(|id| is_objectid(id))
-                        .map(str::to_string);
+        let mut reader = Reader::new(response);
+        while let Ok(response) = reader.next(&mut KeepAll) {
+            match response {
+                Response::Message {
+                    number,
+                    data: MessageData::Exists,
+                } => selected.exists = number,
+                Response::Condition(Status {
+                    kind: StatusKind::Ok,
+                    code: Some(code),
+                    ..
+                }) => selected.note(&code),
+                Response::Tagged { status, .. } => {
+                    selected.read_only = status.has_code("READ-ONLY");
                 }
                 _ => {}
             }
         }
         selected
+    }
+
+    /// What an untagged OK's response code says about the mailbox.
+    fn note(&mut self, code: &Code) {
+        match code.name.as_str() {
+            "UIDVALIDITY" => self.uid_validity = code.arguments.parse().ok(),
+            "PERMANENTFLAGS" => {
+                self.permanent_flags = parenthesised(&code.arguments)
+                    .unwrap_or("")
+                    .split_ascii_whitespace()
+                    .map(str::to_string)
+                    .collect();
+            }
+            "MAILBOXID" => {
+                self.mailbox_id = parenthesised(&code.arguments)
+                    .filter(|id| is_objectid(id))
+                    .map(str::to_string);
+            }
+            _ => {}
+        }
     }
 
     /// Whether `keyword` may be stored: named in PERMANENTFLAGS, or `\*` (new keywords).
@@ -75,35 +79,19 @@ impl Selected {
     }
 }
 
-/// The response code of "OK [NAME value] text": (NAME, value).
-fn code(status: &str) -> Option<(&str, &str)> {
-    let (word, rest) = status.split_once(' ')?;
-    if !word.eq_ignore_ascii_case("OK") {
+/// The X-GUID in the values of a `* STATUS mailbox (…)` response, if well formed: Dovecot's
+/// mailbox GUID.
+pub fn status_guid(values: &[Value]) -> Option<String> {
+    let [_mailbox, Value::List(items)] = values else {
         return None;
-    }
-    let inner = rest.strip_prefix('[')?;
-    // A value may hold "]" only inside its parentheses (PERMANENTFLAGS never does).
-    let inner = &inner[..inner.find(']')?];
-    Some(inner.split_once(' ').unwrap_or((inner, "")))
-}
-
-/// The GUID in `* STATUS mailbox (X-GUID guid)`, if `line` is that line and the GUID is a
-/// well-formed objectid.
-pub fn status_guid(line: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(line).ok()?.trim_end();
-    if !text.get(..9)?.eq_ignore_ascii_case("* STATUS ") {
-        return None;
-    }
-    // The mailbox name may be quoted and hold spaces; the item list is last.
-    let items = parenthesised(&text[text.rfind('(')?..])?;
-    let mut words = items.split_ascii_whitespace();
-    while let Some(name) = words.next() {
-        let value = words.next()?;
-        if name.eq_ignore_ascii_case("X-GUID") && is_objectid(value) {
-            return Some(value.to_string());
+    };
+    items.chunks(2).find_map(|pair| match pair {
+        [name, Value::Atom(value)] if name.bytes()?.eq_ignore_ascii_case(b"X-GUID") => {
+            let value = std::str::from_utf8(value).ok()?;
+            is_objectid(value).then(|| value.to_string())
         }
-    }
-    None
+        _ => None,
+    })
 }
 
 /// "(x y)" → "x y".
@@ -148,6 +136,27 @@ mod tests {
     }
 
     #[test]
+    fn literals_and_unsolicited_responses_are_read_by_the_grammar() {
+        // A literal whose text looks like responses, an ALERT ending in a brace, and a
+        // flag change: none of it is taken for the mailbox's state.
+        let response = "* FLAGS (\\Seen \\Deleted)\r\n\
+            * 2 EXISTS\r\n\
+            * 1 FETCH (BODY[HEADER] {41}\r\n\
+            * 99 EXISTS\r\n* OK [UIDVALIDITY 666] x\r\n\r\n)\r\n\
+            * OK [ALERT] Quota {5}\r\n\
+            * 1 FETCH (FLAGS (\\Seen))\r\n\
+            * OK [UIDVALIDITY 7] UIDs valid\r\n\
+            * OK [PERMANENTFLAGS (\\Seen \\*)] Limited\r\n\
+            a2 ok [read-only] EXAMINE completed\r\n";
+        let selected = Selected::parse(response.as_bytes());
+        assert_eq!(
+            (selected.exists, selected.uid_validity, selected.read_only),
+            (2, Some(7), true)
+        );
+        assert!(selected.allows_keyword("$POP3Deleted"));
+    }
+
+    #[test]
     fn without_objectid_there_is_no_mailbox_id() {
         let response = DOVECOT.replace(
             "* OK [MAILBOXID (F2212ea87-6097-4256-9d51-71338625)] Ok\r\n",
@@ -172,7 +181,11 @@ mod tests {
 
     #[test]
     fn dovecot_status_x_guid() {
-        use super::status_guid;
+        use crate::imap_wire::{KeepAll, Reader, Response};
+        let status_guid = |line: &[u8]| match Reader::new(line).next(&mut KeepAll) {
+            Ok(Response::Data { name, values }) if name == "STATUS" => super::status_guid(&values),
+            _ => None,
+        };
         assert_eq!(
             status_guid(b"* STATUS INBOX (X-GUID b61665115027116b6810000083ecc375)\r\n").as_deref(),
             Some("b61665115027116b6810000083ecc375")

@@ -92,6 +92,13 @@ const TARGETS: &[Target] = &[
         run: smtp::run_starttls,
     },
     Target {
+        name: "imap-wire",
+        share: 2,
+        generate: imap::generate_responses,
+        dictionary: imap::DICTIONARY,
+        run: imap::run_responses,
+    },
+    Target {
         name: "imap-listing",
         share: 1,
         generate: imap::generate_listing,

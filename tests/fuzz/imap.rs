@@ -1,13 +1,14 @@
-//! IMAP targets: the message listing and the body reader that `pop3::imap` runs on the raw
-//! IMAP connection (`RawCommand`), fed server responses through `read_listing` and
-//! `read_body`.
+//! IMAP targets: the response reader of its own (`imap_wire::Reader`), and the message
+//! listing and the body fetch that `pop3::imap` runs with it on the raw IMAP connection
+//! (`RawCommand`), fed server responses through `read_listing` and `read_body`.
 
 use crate::mutate::Rng;
 use crate::reach::hit;
 use crate::wire::show;
+use legacy_mail_proxy::imap_wire::{self, Fetch, Literals, Reader, Response};
 use legacy_mail_proxy::pop3::imap::{read_body, read_listing};
 use legacy_mail_proxy::pop3::maildrop::{FetchError, MessageSink};
-use std::io;
+use std::io::{self, BufReader};
 
 pub const DICTIONARY: &[&[u8]] = &[
     b"* ",
@@ -38,6 +39,12 @@ pub const DICTIONARY: &[&[u8]] = &[
     b")",
     b"\"",
     b"NIL",
+    b"X-GM-LABELS (\"a (b)\") ",
+    b"{3+}\r\n",
+    b"~{2}\r\n",
+    b"* OK [ALERT] x {5}\r\n",
+    b"+ ",
+    b"* 2 EXPUNGE\r\n",
 ];
 
 const KEYWORD: &str = "$POP3Deleted";
@@ -124,18 +131,27 @@ pub fn generate_body(rng: &mut Rng) -> Vec<u8> {
     if rng.one_in(3) {
         input.extend_from_slice(b"* 3 EXISTS\r\n");
     }
+    if rng.one_in(4) {
+        input.extend_from_slice(b"* OK [ALERT] Mailbox is full {5}\r\n");
+    }
+    // UID 1 is asked for: before the body (Dovecot, Gmail), after it (Microsoft 365),
+    // missing, or another one.
     let item = rng.pick(&[
+        "UID 1 BODY[]",
+        "UID 1 BODY[]<0>",
+        "uid 1 body[]",
+        "X-GM-LABELS (\"a (b)\") UID 1 BODY[]",
         "BODY[]",
         "BODY[]<0>",
-        "body[]",
         "UID 5 BODY[]",
-        "BODY[HEADER]",
+        "UID 1 BODY[HEADER]",
     ]);
     input.extend_from_slice(format!("* 1 FETCH ({item} {{{}}}\r\n", body.len()).as_bytes());
     input.extend_from_slice(body);
     input.extend_from_slice(rng.pick_bytes(&[
         &b")\r\n"[..],
         b" FLAGS (\\Seen))\r\n",
+        b" UID 1)\r\n",
         b" UID 5)\r\n",
     ]));
     if rng.one_in(4) {
@@ -209,6 +225,13 @@ fn judge_body(
         Ok(None) => Ok(()),
         Ok(Some((length, more))) => {
             hit("imap bodies read");
+            // UID 1 was asked for: a body is passed on only with that UID in the response.
+            if !response
+                .windows(6)
+                .any(|w| w[..5].eq_ignore_ascii_case(b"UID 1") && matches!(w[5], b' ' | b')'))
+            {
+                return Err("a body accepted without UID 1 in the response".into());
+            }
             if sink.starts != 1 {
                 return Err("a body without start".into());
             }
@@ -303,6 +326,99 @@ pub fn self_check() -> Result<(), String> {
         run_body(&generate_body(&mut rng)).map_err(|e| format!("IMAP body oracle: {e}"))?;
         run_listing(&generate_listing(&mut rng))
             .map_err(|e| format!("IMAP listing oracle: {e}"))?;
+        run_responses(&generate_responses(&mut rng))
+            .map_err(|e| format!("IMAP response oracle: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Responses of every kind, in the styles of Dovecot, Gmail and Microsoft 365, with
+/// literals of every kind and unsolicited responses between them.
+pub fn generate_responses(rng: &mut Rng) -> Vec<u8> {
+    let mut input = Vec::new();
+    for _ in 0..=rng.below(6) {
+        let literal = rng.pick(&["{5}", "{5+}", "~{5}"]);
+        let response = match rng.below(10) {
+            0 => "* 3 EXISTS\r\n".to_string(),
+            1 => "* 2 EXPUNGE\r\n".to_string(),
+            2 => "* 4 FETCH (FLAGS (\\Seen) UID 9)\r\n".to_string(),
+            3 => "* OK [ALERT] Quota nearly full {5}\r\n".to_string(),
+            4 => "* 1 FETCH (X-GM-MSGID 17 X-GM-LABELS (\"\\\\Inbox\" \"a (b)\") UID 1 \
+                  RFC822.SIZE 5 FLAGS ())\r\n"
+                .to_string(),
+            5 => format!("* 1 FETCH (BODY[] {literal}\r\nhello UID 1 FLAGS (\\Seen))\r\n"),
+            6 => format!(
+                "* 1 FETCH (UID 1 BODY[HEADER] {literal}\r\nhello BODY[]<0> {{3}}\r\nabc)\r\n"
+            ),
+            7 => format!("* STATUS {literal}\r\nIN(BX (MESSAGES 2 X-GUID ab12)\r\n"),
+            8 => "+ Ready for more {5}\r\n".to_string(),
+            _ => "* CAPABILITY IMAP4rev1 LITERAL+ MOVE\r\n".to_string(),
+        };
+        input.extend_from_slice(response.as_bytes());
+    }
+    input.extend_from_slice(rng.pick_bytes(&[
+        &b"a1 OK [READ-WRITE] done\r\n"[..],
+        b"a1 NO [TRYCREATE] no such mailbox\r\n",
+        b"a1 BAD what\r\n",
+        b"* BYE [UNAVAILABLE] throttled\r\n",
+    ]));
+    input
+}
+
+/// Takes every `BODY[]` literal, as the body fetch does.
+#[derive(Default)]
+struct Taker {
+    offered: u64,
+    taken: Vec<u8>,
+}
+
+impl Literals for Taker {
+    fn offer(&mut self, _: u32, name: &str, _: &Fetch, length: u64) -> io::Result<bool> {
+        let take = name.starts_with("BODY[]");
+        if take {
+            self.offered += length;
+        }
+        Ok(take)
+    }
+    fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.taken.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Every response the reader makes of `input` with a buffer of `capacity`, the error
+/// that ended the read (as text), and what the taker got.
+fn read_responses(input: &[u8], capacity: usize) -> (Vec<Response>, String, Taker) {
+    let mut reader = Reader::new(BufReader::with_capacity(capacity, input));
+    let mut taker = Taker::default();
+    let mut responses = Vec::new();
+    loop {
+        match reader.next(&mut taker) {
+            Ok(response) => responses.push(response),
+            Err(e) => return (responses, e.to_string(), taker),
+        }
+    }
+}
+
+/// The reader's results do not depend on how the input arrives; a taken literal gets
+/// exactly its announced length; every read ends (at the input's end at the latest).
+pub fn run_responses(input: &[u8]) -> Result<(), String> {
+    let (responses, end, taker) = read_responses(input, 1);
+    let (whole, whole_end, whole_taker) = read_responses(input, 64 * 1024);
+    if responses != whole || end != whole_end || taker.taken != whole_taker.taken {
+        return Err("the responses depend on the read size".into());
+    }
+    if end == imap_wire::Error::Closed.to_string() {
+        hit("imap responses read to the end");
+    }
+    if taker.taken.len() as u64 > taker.offered {
+        return Err("more literal octets taken than announced".into());
+    }
+    if responses
+        .iter()
+        .any(|r| matches!(r, Response::Message { .. }))
+    {
+        hit("imap message responses");
     }
     Ok(())
 }
