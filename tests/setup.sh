@@ -14,6 +14,9 @@ PACKAGES=(
     xinetd systemd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
     debhelper lintian # the Debian package (packaging/build-deb, tests/package.rs)
     mmdebstrap systemd-container # the real systemd in a container (tests/systemd.rs)
+    # Libraries of the extracted (not installed) servers below: setuid binaries ignore
+    # LD_LIBRARY_PATH, so these must be real installed packages. Exim (heavy build):
+    libmariadb3 libspf2-2 libpq5 libperl5.36 libldap-2.5-0 libsasl2-2 libidn12
 )
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -83,6 +86,38 @@ if [[ ! -e $idp_dir/node_modules/.lmp-installed ]]; then
     cp "$idp_src/package.json" "$idp_src/package-lock.json" "$idp_dir/"
     (cd "$idp_dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
     touch "$idp_dir/node_modules/.lmp-installed"
+fi
+
+# Extra servers of the server matrix (issue 13) conflict with the ones above (Exim with
+# Postfix as mail-transport-agent; Cyrus and Courier with dovecot-imapd as imap-server), so
+# they are never installed: their .debs are downloaded and unpacked into a cache, and the
+# harness runs the binaries from there (tests/common/exim.rs). Unpacked once per package
+# list; a finished unpack is marked by .lmp-extracted, so an interrupted one is redone.
+# Keep the directory names in sync with extracted_server_root() in tests/common/mod.rs.
+server_cache=${LMP_SERVER_CACHE:-/var/cache/legacy-mail-proxy-test}/servers
+extract_server() {
+    local name=$1
+    shift
+    local root=$server_cache/$name
+    [[ -e $root/.lmp-extracted && $(cat "$root/.lmp-extracted") == "$*" ]] && return 0
+    echo "setup: unpacking $* into $root (apt-get download + dpkg -x, not installed)" >&2
+    rm -rf "$root" "$root.debs"
+    mkdir -p "$root.debs"
+    chown _apt "$root.debs" 2>/dev/null || true # apt downloads as _apt when it can
+    (cd "$root.debs" && apt-get download "$@") || {
+        apt-get update && (cd "$root.debs" && apt-get download "$@")
+    }
+    for deb in "$root.debs"/*.deb; do
+        dpkg -x "$deb" "$root"
+    done
+    rm -rf "$root.debs"
+    echo "$*" >"$root/.lmp-extracted"
+}
+extract_server exim4 exim4-daemon-heavy exim4-base exim4-config
+# Exim's binary refuses to run (even --version) without its compiled-in user.
+if ! getent passwd Debian-exim >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin Debian-exim
 fi
 
 if ! getent passwd "$MAIL_USER" >/dev/null; then

@@ -22,6 +22,7 @@
 
 mod clients;
 mod dovecot;
+mod exim;
 mod fault;
 mod gateway;
 mod inetd;
@@ -47,6 +48,8 @@ pub use clients::{
     imap_mailbox_list, missing_program_message, proxy_bin, python, python_ok, require_client,
     run_proxy, server_env, wait_for_messages, wait_until, which,
 };
+#[allow(unused_imports)]
+pub use exim::{Exim, exim};
 #[allow(unused_imports)]
 pub use fault::{FaultProxy, line_filter, without_capability};
 #[allow(unused_imports)]
@@ -234,6 +237,26 @@ fn is_root() -> bool {
 /// The absolute path of a server program, or the install instructions.
 pub(crate) fn find_binary(program: &str) -> Result<PathBuf, String> {
     which(program).ok_or_else(|| missing_program_message(program))
+}
+
+/// The root of a server that tests/setup.sh unpacked (not installed: it conflicts with
+/// Dovecot or Postfix) under `$LMP_SERVER_CACHE/servers/NAME`, default
+/// /var/cache/legacy-mail-proxy-test; or how to get it. Keep in sync with tests/setup.sh.
+pub(crate) fn extracted_server_root(name: &str) -> Result<PathBuf, String> {
+    let cache = std::env::var_os("LMP_SERVER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/legacy-mail-proxy-test"));
+    let root = cache.join("servers").join(name);
+    if root.join(".lmp-extracted").exists() {
+        Ok(root)
+    } else {
+        Err(format!(
+            "{name} is not unpacked in {}: run `sudo ./tests/setup.sh` (or `sudo ./tests/run-all`), \
+             which downloads Debian's packages with apt-get download and unpacks them there \
+             (they conflict with the installed Dovecot/Postfix, so they are not installed)",
+            root.display()
+        ))
+    }
 }
 
 /// `getent DB NAME`: (uid, gid) for "passwd", (gid, gid) for "group".
