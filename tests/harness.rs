@@ -9,8 +9,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    FaultProxy, dovecot_pop3_list, dovecot_pop3_uidl, exim, imap_fetch_all, imap_flags,
-    imap_mailbox_list, postfix, python, python_ok, require_client, servers, wait_for_messages,
+    FaultProxy, cyrus, dovecot_pop3_list, dovecot_pop3_uidl, exim, imap_fetch_all,
+    imap_fetch_all_at, imap_flags, imap_mailbox_list, postfix, python, python_ok, require_client,
+    servers, wait_for_messages,
 };
 
 /// Python: log in over implicit TLS, trusting only the CA file given in LMP_TEST_CA.
@@ -464,6 +465,40 @@ fn exim_refuses_wrong_passwords_unknown_recipients_and_unauthenticated_mail() {
         "{text}"
     );
     assert_eq!(user.maildir_count(), 0);
+}
+
+/// Cyrus IMAP (unpacked rather than installed) knows a harness user with the same
+/// password, keeps APPENDed messages byte for byte, refuses a wrong password, and speaks
+/// implicit TLS with the harness CA.
+#[test]
+fn cyrus_serves_appended_messages_byte_exact_and_refuses_wrong_passwords() {
+    let started = Instant::now();
+    let c = cyrus();
+    eprintln!("Cyrus answered after {:?}", started.elapsed());
+    let user = servers().new_user("cyrus");
+    let messages = vec![
+        b"Subject: one\r\n\r\nfirst\r\n".to_vec(),
+        b"Subject: two\r\n\r\n.\r\n8-bit \xe9\r\n".to_vec(),
+    ];
+    c.seed(&user, &messages);
+    let fetched = imap_fetch_all_at(&user, c.imap_port, "INBOX");
+    let bodies: Vec<Vec<u8>> = fetched.into_iter().map(|(_, m)| m).collect();
+    assert_eq!(bodies, messages, "{}", c.logs());
+    let out = imaps_login(c.host, c.imaps_port, &servers().ca_file, &user);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut wrong = user.clone();
+    wrong.password = "not the password".into();
+    let out = imaps_login(c.host, c.imaps_port, &servers().ca_file, &wrong);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("authentication failure"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

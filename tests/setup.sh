@@ -17,6 +17,10 @@ PACKAGES=(
     # Libraries of the extracted (not installed) servers below: setuid binaries ignore
     # LD_LIBRARY_PATH, so these must be real installed packages. Exim (heavy build):
     libmariadb3 libspf2-2 libpq5 libperl5.36 libldap-2.5-0 libsasl2-2 libidn12
+    # Cyrus IMAP (its own libcyrus* come from the unpacked cyrus-common, via LD_LIBRARY_PATH),
+    # and sasl2-bin/libsasl2-modules for its sasldb accounts:
+    libclamav12 libical3 libicu72 libjansson4 libxapian30 libzephyr4 libwrap0 libsqlite3-0
+    libpcre3 libxml2 libkrb5-3 sasl2-bin libsasl2-modules
 )
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -114,10 +118,16 @@ extract_server() {
     echo "$*" >"$root/.lmp-extracted"
 }
 extract_server exim4 exim4-daemon-heavy exim4-base exim4-config
+extract_server cyrus cyrus-imapd cyrus-common
 # Exim's binary refuses to run (even --version) without its compiled-in user.
 if ! getent passwd Debian-exim >/dev/null; then
     useradd --system --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin Debian-exim
+fi
+# Cyrus's processes switch to its compiled-in user `cyrus` (group mail, as Debian's package).
+if ! getent passwd cyrus >/dev/null; then
+    useradd --system --gid mail --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin cyrus
 fi
 
 if ! getent passwd "$MAIL_USER" >/dev/null; then

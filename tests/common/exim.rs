@@ -13,13 +13,12 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::process::{ServerProcess, free_ports};
-use super::{Servers, extracted_server_root, getent_ids, servers};
+use super::{Servers, extracted_server_root, getent_ids, owned_state_dir, servers};
 
 /// The running Exim. Ports are on 127.0.0.1; both use the harness CA's certificate.
 pub struct Exim {
@@ -132,7 +131,7 @@ dovecot_login:
         domain = super::MAIL_DOMAIN,
         p0 = ports[0],
         p1 = ports[1],
-        cert = state.join("server.crt").display(),
+        cert = state.join("server.crt").display(), // see owned_state_dir
         key = state.join("server.key").display(),
         state = state.display(),
         passwd = s.passwd_dir.display(),
@@ -147,20 +146,7 @@ fn start(s: &Servers) -> Result<Exim, String> {
         "system user `Debian-exim` is missing (Exim refuses to run without it): run `sudo ./tests/setup.sh`",
     )?;
     let state = s.dir.join("exim");
-    for d in [state.clone(), state.join("spool")] {
-        fs::create_dir_all(&d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
-        std::os::unix::fs::chown(&d, Some(uid), Some(gid))
-            .map_err(|e| format!("chown {}: {e}", d.display()))?;
-        fs::set_permissions(&d, fs::Permissions::from_mode(0o750))
-            .map_err(|e| format!("chmod {}: {e}", d.display()))?;
-    }
-    // Exim reads the key after dropping to Debian-exim: its own copies, owned by it.
-    let (cert, key) = (state.join("server.crt"), state.join("server.key"));
-    for (from, to) in [(&s.tls.server_cert, &cert), (&s.tls.server_key, &key)] {
-        fs::copy(from, to).map_err(|e| format!("copy {}: {e}", from.display()))?;
-        std::os::unix::fs::chown(to, Some(uid), Some(gid))
-            .map_err(|e| format!("chown {}: {e}", to.display()))?;
-    }
+    owned_state_dir(s, &state, &["spool"], (uid, gid))?;
     let conf = state.join("exim.conf");
     let main_log = state.join("main.log");
     let logs = vec![

@@ -21,6 +21,7 @@
 #![allow(dead_code)]
 
 mod clients;
+mod cyrus;
 mod dovecot;
 mod exim;
 mod fault;
@@ -44,10 +45,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 // Each test binary uses a subset of these.
 #[allow(unused_imports)]
 pub use clients::{
-    dovecot_pop3_list, dovecot_pop3_uidl, imap_fetch_all, imap_fetch_all_in, imap_flags,
-    imap_mailbox_list, missing_program_message, proxy_bin, python, python_ok, require_client,
-    run_proxy, server_env, wait_for_messages, wait_until, which,
+    dovecot_pop3_list, dovecot_pop3_uidl, imap_append_at, imap_fetch_all, imap_fetch_all_at,
+    imap_fetch_all_in, imap_flags, imap_flags_at, imap_mailbox_list, missing_program_message,
+    proxy_bin, python, python_ok, require_client, run_proxy, server_env, wait_for_messages,
+    wait_until, which,
 };
+#[allow(unused_imports)]
+pub use cyrus::{Cyrus, cyrus};
 #[allow(unused_imports)]
 pub use exim::{Exim, exim};
 #[allow(unused_imports)]
@@ -257,6 +261,34 @@ pub(crate) fn extracted_server_root(name: &str) -> Result<PathBuf, String> {
             root.display()
         ))
     }
+}
+
+/// For a server that drops privileges to `uid`/`gid` (Exim, Cyrus): creates `dir` and
+/// its `subdirs` owned by it, and gives it its own copies of the harness server certificate
+/// and key (`dir/server.crt`, `dir/server.key`), which it reads after dropping root.
+pub(crate) fn owned_state_dir(
+    s: &Servers,
+    dir: &Path,
+    subdirs: &[&str],
+    (uid, gid): (u32, u32),
+) -> Result<(PathBuf, PathBuf), String> {
+    let chown = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {}: {e}", p.display()))
+    };
+    for sub in std::iter::once(&"").chain(subdirs) {
+        let d = dir.join(sub);
+        fs::create_dir_all(&d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
+        chown(&d)?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o750))
+            .map_err(|e| format!("chmod {}: {e}", d.display()))?;
+    }
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    for (from, to) in [(&s.tls.server_cert, &cert), (&s.tls.server_key, &key)] {
+        fs::copy(from, to).map_err(|e| format!("copy {}: {e}", from.display()))?;
+        chown(to)?;
+    }
+    Ok((cert, key))
 }
 
 /// `getent DB NAME`: (uid, gid) for "passwd", (gid, gid) for "group".
