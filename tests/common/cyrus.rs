@@ -37,6 +37,7 @@ pub struct Cyrus {
     pub dir: PathBuf,
     sasldb: PathBuf,
     known: Mutex<BTreeSet<String>>,
+    seeding: Mutex<()>,
     master: ServerProcess,
 }
 
@@ -66,6 +67,9 @@ impl Cyrus {
 
     /// `user` (made known to Cyrus) with `messages` appended to INBOX, in order.
     pub fn seed(&self, user: &User, messages: &[Vec<u8>]) {
+        // One seeding at a time: two new users' first logins at once (INBOX autocreate)
+        // ended up sharing one INBOX (15 messages of two 8-message seeds in both).
+        let _one_at_a_time = self.seeding.lock().unwrap();
         self.account(user);
         super::imap_append_at(user, self.imap_port, messages);
     }
@@ -129,6 +133,8 @@ sasl_mech_list: PLAIN LOGIN
 allowplaintext: yes
 unixhierarchysep: yes
 autocreate_quota: 0
+# Byte-exact: keep 8-bit header bytes as they are (the default replaces them with X).
+munge8bit: no
 tls_server_cert: {cert}
 tls_server_key: {key}
 idlesocket: {d}/run/idle
@@ -211,6 +217,7 @@ EVENTS {{
                     dir,
                     sasldb,
                     known: Mutex::new(BTreeSet::new()),
+                    seeding: Mutex::new(()),
                     master,
                 });
             }

@@ -28,6 +28,7 @@ mod fault;
 mod gateway;
 mod inetd;
 mod oauth2;
+mod pop3_transcript;
 mod postfix;
 mod process;
 mod tls;
@@ -65,6 +66,8 @@ pub use oauth2::{
     CONFIDENTIAL_CLIENT_ID, GrantLogEntry, Idp, OAuth2World, PUBLIC_CLIENT_ID, REDIRECT_URI,
     SCOPES, TokenResponse, curl, json_num, json_str, oauth2, unix_now,
 };
+#[allow(unused_imports)]
+pub use pop3_transcript::{corpus, normalized, pop3_proxy_args, responses};
 #[allow(unused_imports)]
 pub use postfix::{Postfix, postfix, postfix_if_started};
 #[allow(unused_imports)]
