@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    FaultProxy, cyrus, dovecot_pop3_list, dovecot_pop3_uidl, exim, imap_fetch_all,
+    FaultProxy, courier, cyrus, dovecot_pop3_list, dovecot_pop3_uidl, exim, imap_fetch_all,
     imap_fetch_all_at, imap_flags, imap_mailbox_list, postfix, python, python_ok, require_client,
     servers, wait_for_messages,
 };
@@ -467,6 +467,24 @@ fn exim_refuses_wrong_passwords_unknown_recipients_and_unauthenticated_mail() {
     assert_eq!(user.maildir_count(), 0);
 }
 
+/// Seeds `user` with two messages (a dot line, an 8-bit byte) and reads them back over
+/// IMAP on `port`: they must be stored as sent.
+fn seeds_byte_exact(
+    user: &common::User,
+    port: u16,
+    seed: impl Fn(&common::User, &[Vec<u8>]),
+    logs: impl Fn() -> String,
+) {
+    let messages = vec![
+        b"Subject: one\r\n\r\nfirst\r\n".to_vec(),
+        b"Subject: two\r\n\r\n.\r\n8-bit \xe9\r\n".to_vec(),
+    ];
+    seed(user, &messages);
+    let fetched = imap_fetch_all_at(user, port, "INBOX");
+    let bodies: Vec<Vec<u8>> = fetched.into_iter().map(|(_, m)| m).collect();
+    assert_eq!(bodies, messages, "{}", logs());
+}
+
 /// Cyrus IMAP (unpacked rather than installed) knows a harness user with the same
 /// password, keeps APPENDed messages byte for byte, refuses a wrong password, and speaks
 /// implicit TLS with the harness CA.
@@ -476,14 +494,7 @@ fn cyrus_serves_appended_messages_byte_exact_and_refuses_wrong_passwords() {
     let c = cyrus();
     eprintln!("Cyrus answered after {:?}", started.elapsed());
     let user = servers().new_user("cyrus");
-    let messages = vec![
-        b"Subject: one\r\n\r\nfirst\r\n".to_vec(),
-        b"Subject: two\r\n\r\n.\r\n8-bit \xe9\r\n".to_vec(),
-    ];
-    c.seed(&user, &messages);
-    let fetched = imap_fetch_all_at(&user, c.imap_port, "INBOX");
-    let bodies: Vec<Vec<u8>> = fetched.into_iter().map(|(_, m)| m).collect();
-    assert_eq!(bodies, messages, "{}", c.logs());
+    seeds_byte_exact(&user, c.imap_port, |u, m| c.seed(u, m), || c.logs());
     let out = imaps_login(c.host, c.imaps_port, &servers().ca_file, &user);
     assert!(
         out.status.success(),
@@ -499,6 +510,37 @@ fn cyrus_serves_appended_messages_byte_exact_and_refuses_wrong_passwords() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Courier IMAP (unpacked, in its own mount namespace) knows a harness user with the same
+/// password, keeps APPENDed messages byte for byte and refuses a wrong password; its
+/// namespace's bind mounts are invisible here.
+#[test]
+fn courier_serves_appended_messages_byte_exact_and_refuses_wrong_passwords() {
+    let started = Instant::now();
+    let c = courier();
+    eprintln!("Courier answered after {:?}", started.elapsed());
+    let user = servers().new_user("courier");
+    seeds_byte_exact(&user, c.imap_port, |u, m| c.seed(u, m), || c.logs());
+    let login = |password: &str| {
+        python(
+            "import imaplib, os\n\
+             m = imaplib.IMAP4('127.0.0.1', int(os.environ['PORT']))\n\
+             print(m.login(os.environ['U'], os.environ['P'])[0])",
+            &[
+                ("PORT", &c.imap_port.to_string()),
+                ("U", &user.name),
+                ("P", password),
+            ],
+        )
+    };
+    let ok = login(&user.password);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "OK");
+    let bad = login("not the password");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("Login failed."));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("/etc/courier"), "{mounts}");
 }
 
 #[test]

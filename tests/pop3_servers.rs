@@ -1,5 +1,5 @@
 //! `legacy-mail-proxy pop3` against the other IMAP servers of issue 13's matrix (Cyrus
-//! IMAP; tests/pop3.rs covers Dovecot): the same corpus served byte-exact over each TLS
+//! IMAP, and Courier IMAP over plain IMAP only; tests/pop3.rs covers Dovecot): the same corpus served byte-exact over each TLS
 //! mode, UIDL stability, the delete policies, `[IN-USE]` and `[AUTH]`, through the real
 //! binary. The reference for every byte is what the server itself returns for `BODY[]`
 //! (read with Python's imaplib), since its POP3 UIDL formats are its own.
@@ -7,7 +7,7 @@
 mod common;
 
 use common::{
-    User, corpus, cyrus, imap_fetch_all_at, imap_flags_at, normalized, responses, servers,
+    User, corpus, courier, cyrus, imap_fetch_all_at, imap_flags_at, normalized, responses, servers,
 };
 
 /// An IMAP server of the matrix: where it listens and how to seed it.
@@ -15,6 +15,11 @@ struct ImapServer {
     name: &'static str,
     imap_port: u16,
     imaps_port: u16,
+    /// The `--imap-tls` modes it is tested with, most secure first.
+    tls_modes: &'static [Tls],
+    /// Its trash mailbox's name (`--trash-mailbox`): Courier's personal namespace is
+    /// `INBOX.`, so a top-level `Trash` is an invalid name there.
+    trash: &'static str,
     /// Makes `user` known to the server and appends `messages` to its INBOX, in order.
     seed: fn(&User, &[Vec<u8>]),
 }
@@ -25,7 +30,22 @@ fn cyrus_server() -> ImapServer {
         name: "cyrus",
         imap_port: c.imap_port,
         imaps_port: c.imaps_port,
+        tls_modes: &[Tls::Implicit, Tls::Starttls, Tls::Plain],
+        trash: "Trash",
         seed: |user, messages| cyrus().seed(user, messages),
+    }
+}
+
+/// Courier: plain IMAP only (its TLS wrapper is not set up yet, see tests/common/courier.rs).
+fn courier_server() -> ImapServer {
+    let c = courier();
+    ImapServer {
+        name: "courier",
+        imap_port: c.imap_port,
+        imaps_port: 0,
+        tls_modes: &[Tls::Plain],
+        trash: "INBOX.Trash",
+        seed: |user, messages| courier().seed(user, messages),
     }
 }
 
@@ -161,7 +181,7 @@ fn uidls_are_stable(server: &ImapServer) {
     let user = seeded_user(server, "uidl");
     let input = format!("{}UIDL\r\nQUIT\r\n", login(&user));
     let shape = [false, false, false, true, false];
-    let (first, log) = dialogue(&args(server, Tls::Implicit, &[]), &input);
+    let (first, log) = dialogue(&args(server, server.tls_modes[0], &[]), &input);
     (server.seed)(&user, &[b"Subject: later\r\n\r\nhi\r\n".to_vec()]);
     let (second, _) = dialogue(&args(server, Tls::Plain, &[]), &input);
     let first = String::from_utf8_lossy(&responses(&first, &shape)[3].1).into_owned();
@@ -182,6 +202,21 @@ type Mailbox = Vec<(u32, Vec<u8>)>;
 /// DELE 1 and 3, QUIT under `policy`; returns the user, the deleted UIDs and the
 /// mailbox before.
 fn delete_with_policy(server: &ImapServer, policy: &str) -> (User, Vec<u32>, Mailbox) {
+    let (user, before, out, log) = try_delete_with_policy(server, policy, server.trash);
+    assert!(
+        out.ends_with("+OK Bye, 2 messages deleted.\r\n"),
+        "{out}\n{log}"
+    );
+    (user, vec![before[0].0, before[2].0], before)
+}
+
+/// DELE 1 and 3, QUIT under `policy` with `--trash-mailbox trash`; returns the user, the
+/// mailbox before, and the proxy's output and log.
+fn try_delete_with_policy(
+    server: &ImapServer,
+    policy: &str,
+    trash: &str,
+) -> (User, Mailbox, String, String) {
     let user = servers().new_user(&format!("{}-dele-{policy}", server.name));
     (server.seed)(
         &user,
@@ -193,62 +228,21 @@ fn delete_with_policy(server: &ImapServer, policy: &str) -> (User, Vec<u32>, Mai
     );
     let before = imap_fetch_all_at(&user, server.imap_port, "INBOX");
     let input = format!("{}DELE 1\r\nDELE 3\r\nQUIT\r\n", login(&user));
-    let (out, log) = dialogue(
-        &args(server, Tls::Plain, &["--delete-policy", policy]),
-        &input,
-    );
-    let out = String::from_utf8_lossy(&out);
-    assert!(
-        out.ends_with("+OK Bye, 2 messages deleted.\r\n"),
-        "{out}\n{log}"
-    );
-    (user, vec![before[0].0, before[2].0], before)
-}
-
-#[test]
-fn cyrus_delete_policy_expunge_removes_only_the_deleted_messages() {
-    let c = cyrus_server();
-    let (user, _, before) = delete_with_policy(&c, "expunge");
-    assert_eq!(
-        imap_fetch_all_at(&user, c.imap_port, "INBOX"),
-        vec![before[1].clone()]
-    );
-}
-
-#[test]
-fn cyrus_delete_policy_hide_sets_the_keyword() {
-    let c = cyrus_server();
-    let (user, deleted, before) = delete_with_policy(&c, "hide");
-    assert_eq!(imap_fetch_all_at(&user, c.imap_port, "INBOX"), before);
-    for (uid, flags) in imap_flags_at(&user, c.imap_port) {
-        assert_eq!(
-            flags.iter().any(|f| f == "$POP3Deleted"),
-            deleted.contains(&uid),
-            "uid {uid}: {flags:?}"
-        );
-    }
-}
-
-#[test]
-fn cyrus_delete_policy_trash_moves_to_the_trash_mailbox() {
-    let c = cyrus_server();
-    let (user, _, before) = delete_with_policy(&c, "trash");
-    assert_eq!(
-        imap_fetch_all_at(&user, c.imap_port, "INBOX"),
-        vec![before[1].clone()]
-    );
-    let trash: Vec<Vec<u8>> = imap_fetch_all_at(&user, c.imap_port, "Trash")
-        .into_iter()
-        .map(|(_, m)| m)
-        .collect();
-    assert_eq!(trash, vec![before[0].1.clone(), before[2].1.clone()]);
+    let options = ["--delete-policy", policy, "--trash-mailbox", trash];
+    let (out, log) = dialogue(&args(server, Tls::Plain, &options), &input);
+    (
+        user,
+        before,
+        String::from_utf8_lossy(&out).into_owned(),
+        log,
+    )
 }
 
 /// A wrong password is `-ERR [AUTH]` (not `[SYS/TEMP]`), and the password is not logged.
 fn wrong_password_gets_auth(server: &ImapServer) {
     let user = seeded_user(server, "badpw");
     let input = format!("USER {}\r\nPASS wrong-one\r\nQUIT\r\n", user.name);
-    let (out, log) = dialogue(&args(server, Tls::Implicit, &[]), &input);
+    let (out, log) = dialogue(&args(server, server.tls_modes[0], &[]), &input);
     let out = String::from_utf8_lossy(&out);
     assert!(
         out.contains("\r\n-ERR [AUTH] Authentication failed.\r\n"),
@@ -295,4 +289,107 @@ fn second_session_gets_in_use(server: &ImapServer) {
 #[test]
 fn cyrus_a_second_session_on_the_same_mailbox_gets_in_use() {
     second_session_gets_in_use(&cyrus_server());
+}
+
+#[test]
+fn courier_retr_matches_the_server_over_plain_imap() {
+    retr_matches_the_server(&courier_server(), Tls::Plain);
+}
+
+#[test]
+fn courier_uidls_are_stable_across_sessions() {
+    uidls_are_stable(&courier_server());
+}
+
+#[test]
+fn courier_wrong_password_gets_auth() {
+    wrong_password_gets_auth(&courier_server());
+}
+
+#[test]
+fn courier_a_second_session_on_the_same_mailbox_gets_in_use() {
+    second_session_gets_in_use(&courier_server());
+}
+
+fn delete_policy_expunge_removes_only_the_deleted_messages(c: &ImapServer) {
+    let (user, _, before) = delete_with_policy(c, "expunge");
+    assert_eq!(
+        imap_fetch_all_at(&user, c.imap_port, "INBOX"),
+        vec![before[1].clone()]
+    );
+}
+
+#[test]
+fn cyrus_delete_policy_expunge_removes_only_the_deleted_messages() {
+    delete_policy_expunge_removes_only_the_deleted_messages(&cyrus_server());
+}
+
+fn delete_policy_hide_sets_the_keyword(c: &ImapServer) {
+    let (user, deleted, before) = delete_with_policy(c, "hide");
+    assert_eq!(imap_fetch_all_at(&user, c.imap_port, "INBOX"), before);
+    for (uid, flags) in imap_flags_at(&user, c.imap_port) {
+        assert_eq!(
+            flags.iter().any(|f| f == "$POP3Deleted"),
+            deleted.contains(&uid),
+            "uid {uid}: {flags:?}"
+        );
+    }
+}
+
+#[test]
+fn cyrus_delete_policy_hide_sets_the_keyword() {
+    delete_policy_hide_sets_the_keyword(&cyrus_server());
+}
+
+/// Cyrus has MOVE; Courier has UIDPLUS but no MOVE (COPY, \\Deleted, UID EXPUNGE there).
+/// The trash mailbox does not exist yet: both answer `[TRYCREATE]` and the proxy creates it.
+fn delete_policy_trash_moves_to_the_trash_mailbox(c: &ImapServer) {
+    let (user, _, before) = delete_with_policy(c, "trash");
+    assert_eq!(
+        imap_fetch_all_at(&user, c.imap_port, "INBOX"),
+        vec![before[1].clone()]
+    );
+    let trash: Vec<Vec<u8>> = imap_fetch_all_at(&user, c.imap_port, c.trash)
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(trash, vec![before[0].1.clone(), before[2].1.clone()]);
+}
+
+#[test]
+fn cyrus_delete_policy_trash_moves_to_the_trash_mailbox() {
+    delete_policy_trash_moves_to_the_trash_mailbox(&cyrus_server());
+}
+
+#[test]
+fn courier_delete_policy_expunge_removes_only_the_deleted_messages() {
+    delete_policy_expunge_removes_only_the_deleted_messages(&courier_server());
+}
+
+#[test]
+fn courier_delete_policy_hide_sets_the_keyword() {
+    delete_policy_hide_sets_the_keyword(&courier_server());
+}
+
+#[test]
+fn courier_delete_policy_trash_moves_to_the_trash_mailbox() {
+    delete_policy_trash_moves_to_the_trash_mailbox(&courier_server());
+}
+
+/// With the default `--trash-mailbox Trash`, Courier (personal namespace `INBOX.`) answers
+/// the COPY with a bare NO ("Error in IMAP command received by server.", no
+/// `[TRYCREATE]`): QUIT reports the failure, and nothing is removed.
+#[test]
+fn courier_trash_outside_its_namespace_fails_at_quit_and_loses_nothing() {
+    let c = courier_server();
+    let (user, before, out, log) = try_delete_with_policy(&c, "trash", "Trash");
+    assert!(
+        out.ends_with("-ERR [SYS/TEMP] Some deleted messages were not removed\r\n"),
+        "{out}\n{log}"
+    );
+    assert!(
+        log.contains("Error in IMAP command received by server"),
+        "{log}"
+    );
+    assert_eq!(imap_fetch_all_at(&user, c.imap_port, "INBOX"), before);
 }

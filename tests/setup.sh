@@ -21,6 +21,7 @@ PACKAGES=(
     # and sasl2-bin/libsasl2-modules for its sasldb accounts:
     libclamav12 libical3 libicu72 libjansson4 libxapian30 libzephyr4 libwrap0 libsqlite3-0
     libpcre3 libxml2 libkrb5-3 sasl2-bin libsasl2-modules
+    libcourier-unicode4 libltdl7 libgamin0 # Courier IMAP (libgamin0 provides libfam0)
 )
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -119,6 +120,12 @@ extract_server() {
 }
 extract_server exim4 exim4-daemon-heavy exim4-base exim4-config
 extract_server cyrus cyrus-imapd cyrus-common
+extract_server courier courier-imap courier-base courier-authlib courier-authdaemon \
+    courier-authlib-userdb
+# Courier-authlib's paths are compiled in and machine-wide; tests/common/courier.rs runs
+# it in a private mount namespace with its own directories bound over these empty mount
+# points (keep in sync with MOUNT_POINTS there). Nothing is mounted on the host itself.
+mkdir -p /etc/courier /run/courier /usr/lib/courier-authlib
 # Exim's binary refuses to run (even --version) without its compiled-in user.
 if ! getent passwd Debian-exim >/dev/null; then
     useradd --system --user-group --no-create-home --home-dir /nonexistent \

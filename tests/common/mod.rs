@@ -21,6 +21,7 @@
 #![allow(dead_code)]
 
 mod clients;
+mod courier;
 mod cyrus;
 mod dovecot;
 mod exim;
@@ -51,6 +52,8 @@ pub use clients::{
     proxy_bin, python, python_ok, require_client, run_proxy, server_env, wait_for_messages,
     wait_until, which,
 };
+#[allow(unused_imports)]
+pub use courier::{Courier, courier};
 #[allow(unused_imports)]
 pub use cyrus::{Cyrus, cyrus};
 #[allow(unused_imports)]
