@@ -7,6 +7,13 @@
 //!   127.0.0.2 whose certificate comes from another CA.
 //! - [`postfix()`] starts Postfix on first use: submission with implicit TLS and with
 //!   STARTTLS, SASL via Dovecot, delivery of `@example.test` into Dovecot over LMTP.
+//! - The rest of issue 13's server matrix, each started on first use from Debian packages
+//!   that tests/setup.sh unpacks (not installs: they conflict with Dovecot/Postfix) into
+//!   /var/cache/legacy-mail-proxy-test/servers: [`exim()`] (a second submission server,
+//!   AUTH through Dovecot, delivery into the same Maildirs), [`cyrus()`] and [`courier()`]
+//!   (IMAP servers with their own stores, seeded by APPEND; Courier in a private mount
+//!   namespace, plain IMAP only). OpenSMTPD is absent: Debian 12's 6.8.0p2 cannot do TLS
+//!   with OpenSSL 3 (upstream issues #1171, #1239).
 //! - Tests run in parallel threads against the same servers; each test makes its own
 //!   accounts with [`Servers::new_user`].
 //! - [`oauth2()`] starts, on first use, the OAuth2 world (see `oauth2.rs`): a real
