@@ -667,14 +667,7 @@ fn without_a_ca_file_roots_come_from_the_hashed_directory() {
 #[test]
 fn backend_dying_during_retr_never_sends_the_terminating_dot() {
     let user = servers().new_user("cut");
-    let big: Vec<u8> = b"Subject: big\r\n\r\n"
-        .iter()
-        .copied()
-        .chain(
-            (0..40_000)
-                .flat_map(|i| format!("line {i:06} of a message that is cut\r\n").into_bytes()),
-        )
-        .collect();
+    let big = common::message_to_cut();
     user.seed_many(&[big]);
     let run = |cut_after: usize| {
         let fault = common::FaultProxy::start(servers().imap_port, cut_after);

@@ -1,7 +1,7 @@
 //! `legacy-mail-proxy pop3` against the other IMAP servers of issue 13's matrix (Cyrus
 //! IMAP, and Courier IMAP over plain IMAP only; tests/pop3.rs covers Dovecot): the same corpus served byte-exact over each TLS
-//! mode, UIDL stability, the delete policies, `[IN-USE]` and `[AUTH]`, through the real
-//! binary. The reference for every byte is what the server itself returns for `BODY[]`
+//! mode, UIDL stability, the delete policies, `[IN-USE]`, `[AUTH]` and `[SYS/TEMP]`
+//! (the server gone before login, or dying during RETR), through the real binary. The reference for every byte is what the server itself returns for `BODY[]`
 //! (read with Python's imaplib), since its POP3 UIDL formats are its own.
 
 mod common;
@@ -392,4 +392,51 @@ fn courier_trash_outside_its_namespace_fails_at_quit_and_loses_nothing() {
         "{log}"
     );
     assert_eq!(imap_fetch_all_at(&user, c.imap_port, "INBOX"), before);
+}
+
+/// The server's connection cut (through a fault-injecting TCP proxy) at once: `[SYS/TEMP]`,
+/// not `[AUTH]`. Cut while RETR streams a 1.5 MB message: the client never gets the
+/// terminating dot (it would store a truncated message as complete), QUIT is not answered,
+/// and the message is still on the server.
+fn sys_temp_when_the_server_goes_away(server: &ImapServer) {
+    let user = servers().new_user(&format!("{}-cut", server.name));
+    let big = common::message_to_cut();
+    (server.seed)(&user, &[big]);
+    let through_fault = |cut_after: usize, commands: &str| {
+        let fault = common::FaultProxy::start(server.imap_port, cut_after);
+        let mut args = args(server, Tls::Plain, &[]);
+        let at = args.iter().position(|a| a == "--imap-port").unwrap();
+        args[at + 1] = fault.port().to_string();
+        let out = common::run_proxy(&args, &[], format!("{}{commands}", login(&user)).as_bytes());
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.success(),
+        )
+    };
+    let (text, log, _) = through_fault(0, "QUIT\r\n");
+    assert!(text.contains("\r\n-ERR [SYS/TEMP]"), "{text}\n{log}");
+    let (text, log, ok) = through_fault(300_000, "RETR 1\r\nQUIT\r\n");
+    assert!(!ok, "the proxy must report failure\n{log}");
+    assert!(text.contains("+OK 1"), "{text:.300}\n{log}");
+    assert!(text.len() > 290_000, "the message was streamed as it came");
+    assert!(
+        !text.ends_with("\r\n.\r\n"),
+        "a truncated message was ended as if complete"
+    );
+    assert!(
+        !text.contains("+OK Bye"),
+        "QUIT answered after a failed RETR"
+    );
+    assert_eq!(imap_fetch_all_at(&user, server.imap_port, "INBOX").len(), 1);
+}
+
+#[test]
+fn cyrus_sys_temp_when_the_server_goes_away() {
+    sys_temp_when_the_server_goes_away(&cyrus_server());
+}
+
+#[test]
+fn courier_sys_temp_when_the_server_goes_away() {
+    sys_temp_when_the_server_goes_away(&courier_server());
 }

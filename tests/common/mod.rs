@@ -77,7 +77,7 @@ pub use oauth2::{
     SCOPES, TokenResponse, curl, json_num, json_str, oauth2, unix_now,
 };
 #[allow(unused_imports)]
-pub use pop3_transcript::{corpus, normalized, pop3_proxy_args, responses};
+pub use pop3_transcript::{corpus, message_to_cut, normalized, pop3_proxy_args, responses};
 #[allow(unused_imports)]
 pub use postfix::{Postfix, postfix, postfix_if_started};
 #[allow(unused_imports)]

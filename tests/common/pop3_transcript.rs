@@ -158,3 +158,16 @@ pub fn corpus() -> Vec<Vec<u8>> {
         b"Subject: no separator\r\nX-Header: and no body at all\r\n".to_vec(),
     ]
 }
+
+/// A 1.5 MB message of 40 000 numbered lines, for cutting the server's connection while
+/// RETR streams it.
+pub fn message_to_cut() -> Vec<u8> {
+    b"Subject: big\r\n\r\n"
+        .iter()
+        .copied()
+        .chain(
+            (0..40_000)
+                .flat_map(|i| format!("line {i:06} of a message that is cut\r\n").into_bytes()),
+        )
+        .collect()
+}
