@@ -9,8 +9,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    FaultProxy, dovecot_pop3_list, dovecot_pop3_uidl, imap_fetch_all, imap_flags,
-    imap_mailbox_list, postfix, python, python_ok, require_client, servers, wait_for_messages,
+    FaultProxy, courier, cyrus, dovecot_pop3_list, dovecot_pop3_uidl, exim, imap_fetch_all,
+    imap_fetch_all_at, imap_flags, imap_mailbox_list, postfix, python, python_ok, require_client,
+    servers, wait_for_messages,
 };
 
 /// Python: log in over implicit TLS, trusting only the CA file given in LMP_TEST_CA.
@@ -252,6 +253,31 @@ fn swaks(port: u16, implicit_tls: bool, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// swaks logging in as `user` with `password` and `mechanism`, sending from `user` to `to`.
+fn swaks_as(
+    (port, implicit_tls): (u16, bool),
+    mechanism: &str,
+    user: &common::User,
+    password: &str,
+    to: &str,
+    extra: &[&str],
+) -> (bool, String) {
+    let mut args = vec![
+        "--auth",
+        mechanism,
+        "--auth-user",
+        &user.name,
+        "--auth-password",
+        password,
+        "--from",
+        &user.email,
+        "--to",
+        to,
+    ];
+    args.extend_from_slice(extra);
+    swaks(port, implicit_tls, &args)
+}
+
 #[test]
 fn postfix_submission_on_both_ports_delivers_into_dovecot() {
     let p = postfix();
@@ -301,21 +327,13 @@ fn postfix_submission_on_both_ports_delivers_into_dovecot() {
 fn postfix_rejects_unknown_recipients_with_550_5_1_1() {
     let p = postfix();
     let user = servers().new_user("unknown");
-    let (ok, out) = swaks(
-        p.submission_port,
-        false,
-        &[
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            &user.name,
-            "--auth-password",
-            &user.password,
-            "--from",
-            &user.email,
-            "--to",
-            "nobody-here@example.test",
-        ],
+    let (ok, out) = swaks_as(
+        (p.submission_port, false),
+        "PLAIN",
+        &user,
+        &user.password,
+        "nobody-here@example.test",
+        &[],
     );
     assert!(!ok);
     assert!(
@@ -350,6 +368,179 @@ fn postfix_rejects_unauthenticated_relay_and_wrong_certificates() {
         assert!(!ok, "untrusted port {port} was accepted: {out}");
         assert!(out.contains("certificate verify failed"), "{out}");
     }
+}
+
+/// Exim (the second submission server, unpacked rather than installed) takes AUTH PLAIN and
+/// LOGIN through Dovecot on both ports, including a non-ASCII password, and delivers into
+/// the same Dovecot Maildirs.
+#[test]
+fn exim_submission_on_both_ports_delivers_into_dovecot() {
+    let started = Instant::now();
+    let e = exim();
+    eprintln!("Exim answered after {:?}", started.elapsed());
+    let s = servers();
+    let sender = s.new_user_with_password("exim-sender", "sënder pass \"\\");
+    let rcpt = s.new_user("exim-rcpt");
+    let ports = [
+        (e.submissions_port, true, "PLAIN"),
+        (e.submission_port, false, "LOGIN"),
+    ];
+    for (port, implicit, mechanism) in ports {
+        let subject = format!("Subject: exim port {port}");
+        let (ok, out) = swaks_as(
+            (port, implicit),
+            mechanism,
+            &sender,
+            &sender.password,
+            &rcpt.email,
+            &["--header", &subject],
+        );
+        assert!(ok && out.contains("<~  250 OK id="), "{out}\n{}", e.logs());
+        assert!(out.contains("ESMTP legacy-mail-proxy test Exim"), "{out}");
+    }
+    wait_for_messages(&rcpt, 2);
+    let fetched = imap_fetch_all(&rcpt);
+    assert_eq!(fetched.len(), 2);
+    for (port, (_, m)) in [e.submissions_port, e.submission_port].iter().zip(&fetched) {
+        let text = String::from_utf8_lossy(m);
+        assert!(
+            text.contains(&format!("Subject: exim port {port}\r\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("Delivered-To: {}", rcpt.email)),
+            "{text}"
+        );
+        assert!(
+            text.contains("with esmtpsa"),
+            "Exim's Received field: {text}"
+        );
+    }
+}
+
+/// Exim refuses what Postfix refuses: a wrong password (535), an unknown recipient (550),
+/// mail without AUTH (550 relay) and MAIL before STARTTLS on the submission port.
+#[test]
+fn exim_refuses_wrong_passwords_unknown_recipients_and_unauthenticated_mail() {
+    let e = exim();
+    let user = servers().new_user("exim-refuse");
+    let auth = |password: &str, to: &str| {
+        swaks_as(
+            (e.submission_port, false),
+            "PLAIN",
+            &user,
+            password,
+            to,
+            &[],
+        )
+    };
+    let (ok, out) = auth("not the password", &user.email);
+    assert!(
+        !ok && out.contains("535 Incorrect authentication data"),
+        "{out}"
+    );
+    let (ok, out) = auth(&user.password, "nobody-here@example.test");
+    assert!(!ok && out.contains("550 Unrouteable address"), "{out}");
+    let (ok, out) = swaks(
+        e.submissions_port,
+        true,
+        &["--from", "x@elsewhere.invalid", "--to", &user.email],
+    );
+    assert!(
+        !ok && out.contains("550 5.7.1 Relay access denied"),
+        "{out}"
+    );
+    let mut plain = TcpStream::connect((e.host, e.submission_port)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(b"EHLO t\r\nMAIL FROM:<x@example.test>\r\nQUIT\r\n")
+        .unwrap();
+    let mut text = String::new();
+    plain.read_to_string(&mut text).unwrap();
+    assert!(!text.contains("AUTH"), "AUTH offered without TLS: {text}");
+    assert!(
+        text.contains("5.7.0 Must issue a STARTTLS command first"),
+        "{text}"
+    );
+    assert_eq!(user.maildir_count(), 0);
+}
+
+/// Seeds `user` with two messages (a dot line, an 8-bit byte) and reads them back over
+/// IMAP on `port`: they must be stored as sent.
+fn seeds_byte_exact(
+    user: &common::User,
+    port: u16,
+    seed: impl Fn(&common::User, &[Vec<u8>]),
+    logs: impl Fn() -> String,
+) {
+    let messages = vec![
+        b"Subject: one\r\n\r\nfirst\r\n".to_vec(),
+        b"Subject: two\r\n\r\n.\r\n8-bit \xe9\r\n".to_vec(),
+    ];
+    seed(user, &messages);
+    let fetched = imap_fetch_all_at(user, port, "INBOX");
+    let bodies: Vec<Vec<u8>> = fetched.into_iter().map(|(_, m)| m).collect();
+    assert_eq!(bodies, messages, "{}", logs());
+}
+
+/// Cyrus IMAP (unpacked rather than installed) knows a harness user with the same
+/// password, keeps APPENDed messages byte for byte, refuses a wrong password, and speaks
+/// implicit TLS with the harness CA.
+#[test]
+fn cyrus_serves_appended_messages_byte_exact_and_refuses_wrong_passwords() {
+    let started = Instant::now();
+    let c = cyrus();
+    eprintln!("Cyrus answered after {:?}", started.elapsed());
+    let user = servers().new_user("cyrus");
+    seeds_byte_exact(&user, c.imap_port, |u, m| c.seed(u, m), || c.logs());
+    let out = imaps_login(c.host, c.imaps_port, &servers().ca_file, &user);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut wrong = user.clone();
+    wrong.password = "not the password".into();
+    let out = imaps_login(c.host, c.imaps_port, &servers().ca_file, &wrong);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("authentication failure"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Courier IMAP (unpacked, in its own mount namespace) knows a harness user with the same
+/// password, keeps APPENDed messages byte for byte and refuses a wrong password; its
+/// namespace's bind mounts are invisible here.
+#[test]
+fn courier_serves_appended_messages_byte_exact_and_refuses_wrong_passwords() {
+    let started = Instant::now();
+    let c = courier();
+    eprintln!("Courier answered after {:?}", started.elapsed());
+    let user = servers().new_user("courier");
+    seeds_byte_exact(&user, c.imap_port, |u, m| c.seed(u, m), || c.logs());
+    let login = |password: &str| {
+        python(
+            "import imaplib, os\n\
+             m = imaplib.IMAP4('127.0.0.1', int(os.environ['PORT']))\n\
+             print(m.login(os.environ['U'], os.environ['P'])[0])",
+            &[
+                ("PORT", &c.imap_port.to_string()),
+                ("U", &user.name),
+                ("P", password),
+            ],
+        )
+    };
+    let ok = login(&user.password);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "OK");
+    let bad = login("not the password");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("Login failed."));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("/etc/courier"), "{mounts}");
 }
 
 #[test]

@@ -14,6 +14,14 @@ PACKAGES=(
     xinetd systemd swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail curl openssl time python3
     debhelper lintian # the Debian package (packaging/build-deb, tests/package.rs)
     mmdebstrap systemd-container # the real systemd in a container (tests/systemd.rs)
+    # Libraries of the extracted (not installed) servers below: setuid binaries ignore
+    # LD_LIBRARY_PATH, so these must be real installed packages. Exim (heavy build):
+    libmariadb3 libspf2-2 libpq5 libperl5.36 libldap-2.5-0 libsasl2-2 libidn12
+    # Cyrus IMAP (its own libcyrus* come from the unpacked cyrus-common, via LD_LIBRARY_PATH),
+    # and sasl2-bin/libsasl2-modules for its sasldb accounts:
+    libclamav12 libical3 libicu72 libjansson4 libxapian30 libzephyr4 libwrap0 libsqlite3-0
+    libpcre3 libxml2 libkrb5-3 sasl2-bin libsasl2-modules
+    libcourier-unicode4 libltdl7 libgamin0 # Courier IMAP (libgamin0 provides libfam0)
 )
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -83,6 +91,50 @@ if [[ ! -e $idp_dir/node_modules/.lmp-installed ]]; then
     cp "$idp_src/package.json" "$idp_src/package-lock.json" "$idp_dir/"
     (cd "$idp_dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
     touch "$idp_dir/node_modules/.lmp-installed"
+fi
+
+# Extra servers of the server matrix (issue 13) conflict with the ones above (Exim with
+# Postfix as mail-transport-agent; Cyrus and Courier with dovecot-imapd as imap-server), so
+# they are never installed: their .debs are downloaded and unpacked into a cache, and the
+# harness runs the binaries from there (tests/common/exim.rs). Unpacked once per package
+# list; a finished unpack is marked by .lmp-extracted, so an interrupted one is redone.
+# Keep the directory names in sync with extracted_server_root() in tests/common/mod.rs.
+server_cache=${LMP_SERVER_CACHE:-/var/cache/legacy-mail-proxy-test}/servers
+extract_server() {
+    local name=$1
+    shift
+    local root=$server_cache/$name
+    [[ -e $root/.lmp-extracted && $(cat "$root/.lmp-extracted") == "$*" ]] && return 0
+    echo "setup: unpacking $* into $root (apt-get download + dpkg -x, not installed)" >&2
+    rm -rf "$root" "$root.debs"
+    mkdir -p "$root.debs"
+    chown _apt "$root.debs" 2>/dev/null || true # apt downloads as _apt when it can
+    (cd "$root.debs" && apt-get download "$@") || {
+        apt-get update && (cd "$root.debs" && apt-get download "$@")
+    }
+    for deb in "$root.debs"/*.deb; do
+        dpkg -x "$deb" "$root"
+    done
+    rm -rf "$root.debs"
+    echo "$*" >"$root/.lmp-extracted"
+}
+extract_server exim4 exim4-daemon-heavy exim4-base exim4-config
+extract_server cyrus cyrus-imapd cyrus-common
+extract_server courier courier-imap courier-base courier-authlib courier-authdaemon \
+    courier-authlib-userdb
+# Courier-authlib's paths are compiled in and machine-wide; tests/common/courier.rs runs
+# it in a private mount namespace with its own directories bound over these empty mount
+# points (keep in sync with MOUNT_POINTS there). Nothing is mounted on the host itself.
+mkdir -p /etc/courier /run/courier /usr/lib/courier-authlib
+# Exim's binary refuses to run (even --version) without its compiled-in user.
+if ! getent passwd Debian-exim >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin Debian-exim
+fi
+# Cyrus's processes switch to its compiled-in user `cyrus` (group mail, as Debian's package).
+if ! getent passwd cyrus >/dev/null; then
+    useradd --system --gid mail --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin cyrus
 fi
 
 if ! getent passwd "$MAIL_USER" >/dev/null; then

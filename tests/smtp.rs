@@ -1,5 +1,7 @@
 //! `legacy-mail-proxy smtp` against a real Postfix (submission with implicit TLS and
-//! STARTTLS, SASL through Dovecot, delivery into Dovecot over LMTP). Messages sent through
+//! STARTTLS, SASL through Dovecot, delivery into Dovecot over LMTP). The tests that matter
+//! for any submission server (byte-exact delivery, STARTTLS, unknown recipient, wrong
+//! login, PIPELINING) also run against Exim ([`Backend`], issue 13's server matrix). Messages sent through
 //! the proxy are read back over IMAP and compared byte for byte, ignoring only the trace
 //! fields the servers prepend (Return-Path, Delivered-To, Received).
 //!
@@ -12,7 +14,7 @@ mod common;
 mod fake_backend;
 
 use common::{
-    FaultProxy, User, imap_fetch_all, postfix, proxy_bin, python, require_client, servers,
+    FaultProxy, User, exim, imap_fetch_all, postfix, proxy_bin, python, require_client, servers,
     wait_until,
 };
 use fake_backend::{FakeSmtp, Script};
@@ -25,6 +27,54 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// A submission server of the matrix, and the replies in which the servers differ.
+struct Backend {
+    name: &'static str,
+    submissions_port: u16,
+    submission_port: u16,
+    logs: fn() -> String,
+    /// How the reply to a message's final dot starts when it was queued.
+    queued: &'static str,
+    /// The replies to MAIL and to RCPT of a known recipient (passed on by the proxy).
+    mail_ok: &'static str,
+    rcpt_ok: &'static str,
+    /// The reply to RCPT of an unknown address, for that address.
+    unknown_recipient: fn(&str) -> String,
+    /// The start of the reply to AUTH with a wrong password.
+    wrong_password: &'static str,
+}
+
+fn postfix_backend() -> Backend {
+    let p = postfix();
+    Backend {
+        name: "postfix",
+        submissions_port: p.submissions_port,
+        submission_port: p.submission_port,
+        logs: || postfix().logs(),
+        queued: "250 2.0.0 Ok: queued as ",
+        mail_ok: "250 2.1.0 Ok",
+        rcpt_ok: "250 2.1.5 Ok",
+        unknown_recipient: |to| format!("550 5.1.1 <{to}>: Recipient address rejected"),
+        wrong_password: "535 5.7.8",
+    }
+}
+
+fn exim_backend() -> Backend {
+    let e = exim();
+    Backend {
+        name: "exim",
+        submissions_port: e.submissions_port,
+        submission_port: e.submission_port,
+        logs: || exim().logs(),
+        // Exim sends no enhanced status codes: the proxy adds the generic class ones.
+        queued: "250 2.0.0 OK id=",
+        mail_ok: "250 2.1.0 Ok",
+        rcpt_ok: "250 2.0.0 Accepted",
+        unknown_recipient: |_| "550 5.0.0 Unrouteable address".into(),
+        wrong_password: "535 5.0.0 Incorrect authentication data",
+    }
+}
+
 /// How the proxy reaches Postfix, and as whom.
 struct Proxy {
     args: Vec<String>,
@@ -35,7 +85,11 @@ impl Proxy {
     /// Implicit TLS to Postfix's "submissions" port, logging in as `account`, open to
     /// any client (`--client-auth none`).
     fn implicit(account: &User) -> Proxy {
-        Self::to(postfix().submissions_port, "implicit", account)
+        Self::implicit_to(&postfix_backend(), account)
+    }
+
+    fn implicit_to(backend: &Backend, account: &User) -> Proxy {
+        Self::to(backend.submissions_port, "implicit", account)
     }
 
     /// Implicit TLS, without --smtp-user: the client's AUTH decides
@@ -58,8 +112,8 @@ impl Proxy {
         proxy
     }
 
-    fn starttls(account: &User) -> Proxy {
-        Self::to(postfix().submission_port, "starttls", account)
+    fn starttls_to(backend: &Backend, account: &User) -> Proxy {
+        Self::to(backend.submission_port, "starttls", account)
     }
 
     /// Plain text to a scripted backend on 127.0.0.1:`port`, no login, open to any client.
@@ -298,7 +352,7 @@ fn dated(subject: &str) -> String {
 }
 
 fn queued_replies(out: &str) -> usize {
-    out.matches("250 2.0.0 Ok: queued as ").count()
+    out.matches(postfix_backend().queued).count()
 }
 
 #[test]
@@ -323,6 +377,15 @@ fn a_configuration_error_is_answered_with_421_and_logged() {
 
 #[test]
 fn raw_session_relays_byte_exact_through_implicit_tls() {
+    raw_session_relays_byte_exact(&postfix_backend());
+}
+
+#[test]
+fn exim_raw_session_relays_byte_exact_through_implicit_tls() {
+    raw_session_relays_byte_exact(&exim_backend());
+}
+
+fn raw_session_relays_byte_exact(b: &Backend) {
     let s = servers();
     let sender = s.new_user("raw-sender");
     let rcpt = s.new_user("raw-rcpt");
@@ -343,7 +406,7 @@ fn raw_session_relays_byte_exact_through_implicit_tls() {
         }
         wire.extend_from_slice(line);
     }
-    let (out, log) = Proxy::implicit(&sender).session(&wrap_session(&transaction(
+    let (out, log) = Proxy::implicit_to(b, &sender).session(&wrap_session(&transaction(
         &sender.email,
         &[&rcpt.email],
         &wire,
@@ -351,10 +414,16 @@ fn raw_session_relays_byte_exact_through_implicit_tls() {
     let lines: Vec<&str> = out.split("\r\n").collect();
     assert_eq!(lines[0], "220 proxy.test ESMTP ready", "{out}");
     assert!(
-        lines.contains(&"250 2.1.0 Ok") && lines.contains(&"250 2.1.5 Ok"),
-        "Postfix's own replies are passed on: {out}\n{log}"
+        lines.contains(&b.mail_ok) && lines.contains(&b.rcpt_ok),
+        "{}'s own replies are passed on: {out}\n{log}",
+        b.name
     );
-    assert_eq!(queued_replies(&out), 1, "{out}\n{log}");
+    assert_eq!(
+        out.matches(b.queued).count(),
+        1,
+        "{out}\n{log}\n{}",
+        (b.logs)()
+    );
     assert!(out.ends_with("221 2.0.0 Bye\r\n"));
     assert!(log.contains("result=sent"), "{log}");
     assert_eq!(
@@ -365,11 +434,20 @@ fn raw_session_relays_byte_exact_through_implicit_tls() {
 
 #[test]
 fn starttls_backend_with_swaks_over_a_pipe() {
+    starttls_backend_with_swaks(&postfix_backend());
+}
+
+#[test]
+fn exim_starttls_backend_with_swaks_over_a_pipe() {
+    starttls_backend_with_swaks(&exim_backend());
+}
+
+fn starttls_backend_with_swaks(b: &Backend) {
     let swaks = require_client("swaks");
     let s = servers();
     let sender = s.new_user("swaks-sender");
     let rcpt = s.new_user("swaks-rcpt");
-    let proxy = Proxy::starttls(&sender);
+    let proxy = Proxy::starttls_to(b, &sender);
     let out = Command::new(swaks)
         .args(["--pipe", &proxy.shell_line()])
         .args(["--from", &sender.email, "--to", &rcpt.email])
@@ -380,7 +458,7 @@ fn starttls_backend_with_swaks_over_a_pipe() {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("<-  250 2.0.0 Ok: queued as "), "{text}");
+    assert!(text.contains(&format!("<-  {}", b.queued)), "{text}");
     let stored = String::from_utf8_lossy(&only_message(&rcpt)).into_owned();
     assert!(stored.contains("Subject: via swaks\r\n"), "{stored}");
     assert!(stored.contains("\r\n\r\nswaks body\r\n"), "{stored}");
@@ -431,11 +509,20 @@ s.quit()
 
 #[test]
 fn python_smtplib_unknown_recipient_gets_550_5_1_1_and_the_others_are_delivered() {
+    smtplib_unknown_recipient_gets_550_and_the_others_are_delivered(&postfix_backend());
+}
+
+#[test]
+fn exim_python_smtplib_unknown_recipient_gets_550_and_the_others_are_delivered() {
+    smtplib_unknown_recipient_gets_550_and_the_others_are_delivered(&exim_backend());
+}
+
+fn smtplib_unknown_recipient_gets_550_and_the_others_are_delivered(b: &Backend) {
     let s = servers();
     let sender = s.new_user("py-sender");
     let first = s.new_user("py-rcpt");
     let second = s.new_user("py-rcpt");
-    let (port, log) = Proxy::implicit(&sender).listen();
+    let (port, log) = Proxy::implicit_to(b, &sender).listen();
     let message = format!(
         "From: {}\r\n{}\r\nsmtplib body\r\n",
         sender.email,
@@ -467,7 +554,8 @@ fn python_smtplib_unknown_recipient_gets_550_5_1_1_and_the_others_are_delivered(
     );
     assert!(
         stdout.contains(&format!(
-            "REFUSED {ghost} 550 5.1.1 <{ghost}>: Recipient address rejected"
+            "REFUSED {ghost} {}",
+            (b.unknown_recipient)(&ghost)
         )),
         "{stdout}"
     );
@@ -518,9 +606,18 @@ fn an_untrusted_backend_certificate_gives_4xx() {
 
 #[test]
 fn a_wrong_backend_password_is_logged_clearly_and_gives_4xx() {
+    wrong_backend_password_is_logged_clearly_and_gives_4xx(&postfix_backend());
+}
+
+#[test]
+fn exim_a_wrong_backend_password_is_logged_clearly_and_gives_4xx() {
+    wrong_backend_password_is_logged_clearly_and_gives_4xx(&exim_backend());
+}
+
+fn wrong_backend_password_is_logged_clearly_and_gives_4xx(b: &Backend) {
     let s = servers();
     let sender = s.new_user("wrongpw");
-    let proxy = Proxy::implicit(&sender).env("LMP_SMTP_PASSWORD", "not the password");
+    let proxy = Proxy::implicit_to(b, &sender).env("LMP_SMTP_PASSWORD", "not the password");
     let (out, log) = proxy.session(&wrap_session(b"MAIL FROM:<a@example.test>\r\n"));
     assert!(
         out.contains("\r\n451 4.3.5 Relay login failed; try again later\r\n"),
@@ -529,7 +626,7 @@ fn a_wrong_backend_password_is_logged_clearly_and_gives_4xx() {
     assert!(
         log.contains("the backend refused the proxy's login (--smtp-user and its password)")
             && log.contains(&format!("user {}", sender.name))
-            && log.contains("535 5.7.8"),
+            && log.contains(b.wrong_password),
         "{log}"
     );
     assert!(!log.contains("not the password"), "{log}");
@@ -771,6 +868,15 @@ fn an_oversized_message_is_refused_after_its_final_dot() {
 
 #[test]
 fn a_pipelined_session_is_answered_in_order() {
+    pipelined_session_is_answered_in_order(&postfix_backend());
+}
+
+#[test]
+fn exim_a_pipelined_session_is_answered_in_order() {
+    pipelined_session_is_answered_in_order(&exim_backend());
+}
+
+fn pipelined_session_is_answered_in_order(backend: &Backend) {
     let s = servers();
     let sender = s.new_user("pipe-sender");
     let a = s.new_user("pipe-a");
@@ -788,7 +894,7 @@ fn a_pipelined_session_is_answered_in_order() {
         format!("{}\r\ntwo\r\n", dated("pipe-2")).as_bytes(),
     ));
     input.extend_from_slice(b"QUIT\r\n");
-    let (out, log) = Proxy::implicit(&sender).session(&input);
+    let (out, log) = Proxy::implicit_to(backend, &sender).session(&input);
     let codes: Vec<&str> = out
         .split("\r\n")
         .filter(|l| l.len() > 3 && l.as_bytes()[3] == b' ')
@@ -802,10 +908,8 @@ fn a_pipelined_session_is_answered_in_order() {
         ],
         "{out}\n{log}"
     );
-    assert!(
-        out.contains("550 5.1.1 <nobody-pipe@example.test>"),
-        "{out}"
-    );
+    let unknown = (backend.unknown_recipient)("nobody-pipe@example.test");
+    assert!(out.contains(&unknown), "{out}");
     assert_eq!(
         String::from_utf8_lossy(&only_message(&a)),
         format!("{}\r\none\r\n", dated("pipe-1"))

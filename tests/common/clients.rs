@@ -113,7 +113,17 @@ def pop3_list():
     p.quit()
 
 
-{"fetch_all": fetch_all, "flags": flags, "mailboxes": mailboxes,
+def append():
+    # Every file of LMP_APPEND_DIR, in name order, appended to MAILBOX as sent.
+    m = imap()
+    folder = os.environ["LMP_APPEND_DIR"]
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            ok(m.append(quote(MAILBOX), None, None, f.read()))
+    m.logout()
+
+
+{"fetch_all": fetch_all, "flags": flags, "mailboxes": mailboxes, "append": append,
  "pop3_uidl": pop3_uidl, "pop3_list": pop3_list}[sys.argv[1]]()
 "#;
 
@@ -214,6 +224,25 @@ pub fn python_ok(snippet: &str, env: &[(&str, &str)]) -> Vec<u8> {
     out.stdout
 }
 
+/// IMAP APPENDs `messages`, in order and as they are, to `user`'s INBOX on the IMAP server
+/// on 127.0.0.1:`port` (seeds servers whose store the harness does not write directly).
+pub fn imap_append_at(user: &User, port: u16, messages: &[Vec<u8>]) {
+    let dir = servers().dir.join("append").join(&user.name);
+    std::fs::create_dir_all(&dir).expect("mkdir append dir");
+    for (i, m) in messages.iter().enumerate() {
+        std::fs::write(dir.join(format!("{i:06}")), m).expect("write message to append");
+    }
+    run_clients_py(
+        user,
+        "append",
+        &[
+            ("LMP_APPEND_DIR", dir.to_str().unwrap()),
+            ("LMP_IMAP_PORT", &port.to_string()),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn run_clients_py(user: &User, command: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     let s = servers();
     let python = require_client("python3");
@@ -246,7 +275,18 @@ pub fn imap_fetch_all(user: &User) -> Vec<(u32, Vec<u8>)> {
 
 /// Like [`imap_fetch_all`] for another mailbox.
 pub fn imap_fetch_all_in(user: &User, mailbox: &str) -> Vec<(u32, Vec<u8>)> {
-    let raw = run_clients_py(user, "fetch_all", &[("LMP_MAILBOX", mailbox)]);
+    imap_fetch_all_at(user, servers().imap_port, mailbox)
+}
+
+/// Like [`imap_fetch_all_in`] from the IMAP server on 127.0.0.1:`port` (another server of
+/// the matrix: Cyrus).
+pub fn imap_fetch_all_at(user: &User, port: u16, mailbox: &str) -> Vec<(u32, Vec<u8>)> {
+    let port = port.to_string();
+    let raw = run_clients_py(
+        user,
+        "fetch_all",
+        &[("LMP_MAILBOX", mailbox), ("LMP_IMAP_PORT", &port)],
+    );
     let mut rest = &raw[..];
     let mut messages = Vec::new();
     while !rest.is_empty() {
@@ -263,7 +303,12 @@ pub fn imap_fetch_all_in(user: &User, mailbox: &str) -> Vec<(u32, Vec<u8>)> {
 
 /// (UID, flags) of every INBOX message, e.g. `["\\Seen"]`. `\Recent` is left out.
 pub fn imap_flags(user: &User) -> Vec<(u32, Vec<String>)> {
-    let raw = run_clients_py(user, "flags", &[]);
+    imap_flags_at(user, servers().imap_port)
+}
+
+/// Like [`imap_flags`] on the IMAP server on 127.0.0.1:`port`.
+pub fn imap_flags_at(user: &User, port: u16) -> Vec<(u32, Vec<String>)> {
+    let raw = run_clients_py(user, "flags", &[("LMP_IMAP_PORT", &port.to_string())]);
     String::from_utf8(raw)
         .unwrap()
         .lines()

@@ -7,6 +7,13 @@
 //!   127.0.0.2 whose certificate comes from another CA.
 //! - [`postfix()`] starts Postfix on first use: submission with implicit TLS and with
 //!   STARTTLS, SASL via Dovecot, delivery of `@example.test` into Dovecot over LMTP.
+//! - The rest of issue 13's server matrix, each started on first use from Debian packages
+//!   that tests/setup.sh unpacks (not installs: they conflict with Dovecot/Postfix) into
+//!   /var/cache/legacy-mail-proxy-test/servers: [`exim()`] (a second submission server,
+//!   AUTH through Dovecot, delivery into the same Maildirs), [`cyrus()`] and [`courier()`]
+//!   (IMAP servers with their own stores, seeded by APPEND; Courier in a private mount
+//!   namespace, plain IMAP only). OpenSMTPD is absent: Debian 12's 6.8.0p2 cannot do TLS
+//!   with OpenSSL 3 (upstream issues #1171, #1239).
 //! - Tests run in parallel threads against the same servers; each test makes its own
 //!   accounts with [`Servers::new_user`].
 //! - [`oauth2()`] starts, on first use, the OAuth2 world (see `oauth2.rs`): a real
@@ -21,11 +28,15 @@
 #![allow(dead_code)]
 
 mod clients;
+mod courier;
+mod cyrus;
 mod dovecot;
+mod exim;
 mod fault;
 mod gateway;
 mod inetd;
 mod oauth2;
+mod pop3_transcript;
 mod postfix;
 mod process;
 mod tls;
@@ -43,10 +54,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 // Each test binary uses a subset of these.
 #[allow(unused_imports)]
 pub use clients::{
-    dovecot_pop3_list, dovecot_pop3_uidl, imap_fetch_all, imap_fetch_all_in, imap_flags,
-    imap_mailbox_list, missing_program_message, proxy_bin, python, python_ok, require_client,
-    run_proxy, server_env, wait_for_messages, wait_until, which,
+    dovecot_pop3_list, dovecot_pop3_uidl, imap_append_at, imap_fetch_all, imap_fetch_all_at,
+    imap_fetch_all_in, imap_flags, imap_flags_at, imap_mailbox_list, missing_program_message,
+    proxy_bin, python, python_ok, require_client, run_proxy, server_env, wait_for_messages,
+    wait_until, which,
 };
+#[allow(unused_imports)]
+pub use courier::{Courier, courier};
+#[allow(unused_imports)]
+pub use cyrus::{Cyrus, cyrus};
+#[allow(unused_imports)]
+pub use exim::{Exim, exim};
 #[allow(unused_imports)]
 pub use fault::{FaultProxy, line_filter, without_capability};
 #[allow(unused_imports)]
@@ -58,6 +76,8 @@ pub use oauth2::{
     CONFIDENTIAL_CLIENT_ID, GrantLogEntry, Idp, OAuth2World, PUBLIC_CLIENT_ID, REDIRECT_URI,
     SCOPES, TokenResponse, curl, json_num, json_str, oauth2, unix_now,
 };
+#[allow(unused_imports)]
+pub use pop3_transcript::{corpus, message_to_cut, normalized, pop3_proxy_args, responses};
 #[allow(unused_imports)]
 pub use postfix::{Postfix, postfix, postfix_if_started};
 #[allow(unused_imports)]
@@ -234,6 +254,54 @@ fn is_root() -> bool {
 /// The absolute path of a server program, or the install instructions.
 pub(crate) fn find_binary(program: &str) -> Result<PathBuf, String> {
     which(program).ok_or_else(|| missing_program_message(program))
+}
+
+/// The root of a server that tests/setup.sh unpacked (not installed: it conflicts with
+/// Dovecot or Postfix) under `$LMP_SERVER_CACHE/servers/NAME`, default
+/// /var/cache/legacy-mail-proxy-test; or how to get it. Keep in sync with tests/setup.sh.
+pub(crate) fn extracted_server_root(name: &str) -> Result<PathBuf, String> {
+    let cache = std::env::var_os("LMP_SERVER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/legacy-mail-proxy-test"));
+    let root = cache.join("servers").join(name);
+    if root.join(".lmp-extracted").exists() {
+        Ok(root)
+    } else {
+        Err(format!(
+            "{name} is not unpacked in {}: run `sudo ./tests/setup.sh` (or `sudo ./tests/run-all`), \
+             which downloads Debian's packages with apt-get download and unpacks them there \
+             (they conflict with the installed Dovecot/Postfix, so they are not installed)",
+            root.display()
+        ))
+    }
+}
+
+/// For a server that drops privileges to `uid`/`gid` (Exim, Cyrus): creates `dir` and
+/// its `subdirs` owned by it, and gives it its own copies of the harness server certificate
+/// and key (`dir/server.crt`, `dir/server.key`), which it reads after dropping root.
+pub(crate) fn owned_state_dir(
+    s: &Servers,
+    dir: &Path,
+    subdirs: &[&str],
+    (uid, gid): (u32, u32),
+) -> Result<(PathBuf, PathBuf), String> {
+    let chown = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {}: {e}", p.display()))
+    };
+    for sub in std::iter::once(&"").chain(subdirs) {
+        let d = dir.join(sub);
+        fs::create_dir_all(&d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
+        chown(&d)?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o750))
+            .map_err(|e| format!("chmod {}: {e}", d.display()))?;
+    }
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    for (from, to) in [(&s.tls.server_cert, &cert), (&s.tls.server_key, &key)] {
+        fs::copy(from, to).map_err(|e| format!("copy {}: {e}", from.display()))?;
+        chown(to)?;
+    }
+    Ok((cert, key))
 }
 
 /// `getent DB NAME`: (uid, gid) for "passwd", (gid, gid) for "group".

@@ -1,0 +1,247 @@
+//! A private Courier IMAP 5.0 (Debian's `courier-imap` with `courier-authlib`, unpacked by
+//! tests/setup.sh and never installed, because it conflicts with Dovecot): the third IMAP
+//! server of the POP3 matrix (issue 13). Plain IMAP on 127.0.0.1 (`couriertcpd` running
+//! `imaplogin` then `imapd`), accounts in Courier's userdb checked by its `authdaemond`.
+//! Started on first use of [`courier()`].
+//!
+//! Courier-authlib's paths are compiled in and machine-wide: the config
+//! /etc/courier/authdaemonrc, the account database /etc/courier/userdb.dat, the daemon's
+//! socket /run/courier/authdaemon/socket and its modules in /usr/lib/courier-authlib. So
+//! the whole server runs in a private mount namespace (`unshare --mount`) in which this
+//! test process's own directories are bind-mounted there; tests/setup.sh creates the three
+//! empty mount points on the host. Nothing of the host's /etc or /run is written.
+//!
+//! Accounts: the harness users, added on demand by [`Courier::account`] with the same
+//! password (SHA-512 crypt) and their own Maildir under `courier/home/`; seeding is by IMAP
+//! APPEND. Not built yet: STARTTLS and implicit TLS (couriertls), so Courier is tested over
+//! plain IMAP only.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::process::{ServerProcess, free_ports};
+use super::{Servers, User, extracted_server_root, find_binary, servers};
+
+/// The compiled-in paths that are bind-mounted in Courier's namespace (see the module
+/// header); tests/setup.sh creates them. Keep in sync with tests/setup.sh.
+const MOUNT_POINTS: [&str; 3] = ["/etc/courier", "/run/courier", "/usr/lib/courier-authlib"];
+
+pub struct Courier {
+    pub host: &'static str,
+    /// Plain IMAP, LOGIN allowed.
+    pub imap_port: u16,
+    dir: PathBuf,
+    /// userdb lines of every account so far (the file is rewritten as a whole).
+    accounts: Mutex<Vec<String>>,
+    server: ServerProcess,
+}
+
+static COURIER: OnceLock<Result<Courier, String>> = OnceLock::new();
+
+/// The process-wide Courier IMAP, started on first call. Panics with the setup command if
+/// the unpacked Courier or its mount points are missing.
+pub fn courier() -> &'static Courier {
+    let s = servers();
+    match COURIER.get_or_init(|| start(s)) {
+        Ok(c) => c,
+        Err(e) => panic!("test Courier IMAP could not be started: {e}"),
+    }
+}
+
+impl Courier {
+    /// Makes `user` known to Courier (same password, own Maildir); idempotent. Accounts
+    /// are added one at a time: makeuserdb rewrites the whole database.
+    pub fn account(&self, user: &User) {
+        let mut accounts = self.accounts.lock().unwrap();
+        let prefix = format!("{}\t", user.name);
+        if accounts.iter().any(|l| l.starts_with(&prefix)) {
+            return;
+        }
+        let s = servers();
+        let home = self.dir.join("home").join(&user.name);
+        for sub in ["", "Maildir", "Maildir/cur", "Maildir/new", "Maildir/tmp"] {
+            let d = home.join(sub);
+            fs::create_dir_all(&d).unwrap();
+            std::os::unix::fs::chown(&d, Some(s.mail_uid), Some(s.mail_gid)).unwrap();
+        }
+        accounts.push(format!(
+            "{}\tuid={}|gid={}|home={}|mail={}|systempw={}",
+            user.name,
+            s.mail_uid,
+            s.mail_gid,
+            home.display(),
+            home.join("Maildir").display(),
+            crypt(&user.password)
+        ));
+        let mut text = accounts.join("\n");
+        text.push('\n');
+        let userdb = self.dir.join("etc/userdb");
+        fs::write(&userdb, text).unwrap();
+        // makeuserdb refuses a userdb others can read (it holds password hashes).
+        fs::set_permissions(&userdb, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let out = Command::new("perl")
+            .arg(self.dir.join("makeuserdb"))
+            .output()
+            .expect("run makeuserdb");
+        assert!(
+            out.status.success(),
+            "makeuserdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `user` (made known to Courier) with `messages` appended to INBOX, in order.
+    pub fn seed(&self, user: &User, messages: &[Vec<u8>]) {
+        self.account(user);
+        super::imap_append_at(user, self.imap_port, messages);
+    }
+
+    pub fn logs(&self) -> String {
+        self.server.logs()
+    }
+}
+
+/// SHA-512 crypt of `password` (`openssl passwd -6`, the password on stdin).
+fn crypt(password: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(["passwd", "-6", "-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl passwd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl passwd failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Runs in the private mount namespace: binds our directories over the compiled-in paths,
+/// starts authdaemond, waits for its socket, then becomes couriertcpd.
+const NAMESPACE_SCRIPT: &str = r#"
+set -eu
+dir=$1 root=$2 port=$3
+mount --bind "$dir/etc" /etc/courier
+mount --bind "$dir/run" /run/courier
+mount --bind "$root/usr/lib/courier-authlib" /usr/lib/courier-authlib
+mkdir -p /run/courier/authdaemon
+export LD_LIBRARY_PATH=$root/usr/lib:$root/usr/lib/courier-authlib
+"$root/usr/lib/courier/courier-authlib/authdaemond" >"$dir/authdaemond.log" 2>&1 &
+i=0
+while [ ! -S /run/courier/authdaemon/socket ]; do
+  i=$((i+1)); [ "$i" -lt 300 ] || { echo "authdaemond did not start" >&2; exit 1; }
+  sleep 0.01
+done
+export IMAP_CAPABILITY="IMAP4rev1 UIDPLUS CHILDREN NAMESPACE SORT QUOTA IDLE"
+export IMAP_CAPABILITY_ORIG="$IMAP_CAPABILITY" MAILDIRPATH=Maildir IMAP_MOVE_EXPUNGE_TO_TRASH=0
+export IMAP_MAXDAEMONS=200 MAXPERIP=1000
+# As Debian's /etc/courier/imapd: keywords allowed (PERMANENTFLAGS \*).
+export IMAP_KEYWORDS=1
+exec "$root/usr/sbin/couriertcpd" -address=127.0.0.1 -nodnslookup -noidentlookup \
+  -maxprocs=200 -maxperip=1000 -stderr="$dir/couriertcpd.log" "$port" \
+  "$root/usr/lib/courier/courier/imaplogin" "$root/usr/bin/imapd" Maildir
+"#;
+
+fn start(s: &Servers) -> Result<Courier, String> {
+    let root = extracted_server_root("courier")?;
+    for program in ["unshare", "perl", "openssl"] {
+        find_binary(program)?;
+    }
+    for m in MOUNT_POINTS {
+        if !Path::new(m).is_dir() {
+            return Err(format!(
+                "the mount point {m} is missing (Courier's compiled-in paths are bind-mounted \
+                 there in a private namespace): run `sudo ./tests/setup.sh`"
+            ));
+        }
+    }
+    let dir = s.dir.join("courier");
+    for sub in ["etc", "run", "home"] {
+        fs::create_dir_all(dir.join(sub)).map_err(|e| format!("mkdir courier/{sub}: {e}"))?;
+    }
+    fs::write(
+        dir.join("etc/authdaemonrc"),
+        "authmodulelist=\"authuserdb\"\nauthmodulelistorig=\"authuserdb\"\ndaemons=5\n\
+         authdaemonvar=/run/courier/authdaemon\nDEBUG_LOGIN=0\nDEFAULTOPTIONS=\"\"\nLOGGEROPTS=\"\"\n",
+    )
+    .map_err(|e| format!("write authdaemonrc: {e}"))?;
+    // makeuserdb with our paths instead of the compiled-in ones, run outside the namespace.
+    let makeuserdb = fs::read_to_string(root.join("usr/sbin/makeuserdb"))
+        .map_err(|e| format!("read makeuserdb: {e}"))?
+        .replace(
+            "/usr/lib/courier/courier-authlib/makedatprog",
+            &root
+                .join("usr/lib/courier/courier-authlib/makedatprog")
+                .display()
+                .to_string(),
+        )
+        .replace(
+            "/etc/courier/userdb",
+            &dir.join("etc/userdb").display().to_string(),
+        );
+    fs::write(dir.join("makeuserdb"), makeuserdb).map_err(|e| format!("write makeuserdb: {e}"))?;
+    fs::write(dir.join("etc/userdb"), "").map_err(|e| format!("write userdb: {e}"))?;
+    fs::set_permissions(
+        dir.join("etc/userdb"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .map_err(|e| format!("chmod userdb: {e}"))?;
+    let made = Command::new("perl")
+        .arg(dir.join("makeuserdb"))
+        .output()
+        .map_err(|e| format!("run makeuserdb: {e}"))?;
+    if !made.status.success() {
+        return Err(format!(
+            "makeuserdb: {}",
+            String::from_utf8_lossy(&made.stderr)
+        ));
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = free_ports("127.0.0.1", 1)?[0];
+        let server = ServerProcess::spawn(
+            &s.dir,
+            "courier",
+            &[
+                &"unshare",
+                &"--mount",
+                &"--propagation",
+                &"private",
+                &"bash",
+                &"-c",
+                &NAMESPACE_SCRIPT,
+                &"courier-namespace",
+                &dir,
+                &root,
+                &port.to_string(),
+            ],
+            vec![dir.join("authdaemond.log"), dir.join("couriertcpd.log")],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        match server.wait_for_port(addr, Some("* OK"), deadline) {
+            Ok(()) => {
+                return Ok(Courier {
+                    host: "127.0.0.1",
+                    imap_port: port,
+                    dir,
+                    accounts: Mutex::new(Vec::new()),
+                    server,
+                });
+            }
+            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
