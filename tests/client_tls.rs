@@ -538,3 +538,60 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
         "{logs}"
     );
 }
+
+/// The benchmark's connect workload (login, STAT, QUIT in a fresh session) with client TLS
+/// off, with a certificate loaded but unused (STLS offered, plain session), and with
+/// POP3S. Not part of the suite (`--ignored`, `--nocapture`): it prints the medians, and
+/// tests/bench/RESULTS-client-tls.md keeps them. Build profile: whatever `cargo test`
+/// uses (debug for our code, dependencies at opt-level 2).
+#[test]
+#[ignore]
+fn client_tls_connect_benchmark() {
+    let user = seeded("bench");
+    let rounds = std::env::var("LMP_BENCH_SESSIONS").unwrap_or_else(|_| "100".into());
+    let columns = [
+        ("off", pop3_args(&[]), false),
+        (
+            "cert loaded, plain",
+            pop3_args(&client_tls("starttls", &[])),
+            false,
+        ),
+        ("POP3S", pop3_args(&client_tls("implicit", &[])), true),
+    ];
+    let inetds: Vec<(&str, Inetd, bool)> = columns
+        .into_iter()
+        .map(|(name, args, tls)| (name, Inetd::start(proxy_bin(), &args, &[]), tls))
+        .collect();
+    let ports: Vec<String> = inetds
+        .iter()
+        .map(|(_, inetd, tls)| format!("{}:{}", inetd.port, u8::from(*tls)))
+        .collect();
+    // Rotating order, so that load from outside hits every column alike.
+    let out = python_ok(
+        "import os,poplib,ssl,statistics,time\n\
+         ctx=ssl.create_default_context(cafile=os.environ['CA'])\n\
+         cols=[(int(p),t=='1') for p,t in (c.split(':') for c in os.environ['COLS'].split())]\n\
+         times=[[] for _ in cols]\n\
+         for r in range(int(os.environ['N'])):\n\
+         \x20   for i in range(len(cols)):\n\
+         \x20       j=(i+r)%len(cols); port,tls=cols[j]; t=time.perf_counter()\n\
+         \x20       p=poplib.POP3_SSL('127.0.0.1',port,context=ctx) if tls else poplib.POP3('127.0.0.1',port)\n\
+         \x20       p.user(os.environ['U']); p.pass_(os.environ['P']); p.stat(); p.quit()\n\
+         \x20       times[j].append(time.perf_counter()-t)\n\
+         for ts in times:\n\
+         \x20   ts.sort(); print('%.1f %.1f %.1f' % (statistics.median(ts)*1000, ts[len(ts)//10]*1000, ts[len(ts)*9//10]*1000))",
+        &[
+            ("CA", &ca()),
+            ("COLS", &ports.join(" ")),
+            ("N", &rounds),
+            ("U", &user.name),
+            ("P", &user.password),
+        ],
+    );
+    let out = String::from_utf8_lossy(&out);
+    println!("{rounds} sessions each; per session in ms: median (p10–p90)");
+    for ((name, _, _), line) in inetds.iter().zip(out.lines()) {
+        let v: Vec<&str> = line.split(' ').collect();
+        println!("{name}: {} ({}–{})", v[0], v[1], v[2]);
+    }
+}
