@@ -207,8 +207,9 @@ pub struct ClientTls<I, O> {
     client: String,
 }
 
-/// The client's plain input and output as one stream, with TLS available when `acceptor`
-/// is (an `Err` was logged and makes every login refused).
+/// The client's plain input and output as one stream; STLS/STARTTLS or implicit TLS is
+/// possible when `settings` and `acceptor` are given. Returns the upgrade handle for the
+/// session and the session's reader and writer.
 pub fn client_stream<I: ClientInput, O: Write>(
     input: I,
     output: O,
