@@ -57,17 +57,20 @@ pub enum Command {
     Oauth2(crate::oauth2::admin::Args),
     /// Deliver and manage the queue of `smtp --queue-dir` (run by a timer, cron or the admin).
     Queue(crate::queue::admin::Args),
+    /// Write a self-signed certificate and key for --client-tls (for a lab).
+    MakeCert(crate::client_tls::make_cert::Args),
 }
 
 impl Command {
-    /// The backend options of whichever subcommand was chosen.
-    pub fn backend(&self) -> &BackendOptions {
+    /// The backend options of whichever subcommand was chosen (`make-cert` has none).
+    pub fn backend(&self) -> Option<&BackendOptions> {
         match self {
-            Command::Pop3(args) => &args.backend,
-            Command::Smtp(args) => &args.backend,
-            Command::Tunnel(args) => &args.backend,
-            Command::Oauth2(args) => args.backend(),
-            Command::Queue(args) => args.backend(),
+            Command::Pop3(args) => Some(&args.backend),
+            Command::Smtp(args) => Some(&args.backend),
+            Command::Tunnel(args) => Some(&args.backend),
+            Command::Oauth2(args) => Some(args.backend()),
+            Command::Queue(args) => Some(args.backend()),
+            Command::MakeCert(_) => None,
         }
     }
 }

@@ -595,3 +595,43 @@ fn client_tls_connect_benchmark() {
         println!("{name}: {} ({}–{})", v[0], v[1], v[2]);
     }
 }
+
+#[test]
+fn make_cert_writes_a_pair_that_clients_can_pin() {
+    let dir = servers().dir.join("make-cert");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("lab.pem"), dir.join("lab.key"));
+    let out = Command::new(proxy_bin())
+        .args(["make-cert", "--host", "localhost", "--host", "127.0.0.1"])
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let tls = strings(&[
+        "--client-tls",
+        "implicit",
+        "--client-tls-cert",
+        cert.to_str().unwrap(),
+        "--client-tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let inetd = Inetd::start(proxy_bin(), &pop3_args(&tls), &[]);
+    // The client trusts exactly this certificate, and checks the name (an IP here).
+    let out = python_ok(
+        "import os,poplib,ssl\n\
+         ctx=ssl.create_default_context(cafile=os.environ['CERT'])\n\
+         p=poplib.POP3_SSL('127.0.0.1',int(os.environ['PORT']),context=ctx)\n\
+         print(p.getwelcome().decode()); p.quit()",
+        &[
+            ("PORT", &inetd.port.to_string()),
+            ("CERT", cert.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "+OK legacy-mail-proxy POP3 ready.\n"
+    );
+}

@@ -7,6 +7,7 @@
 //! STLS/STARTTLS line (the CVE-2011-0411 command-injection class): commands pipelined in
 //! clear text must never be read as if they had come through TLS.
 
+pub mod make_cert;
 pub mod server;
 #[cfg(test)]
 pub mod testing;
