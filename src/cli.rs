@@ -57,17 +57,20 @@ pub enum Command {
     Oauth2(crate::oauth2::admin::Args),
     /// Deliver and manage the queue of `smtp --queue-dir` (run by a timer, cron or the admin).
     Queue(crate::queue::admin::Args),
+    /// Write a self-signed certificate and key for --client-tls (for a lab).
+    MakeCert(crate::client_tls::make_cert::Args),
 }
 
 impl Command {
-    /// The backend options of whichever subcommand was chosen.
-    pub fn backend(&self) -> &BackendOptions {
+    /// The backend options of whichever subcommand was chosen (`make-cert` has none).
+    pub fn backend(&self) -> Option<&BackendOptions> {
         match self {
-            Command::Pop3(args) => &args.backend,
-            Command::Smtp(args) => &args.backend,
-            Command::Tunnel(args) => &args.backend,
-            Command::Oauth2(args) => args.backend(),
-            Command::Queue(args) => args.backend(),
+            Command::Pop3(args) => Some(&args.backend),
+            Command::Smtp(args) => Some(&args.backend),
+            Command::Tunnel(args) => Some(&args.backend),
+            Command::Oauth2(args) => Some(args.backend()),
+            Command::Queue(args) => Some(args.backend()),
+            Command::MakeCert(_) => None,
         }
     }
 }
@@ -191,4 +194,103 @@ pub struct OAuth2Options {
         value_name = "DIR"
     )]
     pub oauth2_dir: PathBuf,
+}
+
+/// TLS toward the client (`pop3` and `smtp`), off by default.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientTlsOptions {
+    /// TLS toward clients: none; starttls (STLS/STARTTLS offered on the plain port); or
+    /// implicit (TLS from the first byte: POP3S 995, SMTPS 465). Needs a certificate and key.
+    #[arg(long, env = "LMP_CLIENT_TLS", value_enum, default_value = "none")]
+    pub client_tls: ClientTlsMode,
+
+    /// PEM certificate chain shown to clients [default: the systemd credential
+    /// `client-tls-cert`].
+    #[arg(long, env = "LMP_CLIENT_TLS_CERT", value_name = "PEM")]
+    pub client_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of that certificate [default: the systemd credential
+    /// `client-tls-key`].
+    #[arg(long, env = "LMP_CLIENT_TLS_KEY", value_name = "PEM")]
+    pub client_tls_key: Option<PathBuf>,
+
+    /// Refuse logins (POP3 USER/PASS/AUTH, SMTP AUTH and MAIL) until the client has started
+    /// TLS.
+    #[arg(long, env = "LMP_CLIENT_TLS_REQUIRED", value_parser = FalseyValueParser::new(), default_value = "false")]
+    pub client_tls_required: bool,
+
+    /// Oldest TLS version accepted from clients: 1.0, 1.1, 1.2 or 1.3. Below 1.2 OpenSSL
+    /// runs at security level 0 with its legacy ciphers, for old devices: see the README's
+    /// security notes. The backend side always stays TLS 1.2+ and verified.
+    #[arg(long, env = "LMP_CLIENT_TLS_MIN_VERSION", default_value = "1.2", value_name = "VERSION", value_parser = tls_version)]
+    pub client_tls_min_version: crate::client_tls::server::MinVersion,
+
+    /// Seconds a client may take for its TLS handshake.
+    #[arg(
+        long,
+        env = "LMP_CLIENT_TLS_HANDSHAKE_TIMEOUT",
+        default_value = "30",
+        value_name = "SECONDS"
+    )]
+    pub client_tls_handshake_timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientTlsMode {
+    None,
+    Starttls,
+    Implicit,
+}
+
+fn tls_version(value: &str) -> Result<crate::client_tls::server::MinVersion, String> {
+    use crate::client_tls::server::MinVersion;
+    match value {
+        "1.0" | "1" => Ok(MinVersion::Tls10),
+        "1.1" => Ok(MinVersion::Tls11),
+        "1.2" => Ok(MinVersion::Tls12),
+        "1.3" => Ok(MinVersion::Tls13),
+        _ => Err(format!("{value:?} is not 1.0, 1.1, 1.2 or 1.3")),
+    }
+}
+
+impl ClientTlsOptions {
+    /// The settings, or `None` without client TLS. A systemd credential stands in for a
+    /// file option that is not given.
+    pub fn settings(&self) -> anyhow::Result<Option<crate::client_tls::server::Settings>> {
+        use crate::client_tls::server::{Mode, Settings};
+        let mode = match self.client_tls {
+            ClientTlsMode::None => {
+                anyhow::ensure!(
+                    !self.client_tls_required,
+                    "--client-tls-required needs --client-tls starttls or implicit"
+                );
+                return Ok(None);
+            }
+            ClientTlsMode::Starttls => Mode::StartTls,
+            ClientTlsMode::Implicit => Mode::Implicit,
+        };
+        let file = |given: &Option<PathBuf>, credential: &str, option: &str| {
+            given
+                .clone()
+                .or_else(|| {
+                    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+                    Some(PathBuf::from(dir).join(credential)).filter(|p| p.exists())
+                })
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--client-tls needs {option} (or the credential {credential})")
+                })
+        };
+        Ok(Some(Settings {
+            mode,
+            cert: file(
+                &self.client_tls_cert,
+                "client-tls-cert",
+                "--client-tls-cert",
+            )?,
+            key: file(&self.client_tls_key, "client-tls-key", "--client-tls-key")?,
+            required: self.client_tls_required,
+            min_version: self.client_tls_min_version,
+            handshake_timeout: Duration::from_secs(self.client_tls_handshake_timeout.max(1)),
+        }))
+    }
 }

@@ -79,6 +79,21 @@ impl TickingStdin {
     }
 }
 
+impl TickingStdin {
+    /// Drops what was read from a pipe but not yet handed out (a socket buffers nothing
+    /// here). Used before a TLS handshake: bytes pipelined after STLS/STARTTLS.
+    pub fn discard_buffered(&mut self) {
+        self.current.clear();
+        self.pos = 0;
+    }
+
+    /// Sets the tick (for example, the TLS handshake timeout); returns the old one.
+    pub fn set_tick(&mut self, tick: Duration) -> Duration {
+        self.next_tick = Instant::now() + tick;
+        std::mem::replace(&mut self.tick, tick)
+    }
+}
+
 impl Read for TickingStdin {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let now = Instant::now();

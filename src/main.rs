@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use legacy_mail_proxy::cli::{Cli, Command};
-use legacy_mail_proxy::{logging, oauth2, pop3, queue, smtp, tls, tunnel};
+use legacy_mail_proxy::{client_tls, logging, oauth2, pop3, queue, smtp, tls, tunnel};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -28,7 +28,8 @@ fn main() -> ExitCode {
     };
     logging::init(cli.log, cli.log_level);
     // Before any thread exists: see the function.
-    let default_ca_file = tls::avoid_parsing_ca_bundles(cli.command.backend().ca_file.as_deref());
+    let default_ca_file =
+        tls::avoid_parsing_ca_bundles(cli.command.backend().and_then(|b| b.ca_file.as_deref()));
     log::debug!("OpenSSL's default CA file: {default_ca_file:?}");
     // The default hook prints to stderr, which under xinetd is the client's socket.
     std::panic::set_hook(Box::new(|info| log::error!("internal error: {info}")));
@@ -38,5 +39,6 @@ fn main() -> ExitCode {
         Command::Tunnel(args) => tunnel::serve(args),
         Command::Oauth2(args) => oauth2::admin::run(args),
         Command::Queue(args) => queue::admin::run(args),
+        Command::MakeCert(args) => client_tls::make_cert::run(args),
     }
 }

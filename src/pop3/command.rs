@@ -15,6 +15,8 @@ pub enum Command<'a> {
         initial: Option<&'a [u8]>,
     },
     Capa,
+    /// RFC 2595 §4: switch to TLS.
+    Stls,
     Stat,
     List(Option<&'a str>),
     Uidl(Option<&'a str>),
@@ -29,7 +31,7 @@ pub enum Command<'a> {
 /// Why a line is not a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParseError {
-    /// The keyword is not one we implement (APOP and STLS included).
+    /// The keyword is not one we implement (APOP included).
     Unknown,
     /// The keyword is known but its arguments are wrong.
     Syntax(&'static str),
@@ -76,6 +78,7 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, ParseError> {
             ));
         }
         (b"CAPA", []) => Command::Capa,
+        (b"STLS", []) => Command::Stls,
         (b"STAT", []) => Command::Stat,
         (b"LIST", []) => Command::List(None),
         (b"LIST", [n]) => Command::List(Some(n)),
@@ -87,7 +90,7 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, ParseError> {
         (b"RSET", []) => Command::Rset,
         (b"NOOP", []) => Command::Noop,
         (b"QUIT", []) => Command::Quit,
-        (b"CAPA" | b"STAT" | b"RSET" | b"NOOP" | b"QUIT", _) => {
+        (b"CAPA" | b"STLS" | b"STAT" | b"RSET" | b"NOOP" | b"QUIT", _) => {
             return Err(ParseError::Syntax("this command takes no arguments"));
         }
         (b"LIST" | b"UIDL", _) => {
@@ -158,7 +161,8 @@ mod tests {
     #[test]
     fn unknown_and_malformed() {
         assert_eq!(parse(b"APOP a b"), Err(ParseError::Unknown));
-        assert_eq!(parse(b"STLS"), Err(ParseError::Unknown));
+        assert_eq!(parse(b"stls"), Ok(Command::Stls));
+        assert!(matches!(parse(b"STLS x"), Err(ParseError::Syntax(_))));
         assert_eq!(parse(b""), Err(ParseError::Unknown));
         assert_eq!(parse(b"\xff\xfe"), Err(ParseError::Unknown));
         assert!(matches!(parse(b"STAT 1"), Err(ParseError::Syntax(_))));

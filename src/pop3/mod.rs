@@ -16,7 +16,7 @@ pub mod session;
 mod transcript_tests;
 
 use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
-use crate::input::TickingStdin;
+use crate::client_tls::server::SetupError;
 use crate::net::TlsMode;
 use crate::oauth2::login::Account;
 use crate::secret;
@@ -24,7 +24,7 @@ use anyhow::Context;
 use imap::{ImapOpener, Login};
 use maildrop::{Credentials, Maildrop, OpenError, Opener};
 use session::{End, Session};
-use std::io::BufReader;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -204,6 +204,9 @@ pub struct Args {
     #[command(flatten)]
     pub login_limits: crate::cli::LoginLimits,
 
+    #[command(flatten)]
+    pub client_tls: crate::cli::ClientTlsOptions,
+
     /// Advertise RFC 2449 EXPIRE with this value (days, or NEVER) when the IMAP server's
     /// retention policy is known. Not advertised by default.
     #[arg(long, env = "LMP_CAPA_EXPIRE", value_name = "DAYS|NEVER")]
@@ -238,15 +241,32 @@ pub fn serve(args: Args) -> ExitCode {
     };
     // A client that stops reading mid-RETR must not hold the process and its lock forever.
     crate::input::tune_client_socket(idle_timeout);
-    let input = BufReader::new(TickingStdin::new(tick));
-    let output = match crate::input::client_output(idle_timeout) {
-        Ok(output) => output,
-        Err(e) => {
-            log::error!("cannot use stdout: {e}");
+    let tls_settings = args.client_tls.settings().map_err(|e| {
+        log::error!("client TLS configuration error: {e:#}");
+    });
+    let stream = tls_settings
+        .map_err(|()| SetupError::Config)
+        .and_then(|settings| {
+            crate::client_tls::server::stdio(settings, &client, tick, idle_timeout)
+        });
+    let (mut tls, input, output) = match stream {
+        Ok(stream) => stream,
+        Err(SetupError::Config) => {
+            // Told in clear text even on the implicit-TLS port: a client that cannot
+            // decode it at least sees the connection end at once instead of hanging.
+            let mut out = std::io::stdout();
+            let _ = out.write_all(
+                b"-ERR [SYS/TEMP] TLS is misconfigured on this server, try again later\r\n",
+            );
+            let _ = out.flush();
             return ExitCode::FAILURE;
         }
+        Err(SetupError::Connection) => return ExitCode::FAILURE,
     };
-    let summary = Session::new(input, output, opener.as_mut(), config).run();
+    let summary = Session::new(input, output, opener.as_mut(), config)
+        .with_tls(&mut tls)
+        .run();
+    tls.close_notify();
     log::info!(
         "pop3 session end: client={client} user={} listed={} retrieved={} deleted={} bytes={} duration={:.3}s end={}",
         summary.user.as_deref().unwrap_or("-").escape_debug(),

@@ -12,6 +12,7 @@ use super::maildrop::{
     Credentials, Extent, FetchError, Maildrop, MessageSink, OpenError, Opener, Update,
 };
 use super::reply::{Code, END, Reply};
+use crate::client_tls::{NoTls, StartTls, login_allowed};
 use crate::lines::{LineBuffer, LineStatus};
 use std::fmt;
 use std::io::{self, BufRead, Write};
@@ -58,6 +59,8 @@ pub enum End {
     /// QUIT was given but the delete policy could not be applied.
     UpdateFailed(String),
     ClientError(String),
+    /// STLS was accepted but the TLS handshake failed.
+    TlsFailed(String),
 }
 
 impl fmt::Display for End {
@@ -71,6 +74,7 @@ impl fmt::Display for End {
             End::BackendFailed(why) => write!(f, "backend failed: {why}"),
             End::UpdateFailed(why) => write!(f, "quit, but deleting failed: {why}"),
             End::ClientError(why) => write!(f, "client connection error: {why}"),
+            End::TlsFailed(why) => write!(f, "TLS handshake failed: {why}"),
         }
     }
 }
@@ -102,6 +106,7 @@ pub struct Session<'a, R, W> {
     output: W,
     opener: &'a mut dyn Opener,
     config: Config,
+    tls: Box<dyn StartTls + 'a>,
     state: State,
     line: LineBuffer,
     bad_commands: u32,
@@ -120,6 +125,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             output,
             opener,
             config,
+            tls: Box::new(NoTls),
             state: State::Authorization { user: None },
             line: LineBuffer::new(MAX_LINE),
             bad_commands: 0,
@@ -134,6 +140,13 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 end: End::ClientClosed,
             },
         }
+    }
+
+    /// Offers STLS (or, after implicit TLS, knows the connection is encrypted) through the
+    /// front end's client TLS.
+    pub fn with_tls(mut self, tls: impl StartTls + 'a) -> Self {
+        self.tls = Box::new(tls);
+        self
     }
 
     /// Runs the session to its end. Deletes happen only after QUIT; any other end leaves
@@ -243,6 +256,20 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let logged_in = matches!(self.state, State::Transaction { .. });
         match (logged_in, command) {
             (_, Command::Capa) => self.capa(),
+            (false, Command::Stls) => self.stls(),
+            (true, Command::Stls) => {
+                self.bad_command(Reply::err("STLS is only allowed before logging in"))
+            }
+            (false, Command::User(_) | Command::Pass(_) | Command::Auth { .. })
+                if !login_allowed(self.tls.as_ref()) =>
+            {
+                // RFC 2595 §2.1 leaves it to the server; RFC 3206 [AUTH] tells the client
+                // that logging in is what failed, not the server.
+                self.bad_command(Reply::err_code(
+                    Code::Auth,
+                    "Plain-text logins are disabled: use STLS (or port 995) first",
+                ))
+            }
             (false, Command::User(name)) => self.user(name),
             (false, Command::Pass(password)) => self.pass(password),
             (false, Command::Auth { mechanism, initial }) => self.auth(mechanism, initial),
@@ -270,6 +297,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let mut text = String::from("+OK Capability list follows\r\nTOP\r\nUIDL\r\n");
         if !logged_in {
             text.push_str("USER\r\nSASL PLAIN\r\n");
+            if self.tls.offered() {
+                text.push_str("STLS\r\n");
+            }
         }
         text.push_str("RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
         if let Some(expire) = &self.config.capa_expire {
@@ -284,6 +314,26 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     }
 
     // ---- AUTHORIZATION (RFC 1939 §7, RFC 5034) ----
+
+    /// RFC 2595 §4: `+OK`, then the handshake. Whatever the client pipelined after STLS is
+    /// thrown away by the front end, and everything learnt before it (USER) is forgotten.
+    fn stls(&mut self) -> Flow {
+        if self.tls.active() {
+            return self.bad_command(Reply::err("TLS is already active"));
+        }
+        if !self.tls.offered() {
+            return self.bad_command(Reply::err("Unknown command"));
+        }
+        self.reply(Reply::ok("Begin TLS negotiation"))?;
+        self.output
+            .flush()
+            .map_err(|e| End::ClientError(e.to_string()))?;
+        self.tls.start().map_err(End::TlsFailed)?;
+        self.state = State::Authorization { user: None };
+        self.line = LineBuffer::new(MAX_LINE);
+        self.last_activity = Instant::now();
+        Ok(())
+    }
 
     fn user(&mut self, name: &[u8]) -> Flow {
         self.state = State::Authorization {

@@ -766,3 +766,132 @@ fn control_characters_in_commands_are_refused() {
     assert_eq!(summary.end, End::Quit);
     assert!(opener.journal.borrow().deleted.is_empty());
 }
+
+// ---- STLS (RFC 2595 §4) ----
+
+/// Runs `packets` through a session with STARTTLS-style client TLS, at several read sizes
+/// (all must agree); returns the output, the summary and the output length at each
+/// handshake.
+fn stls_transcript(
+    packets: &[&[u8]],
+    setup: impl Fn(&mut crate::client_tls::testing::FakeTls),
+) -> (String, Summary, Vec<usize>) {
+    let mut results = Vec::new();
+    for size in [1, 2, 3, 5, 64, 4096] {
+        let (input, output, mut tls) = crate::client_tls::testing::connection(packets, size);
+        setup(&mut tls);
+        let mut opener = opener();
+        let summary = Session::new(input, output.clone(), &mut opener, config())
+            .with_tls(&mut tls)
+            .run();
+        let out = String::from_utf8_lossy(&output.0.borrow()).into_owned();
+        results.push((out, summary, tls.started_at.clone()));
+    }
+    let first = results[0].clone();
+    for other in &results[1..] {
+        assert_eq!(other, &first, "the read size changed the session");
+    }
+    first
+}
+
+const CAPA_PLAIN: &str = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nUSER\r\nSASL PLAIN\r\n";
+const CAPA_TAIL: &str =
+    "RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION legacy-mail-proxy-0.1.0\r\n.\r\n";
+
+#[test]
+fn stls_is_announced_before_tls_and_not_after_and_user_is_forgotten() {
+    let (out, summary, started) = stls_transcript(
+        &[
+            b"CAPA\r\nUSER alice\r\nSTLS\r\n",
+            b"CAPA\r\nPASS pa ss\"\\\xc3\xa9\r\nSTLS\r\nQUIT\r\n",
+        ],
+        |_| {},
+    );
+    let begin = "+OK Begin TLS negotiation\r\n";
+    let before = format!("{GREETING}{CAPA_PLAIN}STLS\r\n{CAPA_TAIL}+OK\r\n{begin}");
+    assert_eq!(
+        out,
+        format!(
+            "{before}{CAPA_PLAIN}{CAPA_TAIL}-ERR Give USER first\r\n-ERR TLS is already active\r\n+OK Bye.\r\n"
+        )
+    );
+    // The go-ahead was on the wire before the handshake began, once.
+    assert_eq!(started, vec![before.len()]);
+    assert_eq!(summary.end, End::Quit);
+}
+
+#[test]
+fn commands_pipelined_after_stls_in_one_packet_are_never_executed() {
+    // The CVE-2011-0411 class: a man in the middle appends commands to the client's STLS.
+    let (out, summary, started) = stls_transcript(
+        &[
+            b"STLS\r\nCAPA\r\nUSER alice\r\nQUIT\r\n",
+            b"PASS pa ss\"\\\xc3\xa9\r\nNOOP\r\nQUIT\r\n",
+        ],
+        |_| {},
+    );
+    assert_eq!(
+        out,
+        format!(
+            "{GREETING}+OK Begin TLS negotiation\r\n-ERR Give USER first\r\n-ERR Log in first (USER/PASS or AUTH)\r\n+OK Bye.\r\n"
+        )
+    );
+    assert_eq!(started.len(), 1);
+    assert_eq!(summary.end, End::Quit);
+}
+
+#[test]
+fn with_tls_required_logins_are_refused_with_auth_until_stls() {
+    let login = b"USER alice\r\nPASS pa ss\"\\\xc3\xa9\r\n";
+    let (out, summary, _) = stls_transcript(
+        &[
+            b"USER alice\r\nPASS x\r\nAUTH PLAIN AGFsaWNlAHg=\r\nSTLS\r\n",
+            login,
+            b"STAT\r\nQUIT\r\n",
+        ],
+        |tls| tls.required = true,
+    );
+    let refused = "-ERR [AUTH] Plain-text logins are disabled: use STLS (or port 995) first\r\n";
+    assert_eq!(
+        out,
+        format!(
+            "{GREETING}{refused}{refused}{refused}+OK Begin TLS negotiation\r\n+OK\r\n+OK Logged in.\r\n+OK 3 118\r\n+OK Bye.\r\n"
+        )
+    );
+    assert_eq!(summary.end, End::Quit);
+}
+
+#[test]
+fn a_failed_handshake_ends_the_session_and_without_tls_stls_is_unknown() {
+    let (out, summary, _) = stls_transcript(&[b"STLS\r\n", b"QUIT\r\n"], |tls| tls.fail = true);
+    assert_eq!(out, format!("{GREETING}+OK Begin TLS negotiation\r\n"));
+    assert_eq!(summary.end, End::TlsFailed("handshake refused".into()));
+
+    let (out, _, started) = stls_transcript(&[b"STLS\r\nCAPA\r\nQUIT\r\n"], |tls| {
+        tls.mode_starttls = false
+    });
+    assert_eq!(
+        out,
+        format!("{GREETING}-ERR Unknown command\r\n{CAPA_PLAIN}{CAPA_TAIL}+OK Bye.\r\n")
+    );
+    assert!(started.is_empty());
+}
+
+#[test]
+fn after_implicit_tls_there_is_no_stls_and_logins_work_even_when_required() {
+    let (out, summary, started) = stls_transcript(
+        &[b"CAPA\r\nSTLS\r\nUSER alice\r\nPASS pa ss\"\\\xc3\xa9\r\nQUIT\r\n"],
+        |tls| {
+            tls.active = true;
+            tls.required = true;
+        },
+    );
+    assert_eq!(
+        out,
+        format!(
+            "{GREETING}{CAPA_PLAIN}{CAPA_TAIL}-ERR TLS is already active\r\n+OK\r\n+OK Logged in.\r\n+OK Bye.\r\n"
+        )
+    );
+    assert!(started.is_empty());
+    assert_eq!(summary.end, End::Quit);
+}

@@ -35,7 +35,9 @@ pub enum Command {
     Expn,
     Help,
     Auth(AuthStart),
-    /// Known verbs this proxy does not offer (STARTTLS, BDAT, ETRN, TURN…): `502`.
+    /// RFC 3207: switch to TLS (answered `502` when client TLS is not configured).
+    StartTls,
+    /// Known verbs this proxy does not offer (BDAT, ETRN, TURN…): `502`.
     NotImplemented(String),
 }
 
@@ -155,7 +157,8 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
         "EXPN" => Ok(Command::Expn),
         "HELP" => Ok(Command::Help),
         "AUTH" => auth(rest).map(Command::Auth),
-        "STARTTLS" | "BDAT" | "ETRN" | "TURN" | "ATRN" | "SEND" | "SOML" | "SAML" => {
+        "STARTTLS" => no_args(Command::StartTls),
+        "BDAT" | "ETRN" | "TURN" | "ATRN" | "SEND" | "SOML" | "SAML" => {
             Ok(Command::NotImplemented(verb))
         }
         _ => Err(ParseError::Unrecognized),
@@ -403,9 +406,10 @@ mod tests {
         assert_eq!(parse(b"FOO"), Err(ParseError::Unrecognized));
         assert_eq!(parse(b""), Err(ParseError::Unrecognized));
         assert_eq!(parse(b"GET / HTTP/1.0"), Err(ParseError::Unrecognized));
+        assert_eq!(parse(b"starttls"), Ok(Command::StartTls));
         assert_eq!(
-            parse(b"STARTTLS"),
-            Ok(Command::NotImplemented("STARTTLS".into()))
+            parse(b"STARTTLS now"),
+            Err(ParseError::Syntax("This command takes no argument"))
         );
         assert_eq!(
             parse(b"EHLO client.example"),

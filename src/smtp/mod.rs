@@ -36,6 +36,7 @@ mod queue_transcript_tests;
 mod transcript_tests;
 
 use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
+use crate::client_tls::server::SetupError;
 use crate::net::TlsMode;
 use accounts::Accounts;
 use accounts::router::{self, AccountRouter};
@@ -44,7 +45,7 @@ use auth::{AllowedSenders, ClientAuth};
 use backend::{Backend, SmtpRelay};
 use headers::HeaderEdits;
 use session::{Config, Session};
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -199,6 +200,9 @@ pub struct Args {
     #[command(flatten)]
     pub login_limits: crate::cli::LoginLimits,
 
+    #[command(flatten)]
+    pub client_tls: crate::cli::ClientTlsOptions,
+
     /// Directory for the unlinked temporary file that holds messages larger than 256 KiB
     /// while they are received [default: $TMPDIR or /tmp].
     #[arg(long, env = "LMP_SPOOL_DIR", value_name = "DIR")]
@@ -271,6 +275,15 @@ pub fn serve(args: Args) -> ExitCode {
         return check_accounts(&args.accounts);
     }
     let client = crate::input::client_address();
+    let client_tls = match args.client_tls.settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            log::error!("client TLS configuration error: {e:#}");
+            let _ = std::io::stdout()
+                .write_all(b"421 4.3.5 Service not available: TLS configuration error\r\n");
+            return ExitCode::FAILURE;
+        }
+    };
     let Settings {
         config,
         backend,
@@ -295,18 +308,29 @@ pub fn serve(args: Args) -> ExitCode {
     // A client that stops reading would otherwise block a reply forever.
     crate::input::tune_client_socket(config.idle_timeout);
     let mut relay = relay_for(backend, routing);
-    let input = BufReader::with_capacity(64 * 1024, crate::input::TickingStdin::new(config.tick));
-    // Gives up at the first failed write: retrying a client that stopped reading would
-    // cost a send timeout each time.
-    let output = match crate::input::client_output(config.idle_timeout) {
-        Ok(output) => output,
-        Err(e) => {
-            log::error!("smtp: cannot use stdout: {e}");
+    // The writer gives up at the first failed write: retrying a client that stopped
+    // reading would cost a send timeout each time.
+    let stream =
+        crate::client_tls::server::stdio(client_tls, &client, config.tick, config.idle_timeout);
+    let (tls, input, output) = match stream {
+        Ok(stream) => stream,
+        Err(SetupError::Config) => {
+            // In clear text even on the implicit-TLS port: the client at least sees the
+            // connection end at once instead of hanging.
+            let mut out = std::io::stdout();
+            let _ = out.write_all(b"421 4.3.5 Service not available: TLS configuration error\r\n");
+            let _ = out.flush();
             return ExitCode::FAILURE;
         }
+        Err(SetupError::Connection) => return ExitCode::FAILURE,
     };
+    let tls = std::cell::RefCell::new(tls);
     Session::new(input, output, relay.as_mut(), &config)
-        .on_client_done(close_client_side)
+        .with_tls(&tls)
+        .on_client_done(|| {
+            tls.borrow().close_notify();
+            close_client_side()
+        })
         .client_closed_check(client_has_closed)
         .run();
     ExitCode::SUCCESS

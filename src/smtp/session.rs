@@ -19,6 +19,7 @@ use super::headers::{self, HeaderEdits, HeaderError};
 use super::relay::{Relay, RelayError, Stage};
 use super::reply::{Enhanced, Reply};
 use super::spool::{HEAD_MAX, Spool};
+use crate::client_tls::{NoTls, StartTls, login_allowed};
 use crate::lines::{LineBuffer, LineStatus};
 use crate::queue::{Locked, NewMessage, QueueMode, StoreError, deliver};
 use std::io::{self, BufRead, Read, Write};
@@ -218,6 +219,7 @@ pub struct Session<'a, R: BufRead, W: Write> {
     output: W,
     relay: &'a mut dyn Relay,
     config: &'a Config,
+    tls: Box<dyn StartTls + 'a>,
     lines: LineBuffer,
     state: State,
     helo: String,
@@ -243,6 +245,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             output,
             relay,
             config,
+            tls: Box::new(NoTls),
             lines: LineBuffer::new(AUTH_LINE_MAX),
             state: State::Fresh,
             helo: String::new(),
@@ -257,6 +260,13 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             client_done: None,
             client_closed: Box::new(|| false),
         }
+    }
+
+    /// Offers STARTTLS (or, after implicit TLS, knows the connection is encrypted) through
+    /// the front end's client TLS.
+    pub fn with_tls(mut self, tls: impl StartTls + 'a) -> Self {
+        self.tls = Box::new(tls);
+        self
     }
 
     /// `f` runs when the client has had its last reply (221 or 421), before the QUIT to
@@ -363,6 +373,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 ))
             }
             Command::Auth(start) => self.auth(start),
+            Command::StartTls => self.starttls(),
             Command::NotImplemented(verb) => self.bad(&Reply::new(
                 502,
                 Enhanced::new(5, 5, 1),
@@ -391,8 +402,8 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         if !extended {
             return self.ok(Reply::plain(250, host.clone()));
         }
-        // Only extensions the relay honours: no STARTTLS (the client side is the local
-        // trusted link), no DSN, CHUNKING or SMTPUTF8 (lettre's connection cannot relay them).
+        // Only extensions the relay honours: no DSN, CHUNKING or SMTPUTF8 (lettre's
+        // connection cannot relay them). STARTTLS when client TLS is configured and not on.
         let greets = match self.helo.as_str() {
             "" => host.clone(),
             helo => format!("{host} greets {helo}"),
@@ -404,15 +415,73 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             "8BITMIME".to_string(),
             "ENHANCEDSTATUSCODES".to_string(),
         ];
-        if self.config.auth.enabled() {
+        if self.tls.offered() {
+            lines.push("STARTTLS".to_string());
+        }
+        // Like Postfix's smtpd_tls_auth_only: no AUTH offered where it would be refused.
+        if self.config.auth.enabled() && login_allowed(self.tls.as_ref()) {
             lines.push("AUTH PLAIN LOGIN".to_string());
         }
         self.ok(Reply::multi(250, lines))
     }
 
+    // ---- STARTTLS (RFC 3207) -----------------------------------------------------------
+
+    /// RFC 3207 §4: `220`, then the handshake. Whatever the client pipelined after
+    /// STARTTLS is thrown away by the front end; afterwards the session starts over as if
+    /// just connected (§4.2: no HELO, no AUTH carried over; the client sends EHLO again).
+    fn starttls(&mut self) -> io::Result<Flow> {
+        if self.tls.active() {
+            return self.bad(&Reply::new(
+                503,
+                Enhanced::new(5, 5, 1),
+                "TLS already active",
+            ));
+        }
+        if !self.tls.offered() {
+            return self.bad(&Reply::new(
+                502,
+                Enhanced::new(5, 5, 1),
+                "STARTTLS not implemented",
+            ));
+        }
+        if let State::Mail(_) = self.state {
+            return self.bad(&need("STARTTLS not allowed during a mail transaction"));
+        }
+        self.send(&Reply::new(
+            220,
+            Enhanced::new(2, 0, 0),
+            "Ready to start TLS",
+        ))?;
+        if self.tls.start().is_err() {
+            return Ok(Flow::Close("TLS handshake failed"));
+        }
+        self.state = State::Fresh;
+        self.helo.clear();
+        self.user = None;
+        self.lines = LineBuffer::new(AUTH_LINE_MAX);
+        self.idle = Duration::ZERO;
+        Ok(Flow::Continue)
+    }
+
+    /// RFC 3207 §4: with TLS required, only NOOP, EHLO, STARTTLS and QUIT before it.
+    fn tls_needed(&mut self) -> Option<io::Result<Flow>> {
+        if login_allowed(self.tls.as_ref()) {
+            return None;
+        }
+        Some(self.bad(&Reply::new(
+            530,
+            Enhanced::new(5, 7, 0),
+            "Must issue a STARTTLS command first",
+        )))
+    }
+
     // ---- MAIL --------------------------------------------------------------------------
 
     fn mail(&mut self, mut mail: command::MailFrom) -> io::Result<Flow> {
+        if let Some(refused) = self.tls_needed() {
+            return refused;
+        }
         match self.state {
             // Postfix's default (smtpd_helo_required = no): scanners skip HELO.
             State::Fresh if self.config.require_helo => {
@@ -974,6 +1043,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     // ---- AUTH --------------------------------------------------------------------------
 
     fn auth(&mut self, start: AuthStart) -> io::Result<Flow> {
+        if let Some(refused) = self.tls_needed() {
+            return refused;
+        }
         if !self.config.auth.enabled() {
             return self.bad(&need("Authentication not enabled"));
         }

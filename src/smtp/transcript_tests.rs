@@ -1380,3 +1380,175 @@ fn a_source_route_must_be_at_domains() {
         ])
     );
 }
+
+// ---- STARTTLS (RFC 3207) ----
+
+/// Runs `packets` with STARTTLS-style client TLS at several read sizes (all must agree);
+/// returns the output, the backend's log, and the output length at each handshake.
+fn starttls_transcript(
+    config: &Config,
+    packets: &[&[u8]],
+    setup: impl Fn(&mut crate::client_tls::testing::FakeTls),
+) -> (String, Vec<String>, Vec<usize>) {
+    let mut results = Vec::new();
+    for size in [1, 2, 3, 7, 64, 4096] {
+        let (input, output, mut tls) = crate::client_tls::testing::connection(packets, size);
+        setup(&mut tls);
+        let mut relay = MemoryRelay::default();
+        Session::new(input, output.clone(), &mut relay, config)
+            .with_tls(&mut tls)
+            .run();
+        let out = String::from_utf8_lossy(&output.0.borrow()).into_owned();
+        results.push((out, normal_log(&relay.log), tls.started_at.clone()));
+    }
+    for other in &results[1..] {
+        assert_eq!(other, &results[0], "the read size changed the session");
+    }
+    results.swap_remove(0)
+}
+
+const EHLO_STARTTLS: &str = "250-mx.test greets c.example\r\n250-PIPELINING\r\n250-SIZE 36700160\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n";
+const READY: &str = "220 2.0.0 Ready to start TLS\r\n";
+
+#[test]
+fn starttls_is_offered_until_used_and_the_session_starts_over_after_it() {
+    let (out, log, started) = starttls_transcript(
+        &local_auth(),
+        &[
+            b"EHLO c.example\r\nAUTH PLAIN AHNjYW5uZXIAczNjcmV0IHB3\r\nSTARTTLS\r\n",
+            b"MAIL FROM:<a@c.example>\r\nEHLO c.example\r\nSTARTTLS\r\nQUIT\r\n",
+        ],
+        |_| {},
+    );
+    let before = replies(&[
+        GREETING,
+        &EHLO_STARTTLS.replace("250 STARTTLS", "250-STARTTLS\r\n250 AUTH PLAIN LOGIN"),
+        "235 2.7.0 Authentication successful\r\n",
+        READY,
+    ]);
+    assert_eq!(
+        out,
+        replies(&[
+            &before,
+            // RFC 3207 §4.2: the AUTH from before TLS is forgotten.
+            "530 5.7.0 Authentication required\r\n",
+            EHLO_AUTH,
+            "503 5.5.1 TLS already active\r\n",
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+    assert_eq!(started, vec![before.len()]);
+    // The relay is not even connected: nothing reached the backend.
+    assert!(log.is_empty(), "{log:?}");
+}
+
+#[test]
+fn commands_pipelined_after_starttls_in_one_packet_are_never_executed() {
+    // The CVE-2011-0411 class: commands appended in clear text to the client's STARTTLS.
+    let (out, log, started) = starttls_transcript(
+        &config(),
+        &[
+            b"EHLO c.example\r\nSTARTTLS\r\nRSET\r\nMAIL FROM:<evil@x.example>\r\n",
+            b"EHLO c.example\r\nQUIT\r\n",
+        ],
+        |_| {},
+    );
+    assert_eq!(
+        out,
+        replies(&[
+            GREETING,
+            EHLO_STARTTLS,
+            READY,
+            EHLO_REPLY,
+            "221 2.0.0 Bye\r\n"
+        ])
+    );
+    assert_eq!(started.len(), 1);
+    assert!(log.is_empty(), "{log:?}");
+}
+
+#[test]
+fn with_tls_required_mail_and_auth_get_530_until_starttls() {
+    let mut config = local_auth();
+    config.auth = ClientAuth::None;
+    let (out, log, _) = starttls_transcript(
+        &config,
+        &[
+            b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nNOOP\r\nSTARTTLS\r\n",
+            b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nQUIT\r\n",
+        ],
+        |tls| tls.required = true,
+    );
+    assert_eq!(
+        out,
+        replies(&[
+            GREETING,
+            EHLO_STARTTLS,
+            "530 5.7.0 Must issue a STARTTLS command first\r\n",
+            "250 2.0.0 Ok\r\n",
+            READY,
+            EHLO_REPLY,
+            "250 2.1.0 Ok\r\n",
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+    assert_eq!(log, ["CONNECT", "MAIL FROM:<a@c.example>", "QUIT"]);
+
+    // AUTH is neither offered nor accepted before TLS.
+    let (out, _, _) = starttls_transcript(
+        &local_auth(),
+        &[b"EHLO c.example\r\nAUTH PLAIN AHNjYW5uZXIAczNjcmV0IHB3\r\nQUIT\r\n"],
+        |tls| tls.required = true,
+    );
+    assert_eq!(
+        out,
+        replies(&[
+            GREETING,
+            EHLO_STARTTLS,
+            "530 5.7.0 Must issue a STARTTLS command first\r\n",
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+}
+
+#[test]
+fn starttls_refused_in_a_transaction_unknown_without_tls_and_a_failed_handshake_closes() {
+    let (out, _, started) = starttls_transcript(
+        &config(),
+        &[b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nSTARTTLS\r\nQUIT\r\n"],
+        |_| {},
+    );
+    assert_eq!(
+        out,
+        replies(&[
+            GREETING,
+            EHLO_STARTTLS,
+            "250 2.1.0 Ok\r\n",
+            "503 5.5.1 STARTTLS not allowed during a mail transaction\r\n",
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+    assert!(started.is_empty());
+
+    let (out, _, _) = starttls_transcript(
+        &config(),
+        &[b"EHLO c.example\r\nSTARTTLS\r\nQUIT\r\n"],
+        |tls| tls.mode_starttls = false,
+    );
+    assert_eq!(
+        out,
+        replies(&[
+            GREETING,
+            EHLO_REPLY,
+            "502 5.5.1 STARTTLS not implemented\r\n",
+            "221 2.0.0 Bye\r\n",
+        ])
+    );
+
+    let (out, _, started) =
+        starttls_transcript(&config(), &[b"STARTTLS\r\n", b"QUIT\r\n"], |tls| {
+            tls.fail = true
+        });
+    assert_eq!(out, replies(&[GREETING, READY]));
+    assert_eq!(started, vec![GREETING.len() + READY.len()]);
+}
