@@ -186,7 +186,7 @@ struct Gateway {
 impl Gateway {
     fn new(port: u16, account: &User, queue: &QueueDir) -> Gateway {
         let s = servers();
-        let args = [
+        let backend = [
             "--smtp-host",
             s.host,
             "--smtp-port",
@@ -197,6 +197,18 @@ impl Gateway {
             s.ca_file.to_str().unwrap(),
             "--smtp-user",
             &account.name,
+        ];
+        let mut gateway = Gateway::queueing(&backend, queue);
+        gateway
+            .env
+            .push(("LMP_SMTP_PASSWORD".into(), account.password.clone()));
+        gateway
+    }
+
+    /// `backend` (the options that name the submission server and login, or an accounts
+    /// file), open to any client, queueing in `queue`.
+    fn queueing(backend: &[&str], queue: &QueueDir) -> Gateway {
+        let common = [
             "--client-auth",
             "none",
             "--hostname",
@@ -209,8 +221,12 @@ impl Gateway {
             queue.path.to_str().unwrap(),
         ];
         Gateway {
-            args: args.iter().map(|a| a.to_string()).collect(),
-            env: vec![("LMP_SMTP_PASSWORD".into(), account.password.clone())],
+            args: backend
+                .iter()
+                .chain(&common)
+                .map(|a| a.to_string())
+                .collect(),
+            env: Vec::new(),
         }
     }
 
@@ -1104,25 +1120,7 @@ fn with_accounts_a_queued_message_goes_out_through_the_account_it_was_accepted_f
     )
     .unwrap();
     fs::set_permissions(&ini, fs::Permissions::from_mode(0o600)).unwrap();
-    let gateway = Gateway {
-        args: [
-            "--accounts",
-            ini.to_str().unwrap(),
-            "--client-auth",
-            "none",
-            "--hostname",
-            "proxy.test",
-            "--connect-timeout",
-            "5",
-            "--backend-timeout",
-            "30",
-            "--queue-dir",
-            queue.path.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .into(),
-        env: Vec::new(),
-    };
+    let gateway = Gateway::queueing(&["--accounts", ini.to_str().unwrap()], &queue);
     let mut input = session(
         &alpha.email,
         &[&rcpt.email],
