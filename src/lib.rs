@@ -7,6 +7,7 @@
 pub mod base64;
 pub mod cli;
 pub mod client_tls;
+pub mod frontend;
 pub mod imap_wire;
 pub mod input;
 pub mod lines;
@@ -14,6 +15,7 @@ pub mod lock;
 pub mod logging;
 pub mod net;
 pub mod oauth2;
+pub mod options;
 pub mod pop3;
 pub mod queue;
 pub mod secret;

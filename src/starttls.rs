@@ -25,7 +25,7 @@ const MAX_LINES: usize = 100;
 const IMAP_TAG: &[u8] = b"LMP1";
 
 /// Which protocol's STARTTLS to speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// POP3 `STLS` (RFC 2595 §4), usually port 110.
     Pop3,

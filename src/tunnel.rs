@@ -22,8 +22,8 @@
 //! the kernel's socket buffers hold, to a client that does the same, ends the tunnel after
 //! the backend timeout rather than growing memory. Mail protocols never do that in practice.
 
-use crate::cli::BackendOptions;
 use crate::net;
+use crate::options::BackendOptions;
 use crate::starttls::{self, Protocol};
 use anyhow::{Context, bail};
 use native_tls::{HandshakeError, TlsConnector, TlsStream};

@@ -1487,3 +1487,53 @@ fn a_backend_that_stalls_mid_retr_or_mid_login_costs_one_backend_timeout() {
     assert!(out.ends_with("+OK Bye.\r\n"), "{out}");
     assert!(took < timeout + margin, "{took:.2} s\n{log}");
 }
+
+/// The exit status says whether a session ran its course (README, "Logins, idle clients
+/// and exit codes"): a client hanging up, even after the backend could not be reached, is
+/// 0; an unusable configuration is 1. No server is needed.
+#[test]
+fn the_exit_status_says_whether_the_session_ran_its_course() {
+    let run = |args: &[&str], envs: &[(&str, &str)], input: &[u8]| {
+        let mut argv = vec!["--log".to_string(), "stderr".into(), "pop3".into()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let out = common::run_proxy(&argv, envs, input);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.code(),
+            text,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Nothing listens on this port: the login fails with [SYS/TEMP], the client hangs up.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port().to_string();
+    drop(closed);
+    let backend = [
+        "--imap-host",
+        "127.0.0.1",
+        "--imap-port",
+        &port,
+        "--imap-tls",
+        "none",
+    ];
+    let (code, out, log) = run(&backend, &[], b"USER a\r\nPASS b\r\n");
+    assert!(out.contains("-ERR [SYS/TEMP]"), "{out}\n{log}");
+    assert_eq!(code, Some(0), "{log}");
+    let (code, out, log) = run(&backend, &[], b"CAPA\r\n");
+    assert!(out.starts_with("+OK"), "{out}");
+    assert_eq!(code, Some(0), "a client hanging up without QUIT: {log}");
+    // No IMAP server configured: a configuration error, told at login.
+    let (code, out, log) = run(&[], &[], b"USER a\r\nPASS b\r\nQUIT\r\n");
+    assert!(out.contains("-ERR [SYS/PERM]"), "{out}\n{log}");
+    assert!(log.contains("no IMAP server"), "{log}");
+    assert_eq!(code, Some(1), "{log}");
+    // Both legacy TLS flags true contradict each other: refused, not guessed.
+    let both = [
+        ("BACKEND_IMAP_HOST", "127.0.0.1"),
+        ("BACKEND_IMAP_USE_SSL", "true"),
+        ("BACKEND_IMAP_USE_STARTTLS", "true"),
+    ];
+    let (code, _, log) = run(&[], &both, b"");
+    assert!(log.contains("both true"), "{log}");
+    assert_eq!(code, Some(1), "{log}");
+}

@@ -7,7 +7,7 @@ use super::TokenError;
 use super::grant::{self, HttpEndpoint};
 use super::provider::{self, Flow, Overrides, Preset};
 use super::store::{self, Account, ClientAuth, SecretSource, Store};
-use crate::cli::{BackendOptions, OAuth2Options};
+use crate::options::{BackendOptions, OAuth2Options};
 use anyhow::Context;
 use oauth2::{
     AuthUrl, AuthorizationCode, CsrfToken, DeviceAuthorizationUrl, PkceCodeChallenge, RedirectUrl,

@@ -155,11 +155,8 @@ fn check_client(
     let Some((client_user, client_password)) = expected else {
         return Ok(());
     };
-    // Both compared, always, so timing tells nothing about which was wrong.
-    let user_ok = crate::secret::equal(client_user.as_bytes(), credentials.user.as_bytes());
-    let password_ok =
-        crate::secret::equal(client_password.as_bytes(), credentials.password.as_bytes());
-    match user_ok & password_ok {
+    let expected = (client_user.as_str(), client_password.as_str());
+    match crate::frontend::login::client_matches(expected, credentials.user, credentials.password) {
         true => Ok(()),
         false => Err(OpenError::Auth("client credentials do not match".into())),
     }

@@ -15,15 +15,16 @@ pub mod session;
 #[cfg(test)]
 mod transcript_tests;
 
-use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
 use crate::client_tls::server::SetupError;
+use crate::frontend::{Ending, exit_code, legacy};
 use crate::net::TlsMode;
 use crate::oauth2::login::Account;
+use crate::options::BackendOptions;
 use crate::secret;
 use anyhow::Context;
 use imap::{ImapOpener, Login};
 use maildrop::{Credentials, Maildrop, OpenError, Opener};
-use session::{End, Session};
+use session::Session;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -125,7 +126,7 @@ pub struct Args {
     pub imap_oauth2_account: Option<String>,
 
     #[command(flatten)]
-    pub oauth2: crate::cli::OAuth2Options,
+    pub oauth2: crate::options::OAuth2Options,
 
     /// The user name clients must give with --auth fixed or oauth2. Its password comes from
     /// --client-password-file, LMP_CLIENT_PASSWORD or the systemd credential
@@ -202,10 +203,10 @@ pub struct Args {
     pub keepalive: u64,
 
     #[command(flatten)]
-    pub login_limits: crate::cli::LoginLimits,
+    pub login_limits: crate::options::LoginLimits,
 
     #[command(flatten)]
-    pub client_tls: crate::cli::ClientTlsOptions,
+    pub client_tls: crate::options::ClientTlsOptions,
 
     /// Advertise RFC 2449 EXPIRE with this value (days, or NEVER) when the IMAP server's
     /// retention policy is known. Not advertised by default.
@@ -218,9 +219,11 @@ pub fn serve(args: Args) -> ExitCode {
     let client = crate::input::client_address();
     log::info!("pop3 connect from {client}");
     let started = std::time::Instant::now();
+    let mut ending = Ending::Served;
     let mut opener: Box<dyn Opener> = match imap_opener(&args) {
         Ok(opener) => Box::new(opener),
         Err(e) => {
+            ending = Ending::NotServed;
             // The client still gets a POP3 dialogue and a clear -ERR at login, and the
             // admin gets the reason in the log.
             log::error!("configuration error: {e:#}");
@@ -228,13 +231,13 @@ pub fn serve(args: Args) -> ExitCode {
         }
     };
     let idle_timeout = Duration::from_secs(args.idle_timeout.max(1));
-    let tick = Duration::from_secs(args.keepalive.max(1)).min(idle_timeout);
+    let keepalive = Duration::from_secs(args.keepalive.max(1));
+    let tick = keepalive.min(idle_timeout);
     let config = session::Config {
         idle_timeout,
-        auth_failure_delay: args.login_limits.delay().unwrap_or_else(|e| {
-            log::error!("configuration error: {e:#}; using 60 seconds");
-            Duration::from_secs(60)
-        }),
+        tick,
+        keepalive,
+        auth_failure_delay: args.login_limits.delay(),
         max_auth_failures: args.login_limits.max_failures(),
         nul_bytes: args.nul_bytes,
         capa_expire: args.capa_expire.clone(),
@@ -259,9 +262,9 @@ pub fn serve(args: Args) -> ExitCode {
                 b"-ERR [SYS/TEMP] TLS is misconfigured on this server, try again later\r\n",
             );
             let _ = out.flush();
-            return ExitCode::FAILURE;
+            return exit_code(Ending::NotServed);
         }
-        Err(SetupError::Connection) => return ExitCode::FAILURE,
+        Err(SetupError::Connection) => return exit_code(Ending::NotServed),
     };
     let summary = Session::new(input, output, opener.as_mut(), config)
         .with_tls(&mut tls)
@@ -277,10 +280,10 @@ pub fn serve(args: Args) -> ExitCode {
         started.elapsed().as_secs_f64(),
         summary.end
     );
-    match summary.end {
-        End::Quit | End::ClientClosed => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
+    if summary.end.broke_off() {
+        ending = Ending::Broken;
     }
+    exit_code(ending)
 }
 
 /// Answers every login with `[SYS/PERM]` when the configuration is unusable.
@@ -297,18 +300,12 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
     let host = args
         .imap_host
         .clone()
-        .or_else(|| legacy_env("BACKEND_IMAP_HOST"))
+        .or_else(|| legacy::env("BACKEND_IMAP_HOST"))
         .context("no IMAP server: set --imap-host or LMP_IMAP_HOST")?;
     let tls = match args.imap_tls {
         Some(mode) => mode,
-        None => match (
-            legacy_env_flag("BACKEND_IMAP_USE_SSL")?,
-            legacy_env_flag("BACKEND_IMAP_USE_STARTTLS")?,
-        ) {
-            (_, Some(true)) => TlsMode::Starttls,
-            (Some(false), _) => TlsMode::None,
-            _ => TlsMode::Implicit,
-        },
+        None => legacy::tls_mode("BACKEND_IMAP_USE_SSL", "BACKEND_IMAP_USE_STARTTLS")?
+            .unwrap_or(TlsMode::Implicit),
     };
     if tls == TlsMode::None {
         log::warn!(
@@ -317,7 +314,7 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
     }
     let port = match args.imap_port {
         Some(port) => port,
-        None => match legacy_env("BACKEND_IMAP_PORT") {
+        None => match legacy::env("BACKEND_IMAP_PORT") {
             Some(port) => port
                 .parse()
                 .context("BACKEND_IMAP_PORT is not a port number")?,
@@ -328,7 +325,7 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
     let imap_user = args
         .imap_user
         .clone()
-        .or_else(|| legacy_env("BACKEND_IMAP_USER"));
+        .or_else(|| legacy::env("BACKEND_IMAP_USER"));
     let auth = args.auth.unwrap_or(if args.imap_oauth2_account.is_some() {
         AuthMode::OAuth2
     } else if imap_user.is_some() {
@@ -371,7 +368,7 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
     };
     let policy = match args.delete_policy {
         Some(policy) => policy,
-        None => match legacy_env_flag("BACKEND_MUTATE")? {
+        None => match legacy::flag("BACKEND_MUTATE")? {
             Some(true) => DeletePolicy::Expunge,
             Some(false) => DeletePolicy::Keep,
             None => DeletePolicy::Hide,
@@ -458,13 +455,32 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn opener_of(extra: &[&str]) -> anyhow::Result<ImapOpener> {
-        let mut argv = vec!["legacy-mail-proxy", "pop3", "--imap-host", "imap.example"];
+    /// `pop3`'s options alone: the tests need not know the whole command line (`cli`).
+    #[derive(clap::Parser)]
+    struct Line {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args_of(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec!["pop3", "--imap-host", "imap.example"];
         argv.extend(extra);
-        match crate::cli::Cli::try_parse_from(argv)?.command {
-            crate::cli::Command::Pop3(args) => imap_opener(&args),
-            _ => unreachable!(),
-        }
+        Line::try_parse_from(argv).map(|line| line.args)
+    }
+
+    fn opener_of(extra: &[&str]) -> anyhow::Result<ImapOpener> {
+        imap_opener(&args_of(extra)?)
+    }
+
+    #[test]
+    fn a_failure_delay_over_a_minute_is_a_bad_command_line() {
+        let error = args_of(&["--auth-failure-delay", "61"]).err().unwrap();
+        assert!(
+            error.to_string().contains("more than 60 seconds"),
+            "{error}"
+        );
+        let args = args_of(&["--auth-failure-delay", "60"]).unwrap();
+        assert_eq!(args.login_limits.delay(), Duration::from_secs(60));
     }
 
     #[test]

@@ -13,10 +13,12 @@ use super::maildrop::{
 };
 use super::reply::{Code, END, Reply};
 use crate::client_tls::{NoTls, StartTls, login_allowed};
+use crate::frontend::idle::{Idle, Tick};
+use crate::frontend::login::{AfterFailure, FailedLogins, PlainError, decode_plain};
 use crate::lines::{LineBuffer, LineStatus};
 use std::fmt;
 use std::io::{self, BufRead, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// RFC 2449 §4 lets commands be 255 octets; SASL responses (RFC 5034 §4) can be longer.
 const MAX_LINE: usize = 2048;
@@ -27,6 +29,10 @@ const MAX_BAD_COMMANDS: u32 = 20;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub idle_timeout: Duration,
+    /// How long each `TimedOut` read error of the input stands for.
+    pub tick: Duration,
+    /// How often the IMAP connection hears a NOOP while the client is idle.
+    pub keepalive: Duration,
     pub auth_failure_delay: Duration,
     pub max_auth_failures: u32,
     pub nul_bytes: NulBytes,
@@ -38,6 +44,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             idle_timeout: Duration::from_secs(600),
+            tick: Duration::from_secs(120),
+            keepalive: Duration::from_secs(120),
             auth_failure_delay: Duration::from_secs(2),
             max_auth_failures: 3,
             nul_bytes: NulBytes::Replace,
@@ -61,6 +69,24 @@ pub enum End {
     ClientError(String),
     /// STLS was accepted but the TLS handshake failed.
     TlsFailed(String),
+}
+
+impl End {
+    /// Whether the session broke off (the backend, the client's connection or TLS failed,
+    /// or the deletes could not be applied) rather than ran its course, whoever ended it.
+    pub fn broke_off(&self) -> bool {
+        match self {
+            End::Quit
+            | End::ClientClosed
+            | End::IdleTimeout
+            | End::TooManyBadCommands
+            | End::TooManyAuthFailures => false,
+            End::BackendFailed(_)
+            | End::UpdateFailed(_)
+            | End::ClientError(_)
+            | End::TlsFailed(_) => true,
+        }
+    }
 }
 
 impl fmt::Display for End {
@@ -110,8 +136,8 @@ pub struct Session<'a, R, W> {
     state: State,
     line: LineBuffer,
     bad_commands: u32,
-    auth_failures: u32,
-    last_activity: Instant,
+    failed_logins: FailedLogins,
+    idle: Idle,
     summary: Summary,
 }
 
@@ -120,6 +146,8 @@ type Flow = Result<(), End>;
 
 impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     pub fn new(input: R, output: W, opener: &'a mut dyn Opener, config: Config) -> Self {
+        let failed_logins = FailedLogins::new(config.auth_failure_delay, config.max_auth_failures);
+        let idle = Idle::new(config.tick, config.idle_timeout, config.keepalive);
         Session {
             input,
             output,
@@ -129,8 +157,8 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             state: State::Authorization { user: None },
             line: LineBuffer::new(MAX_LINE),
             bad_commands: 0,
-            auth_failures: 0,
-            last_activity: Instant::now(),
+            failed_logins,
+            idle,
             summary: Summary {
                 user: None,
                 listed: 0,
@@ -195,11 +223,11 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 .map_err(|e| End::ClientError(e.to_string()))?;
             match self.line.read_from(&mut self.input) {
                 Ok(LineStatus::Complete) => {
-                    self.last_activity = Instant::now();
+                    self.idle.client_active();
                     return Ok(Some(self.line.line().to_vec()));
                 }
                 Ok(LineStatus::TooLong) => {
-                    self.last_activity = Instant::now();
+                    self.idle.client_active();
                     return Ok(None);
                 }
                 Ok(LineStatus::Eof) => return Err(End::ClientClosed),
@@ -217,9 +245,13 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     }
 
     fn idle_tick(&mut self) -> Flow {
-        if self.last_activity.elapsed() >= self.config.idle_timeout {
-            self.reply(Reply::err("Disconnected for inactivity."))?;
-            return Err(End::IdleTimeout);
+        match self.idle.tick() {
+            Tick::Expired => {
+                self.reply(Reply::err("Disconnected for inactivity."))?;
+                return Err(End::IdleTimeout);
+            }
+            Tick::Wait => return Ok(()),
+            Tick::KeepAlive => {}
         }
         if let State::Transaction { maildrop, .. } = &mut self.state
             && let Err(e) = maildrop.keepalive()
@@ -331,7 +363,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         self.tls.start().map_err(End::TlsFailed)?;
         self.state = State::Authorization { user: None };
         self.line = LineBuffer::new(MAX_LINE);
-        self.last_activity = Instant::now();
+        self.idle.client_active();
         Ok(())
     }
 
@@ -379,16 +411,11 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let Some(decoded) = crate::base64::decode(&response) else {
             return self.bad_command(Reply::err("Invalid base64 in authentication response"));
         };
-        // RFC 4616: authzid NUL authcid NUL passwd.
-        let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
-        let [authzid, authcid, password] = parts.as_slice() else {
-            return self.bad_command(Reply::err("Malformed PLAIN response"));
-        };
-        let (authzid, user, password) = (text(authzid), text(authcid), text(password));
-        if !authzid.is_empty() && authzid != user {
-            return self.auth_failed("authorization identity differs from the user");
+        match decode_plain(&decoded) {
+            Ok((user, password)) => self.login(&user, &password),
+            Err(PlainError::Malformed) => self.bad_command(Reply::err("Malformed PLAIN response")),
+            Err(why) => self.auth_failed(&why.to_string()),
         }
-        self.login(&user, &password)
     }
 
     /// Every way of logging in ends here, so each failure costs the same delay and counts
@@ -439,21 +466,20 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     }
 
     fn auth_failed(&mut self, why: &str) -> Flow {
-        self.auth_failures += 1;
+        // Delay before answering, so guessing passwords costs time.
+        let _ = self.output.flush();
+        let after = self.failed_logins.record();
         log::info!(
             "user={} authentication failed ({} of {}): {why}",
             self.summary.user.as_deref().unwrap_or("-").escape_debug(),
-            self.auth_failures,
-            self.config.max_auth_failures
+            self.failed_logins.count(),
+            self.failed_logins.max()
         );
-        // Delay before answering, so guessing passwords costs time.
-        let _ = self.output.flush();
-        std::thread::sleep(self.config.auth_failure_delay);
         self.reply(Reply::err_code(Code::Auth, "Authentication failed."))?;
-        if self.auth_failures >= self.config.max_auth_failures {
-            return Err(End::TooManyAuthFailures);
+        match after {
+            AfterFailure::Close => Err(End::TooManyAuthFailures),
+            AfterFailure::TryAgain => Ok(()),
         }
-        Ok(())
     }
 
     // ---- TRANSACTION (RFC 1939 §5) ----
@@ -678,9 +704,10 @@ pub(crate) fn redacted_for_tests(line: &[u8]) -> String {
     redacted(line)
 }
 
-/// Credentials as text. Old clients send Latin-1 or CP1252 rather than UTF-8: bytes that
-/// are not UTF-8 are read as Latin-1, the usual meaning of such a password, rather than
-/// refusing the login without asking the server.
+/// USER and PASS arguments as text. Old clients send Latin-1 or CP1252 rather than UTF-8:
+/// bytes that are not UTF-8 are read as Latin-1, the usual meaning of such a password,
+/// rather than refusing the login without asking the server. (SASL PLAIN is UTF-8 by
+/// definition, RFC 4616, and is decoded by `frontend::login` as in `smtp`.)
 fn text(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) => text.to_string(),

@@ -643,6 +643,23 @@ fn latin1_credentials_are_read_as_latin1_not_refused() {
 }
 
 #[test]
+fn sasl_plain_is_utf8_only_unlike_user_and_pass() {
+    // RFC 4616: PLAIN is UTF-8. The same Latin-1 password that USER/PASS accepts (above)
+    // is a failed login in AUTH PLAIN, as it is in smtp; the backend is never asked.
+    let make = || MemoryOpener::new("jürgen", "pässwörd", vec![M1.to_vec()]);
+    let latin1 = crate::base64::encode(b"\0j\xfcrgen\0p\xe4ssw\xf6rd");
+    let utf8 = crate::base64::encode("\0jürgen\0pässwörd".as_bytes());
+    let input = format!("AUTH PLAIN {latin1}\r\nAUTH PLAIN {utf8}\r\nQUIT\r\n");
+    let (out, summary, opener) = transcript(make, input.as_bytes());
+    assert_eq!(
+        out,
+        format!("{GREETING}-ERR [AUTH] Authentication failed.\r\n+OK Logged in.\r\n+OK Bye.\r\n")
+    );
+    assert_eq!(summary.user.as_deref(), Some("jürgen"));
+    assert_eq!(opener.journal.borrow().logins.len(), 1);
+}
+
+#[test]
 fn quit_under_keep_says_the_messages_stay() {
     let make = || {
         let mut opener = opener();

@@ -137,7 +137,7 @@ pub struct IdArgs {
 }
 
 impl Args {
-    pub fn backend(&self) -> &crate::cli::BackendOptions {
+    pub fn backend(&self) -> &crate::options::BackendOptions {
         &self.common().smtp.backend
     }
 

@@ -1,7 +1,7 @@
 //! Who may send: client authentication (RFC 4954 with SASL PLAIN, RFC 4616, and LOGIN,
 //! draft-murchison-sasl-login) and the allowed-senders list.
 
-use crate::secret;
+use crate::frontend::login::client_matches;
 use std::fmt;
 
 /// How clients are authenticated.
@@ -48,40 +48,16 @@ impl ClientAuth {
             ClientAuth::Local {
                 user: u,
                 password: p,
-            } => {
-                // Both comparisons always run, so timing says nothing about which failed.
-                let user_ok = secret::equal(user.as_bytes(), u.as_bytes());
-                let password_ok = secret::equal(password.as_bytes(), p.as_bytes());
-                user_ok & password_ok
-            }
+            } => client_matches((u, p), user, password),
             ClientAuth::Users(users) => {
                 // Every entry is compared, so timing says nothing about which matched.
                 users.iter().fold(false, |any, (u, p)| {
-                    let user_ok = secret::equal(user.as_bytes(), u.as_bytes());
-                    let password_ok = secret::equal(password.as_bytes(), p.as_bytes());
-                    any | (user_ok & password_ok)
+                    any | client_matches((u, p), user, password)
                 })
             }
             _ => false,
         }
     }
-}
-
-/// Decodes a SASL PLAIN message (RFC 4616 §2): `[authzid] NUL authcid NUL passwd`, UTF-8.
-/// An authorization identity other than the user itself is not supported.
-pub fn decode_plain(message: &[u8]) -> Option<(String, String)> {
-    let mut parts = message.split(|&b| b == 0);
-    let (authz, user, password) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || user.is_empty() {
-        return None;
-    }
-    if !authz.is_empty() && authz != user {
-        return None;
-    }
-    Some((
-        String::from_utf8(user.to_vec()).ok()?,
-        String::from_utf8(password.to_vec()).ok()?,
-    ))
 }
 
 /// The `--allowed-senders` list: addresses, or `@domain` for a whole domain.
@@ -125,23 +101,6 @@ impl AllowedSenders {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn plain_messages() {
-        assert_eq!(
-            decode_plain(b"\0alice\0p w\xc3\xa9"),
-            Some(("alice".into(), "p w\u{e9}".into()))
-        );
-        assert_eq!(
-            decode_plain(b"alice\0alice\0pw"),
-            Some(("alice".into(), "pw".into()))
-        );
-        assert_eq!(decode_plain(b"root\0alice\0pw"), None);
-        assert_eq!(decode_plain(b"\0alice"), None);
-        assert_eq!(decode_plain(b"\0\0pw"), None);
-        assert_eq!(decode_plain(b"\0a\0b\0c"), None);
-        assert_eq!(decode_plain(b"\0a\0\xff"), None);
-    }
 
     #[test]
     fn allowed_senders_match_addresses_and_domains() {

@@ -35,9 +35,10 @@ mod queue_transcript_tests;
 #[cfg(test)]
 mod transcript_tests;
 
-use crate::cli::{BackendOptions, legacy_env, legacy_env_flag};
 use crate::client_tls::server::SetupError;
+use crate::frontend::{Ending, exit_code, legacy};
 use crate::net::TlsMode;
+use crate::options::BackendOptions;
 use accounts::Accounts;
 use accounts::router::{self, AccountRouter};
 use anyhow::{Context, bail};
@@ -73,7 +74,7 @@ pub struct Args {
     pub smtp_port: Option<u16>,
 
     /// How the submission connection is secured [default: implicit] (also
-    /// BACKEND_SMTP_USE_SSL=true for implicit, BACKEND_SMTP_USE_TLS=true for starttls).
+    /// BACKEND_SMTP_USE_SSL and BACKEND_SMTP_USE_TLS, read as the README says).
     /// `none` sends the password and mail in clear text and must be chosen explicitly.
     #[arg(long, env = "LMP_SMTP_TLS", value_enum)]
     pub smtp_tls: Option<TlsMode>,
@@ -104,7 +105,7 @@ pub struct Args {
     pub smtp_oauth2_account: Option<String>,
 
     #[command(flatten)]
-    pub oauth2: crate::cli::OAuth2Options,
+    pub oauth2: crate::options::OAuth2Options,
 
     /// How clients are authenticated [default: local when --client-user is set,
     /// passthrough when --smtp-user is not; otherwise it must be given].
@@ -193,15 +194,15 @@ pub struct Args {
         env = "LMP_SMTP_KEEPALIVE",
         default_value = "60",
         value_name = "SECONDS",
-        value_parser = crate::cli::seconds
+        value_parser = crate::options::seconds
     )]
     pub smtp_keepalive: f64,
 
     #[command(flatten)]
-    pub login_limits: crate::cli::LoginLimits,
+    pub login_limits: crate::options::LoginLimits,
 
     #[command(flatten)]
-    pub client_tls: crate::cli::ClientTlsOptions,
+    pub client_tls: crate::options::ClientTlsOptions,
 
     /// Directory for the unlinked temporary file that holds messages larger than 256 KiB
     /// while they are received [default: $TMPDIR or /tmp].
@@ -281,7 +282,7 @@ pub fn serve(args: Args) -> ExitCode {
             log::error!("client TLS configuration error: {e:#}");
             let _ = std::io::stdout()
                 .write_all(b"421 4.3.5 Service not available: TLS configuration error\r\n");
-            return ExitCode::FAILURE;
+            return exit_code(Ending::NotServed);
         }
     };
     let Settings {
@@ -301,7 +302,7 @@ pub fn serve(args: Args) -> ExitCode {
             let mut out = std::io::stdout();
             let _ = out.write_all(reply);
             let _ = out.flush();
-            return ExitCode::FAILURE;
+            return exit_code(Ending::NotServed);
         }
     };
     log::debug!("smtp: session from {client}");
@@ -320,12 +321,12 @@ pub fn serve(args: Args) -> ExitCode {
             let mut out = std::io::stdout();
             let _ = out.write_all(b"421 4.3.5 Service not available: TLS configuration error\r\n");
             let _ = out.flush();
-            return ExitCode::FAILURE;
+            return exit_code(Ending::NotServed);
         }
-        Err(SetupError::Connection) => return ExitCode::FAILURE,
+        Err(SetupError::Connection) => return exit_code(Ending::NotServed),
     };
     let tls = std::cell::RefCell::new(tls);
-    Session::new(input, output, relay.as_mut(), &config)
+    let stats = Session::new(input, output, relay.as_mut(), &config)
         .with_tls(&tls)
         .on_client_done(|| {
             tls.borrow().close_notify();
@@ -333,7 +334,10 @@ pub fn serve(args: Args) -> ExitCode {
         })
         .client_closed_check(client_has_closed)
         .run();
-    ExitCode::SUCCESS
+    exit_code(match stats.broken {
+        true => Ending::Broken,
+        false => Ending::Served,
+    })
 }
 
 /// Ends the client's connection for writing once it has its last reply, so that it need
@@ -459,7 +463,7 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
     let host = args
         .smtp_host
         .clone()
-        .or_else(|| legacy_env("BACKEND_SMTP_HOST"));
+        .or_else(|| legacy::env("BACKEND_SMTP_HOST"));
     anyhow::ensure!(
         host.is_some() || accounts.is_some(),
         "no submission server: set --smtp-host (or LMP_SMTP_HOST)"
@@ -473,7 +477,7 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
     let smtp_user = args
         .smtp_user
         .clone()
-        .or_else(|| legacy_env("BACKEND_SMTP_USER"));
+        .or_else(|| legacy::env("BACKEND_SMTP_USER"));
     let smtp_password = crate::secret::load(
         args.smtp_password_file.as_deref(),
         &["LMP_SMTP_PASSWORD", "BACKEND_SMTP_PASS"],
@@ -609,7 +613,7 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
             args.idle_timeout
         );
     }
-    let auth_failure_delay = args.login_limits.delay()?;
+    let auth_failure_delay = args.login_limits.delay();
     let keepalive = Duration::try_from_secs_f64(args.smtp_keepalive)
         .ok()
         .filter(|d| !d.is_zero())
@@ -717,11 +721,12 @@ fn smtp_target(
 )> {
     let tls = match args.smtp_tls {
         Some(mode) => mode,
-        None => legacy_tls_mode()?.unwrap_or(TlsMode::Implicit),
+        None => legacy::tls_mode("BACKEND_SMTP_USE_SSL", "BACKEND_SMTP_USE_TLS")?
+            .unwrap_or(TlsMode::Implicit),
     };
     let port = match args.smtp_port {
         Some(port) => port,
-        None => match legacy_env("BACKEND_SMTP_PORT") {
+        None => match legacy::env("BACKEND_SMTP_PORT") {
             Some(p) => p
                 .parse()
                 .with_context(|| format!("BACKEND_SMTP_PORT={p} is not a port"))?,
@@ -782,32 +787,23 @@ fn account_users(
     Ok(ClientAuth::Users(users))
 }
 
-/// The Python legacy-email-proxy's BACKEND_SMTP_USE_SSL / BACKEND_SMTP_USE_TLS. Both set to
-/// false is its way of asking for a plain connection, so that counts as explicit.
-fn legacy_tls_mode() -> anyhow::Result<Option<TlsMode>> {
-    let ssl = legacy_env_flag("BACKEND_SMTP_USE_SSL")?;
-    let starttls = legacy_env_flag("BACKEND_SMTP_USE_TLS")?;
-    Ok(match (ssl, starttls) {
-        (Some(true), _) => Some(TlsMode::Implicit),
-        (_, Some(true)) => Some(TlsMode::Starttls),
-        (Some(false), Some(false)) => Some(TlsMode::None),
-        _ => None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
 
+    /// `smtp`'s options alone: the tests need not know the whole command line (`cli`).
+    #[derive(clap::Parser)]
+    struct Line {
+        #[command(flatten)]
+        args: Args,
+    }
+
     fn settings_of(extra: &[&str]) -> anyhow::Result<(Config, Backend)> {
-        let mut argv = vec!["legacy-mail-proxy", "smtp", "--smtp-host", "smtp.example"];
+        let mut argv = vec!["smtp", "--smtp-host", "smtp.example"];
         argv.extend(extra);
-        match crate::cli::Cli::try_parse_from(argv)?.command {
-            crate::cli::Command::Smtp(args) => settings(*args, "192.0.2.1:1234")
-                .map(|s| (s.config, s.backend.expect("--smtp-host is given"))),
-            _ => unreachable!(),
-        }
+        settings(Line::try_parse_from(argv)?.args, "192.0.2.1:1234")
+            .map(|s| (s.config, s.backend.expect("--smtp-host is given")))
     }
 
     /// A password file that is removed when the test ends.

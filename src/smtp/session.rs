@@ -11,7 +11,7 @@
 //! is asked for nothing until MAIL (or AUTH in passthrough mode), so a session that only
 //! says EHLO/QUIT, as monitoring probes do, never touches the backend.
 
-use super::auth::{AllowedSenders, ClientAuth, decode_plain};
+use super::auth::{AllowedSenders, ClientAuth};
 use super::command::{self, AUTH_LINE_MAX, AuthStart, Command, Mechanism};
 use super::data::DataDecoder;
 use super::handler::{self, Handlers, Verdict};
@@ -20,6 +20,8 @@ use super::relay::{Relay, RelayError, Stage};
 use super::reply::{Enhanced, Reply};
 use super::spool::{HEAD_MAX, Spool};
 use crate::client_tls::{NoTls, StartTls, login_allowed};
+use crate::frontend::idle::{Idle, Tick};
+use crate::frontend::login::{AfterFailure, FailedLogins, decode_plain};
 use crate::lines::{LineBuffer, LineStatus};
 use crate::queue::{Locked, NewMessage, QueueMode, StoreError, deliver};
 use std::io::{self, BufRead, Read, Write};
@@ -212,7 +214,16 @@ pub struct Stats {
     pub messages: u32,
     pub sent: u32,
     pub failed: u32,
+    /// The session broke off (the client's connection or TLS failed) rather than ran its
+    /// course: the process's exit status says so (`frontend::Ending`).
+    pub broken: bool,
 }
+
+/// The ends of a session that broke off.
+const CLIENT_WRITE_FAILED: &str = "client write failed";
+const CLIENT_READ_FAILED: &str = "client read failed";
+const CLIENT_READ_FAILED_IN_DATA: &str = "client read failed during DATA";
+const TLS_FAILED: &str = "TLS handshake failed";
 
 pub struct Session<'a, R: BufRead, W: Write> {
     input: R,
@@ -224,12 +235,11 @@ pub struct Session<'a, R: BufRead, W: Write> {
     state: State,
     helo: String,
     user: Option<String>,
-    idle: Duration,
-    /// Time since the backend last heard from us in the open transaction.
-    backend_idle: Duration,
+    /// The client's silence, and the backend's in the open transaction.
+    idle: Idle,
     errors: u32,
     junk_commands: u32,
-    auth_failures: u32,
+    failed_logins: FailedLogins,
     spool: Option<Spool>,
     stats: Stats,
     /// Runs once the client has had its last reply, before the backend is left.
@@ -250,11 +260,10 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             state: State::Fresh,
             helo: String::new(),
             user: None,
-            idle: Duration::ZERO,
-            backend_idle: Duration::ZERO,
+            idle: Idle::new(config.tick, config.idle_timeout, config.keepalive),
             errors: 0,
             junk_commands: 0,
-            auth_failures: 0,
+            failed_logins: FailedLogins::new(config.auth_failure_delay, config.max_auth_failures),
             spool: None,
             stats: Stats::default(),
             client_done: None,
@@ -291,7 +300,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let greeting = Reply::plain(220, format!("{} ESMTP ready", self.config.hostname));
         let reason = match self.send(&greeting) {
             Ok(()) => self.serve(),
-            Err(_) => "client write failed",
+            Err(_) => CLIENT_WRITE_FAILED,
         };
         if let Some(done) = self.client_done.take() {
             done();
@@ -313,6 +322,13 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             reason,
             started.elapsed().as_secs()
         );
+        self.stats.broken = [
+            CLIENT_WRITE_FAILED,
+            CLIENT_READ_FAILED,
+            CLIENT_READ_FAILED_IN_DATA,
+            TLS_FAILED,
+        ]
+        .contains(&reason);
         self.stats
     }
 
@@ -454,13 +470,13 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             "Ready to start TLS",
         ))?;
         if self.tls.start().is_err() {
-            return Ok(Flow::Close("TLS handshake failed"));
+            return Ok(Flow::Close(TLS_FAILED));
         }
         self.state = State::Fresh;
         self.helo.clear();
         self.user = None;
         self.lines = LineBuffer::new(AUTH_LINE_MAX);
-        self.idle = Duration::ZERO;
+        self.idle.client_active();
         Ok(Flow::Continue)
     }
 
@@ -541,7 +557,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             .force_sender
             .clone()
             .unwrap_or_else(|| mail.address.clone());
-        self.backend_idle = Duration::ZERO;
+        self.idle.backend_used();
         let result = self.relay.mail(&upstream);
         let queueing = self.config.queue.is_some();
         match result {
@@ -585,7 +601,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         if tx.offline.is_some() {
             return self.queue_recipient(to);
         }
-        self.backend_idle = Duration::ZERO;
+        self.idle.backend_used();
         let queueing = self.config.queue.is_some();
         match self.relay.rcpt(to) {
             Ok(reply) if reply.is_success() => {
@@ -699,9 +715,9 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Err("client read failed during DATA"),
+                Err(_) => return Err(CLIENT_READ_FAILED_IN_DATA),
             };
-            self.idle = Duration::ZERO;
+            self.idle.client_active();
             out.clear();
             let used = decoder.decode(chunk, &mut out);
             self.input.consume(used);
@@ -1071,7 +1087,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let credentials = match start.mechanism {
             Mechanism::Plain => match self.sasl_step(start.initial, "")? {
                 Err(flow) => return Ok(flow),
-                Ok(message) => decode_plain(&message),
+                Ok(message) => decode_plain(&message).ok(),
             },
             _ => {
                 let user = match self.sasl_step(start.initial, "VXNlcm5hbWU6")? {
@@ -1191,18 +1207,17 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     }
 
     fn auth_failed(&mut self, mechanism: &str, reply: Reply) -> io::Result<Flow> {
-        self.auth_failures += 1;
+        let after = self.failed_logins.record();
         // The user name is left out on purpose: people type passwords into it.
         log::warn!(
             "smtp: client={} AUTH {mechanism} failed ({} of {}): {}",
             self.config.client,
-            self.auth_failures,
-            self.config.max_auth_failures,
+            self.failed_logins.count(),
+            self.failed_logins.max(),
             reply.summary()
         );
-        std::thread::sleep(self.config.auth_failure_delay);
         self.send(&reply)?;
-        if self.auth_failures >= self.config.max_auth_failures {
+        if after == AfterFailure::Close {
             return self.close(
                 "Too many failed authentications",
                 "too many failed authentications",
@@ -1291,11 +1306,11 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         loop {
             match self.lines.read_from(&mut self.input) {
                 Ok(LineStatus::Complete) => {
-                    self.idle = Duration::ZERO;
+                    self.idle.client_active();
                     return Input::Line;
                 }
                 Ok(LineStatus::TooLong) => {
-                    self.idle = Duration::ZERO;
+                    self.idle.client_active();
                     return Input::TooLong;
                 }
                 Ok(LineStatus::Eof) => return Input::End("client closed"),
@@ -1306,7 +1321,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Input::End("client read failed"),
+                Err(_) => return Input::End(CLIENT_READ_FAILED),
             }
         }
     }
@@ -1315,17 +1330,17 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     /// §4.5.3.2.7; data resets it) and keeps an open transaction's backend connection
     /// alive. False when the client has been idle too long.
     fn tick(&mut self) -> bool {
-        self.idle += self.config.tick;
-        if let State::Mail(tx) = &mut self.state
-            && !tx.broken
-            && tx.offline.is_none()
-        {
-            // Counted whether or not the client sends: the backend hears nothing from us
-            // while the message is being received.
-            self.backend_idle += self.config.tick;
-            if self.backend_idle >= self.config.keepalive {
-                self.backend_idle = Duration::ZERO;
-                if let Err(e) = self.relay.keepalive() {
+        // The backend's silence is counted whether or not the client sends: it hears
+        // nothing from us while a message is being received.
+        match self.idle.tick() {
+            Tick::Expired => return false,
+            Tick::Wait => {}
+            Tick::KeepAlive => {
+                if let State::Mail(tx) = &mut self.state
+                    && !tx.broken
+                    && tx.offline.is_none()
+                    && let Err(e) = self.relay.keepalive()
+                {
                     log::warn!(
                         "smtp: client={} backend keepalive failed; the transaction is lost: {e}",
                         self.config.client
@@ -1338,7 +1353,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
                 }
             }
         }
-        self.idle < self.config.idle_timeout
+        true
     }
 
     /// Writes a reply and flushes it: replies go out in command order (RFC 2920 §3), and a

@@ -187,7 +187,8 @@ fn a_message_is_relayed_and_answered_with_the_backends_reply() {
         Stats {
             messages: 1,
             sent: 1,
-            failed: 0
+            failed: 0,
+            broken: false
         }
     );
 }
@@ -1551,4 +1552,30 @@ fn starttls_refused_in_a_transaction_unknown_without_tls_and_a_failed_handshake_
         });
     assert_eq!(out, replies(&[GREETING, READY]));
     assert_eq!(started, vec![GREETING.len() + READY.len()]);
+}
+
+/// A session that ran its course is not broken, however the client ended it; one whose
+/// client connection failed is (the process's exit status, `frontend::Ending`).
+#[test]
+fn a_failed_client_connection_marks_the_session_broken() {
+    struct Failing(&'static [u8]);
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            self.0.read(buf)
+        }
+    }
+    let config = Config::new("proxy.test");
+    let mut relay = MemoryRelay::default();
+    let mut out = Vec::new();
+    let input = BufReader::new(Failing(b"EHLO client\r\n"));
+    let stats = Session::new(input, &mut out, &mut relay, &config).run();
+    assert!(stats.broken);
+    for hang_up in [&b"EHLO client\r\n"[..], b"EHLO client\r\nQUIT\r\n"] {
+        let mut out = Vec::new();
+        let stats = Session::new(hang_up, &mut out, &mut relay, &config).run();
+        assert!(!stats.broken, "{}", String::from_utf8_lossy(&out));
+    }
 }
