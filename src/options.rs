@@ -8,7 +8,7 @@ use crate::frontend::login::MAX_FAILURE_DELAY;
 use crate::net::{Timeouts, TlsMode};
 use crate::starttls::Protocol;
 use crate::tls::TlsOptions;
-use clap::builder::{FalseyValueParser, PossibleValue};
+use clap::builder::FalseyValueParser;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -225,40 +225,34 @@ fn failure_delay(value: &str) -> Result<f64, String> {
     Ok(seconds)
 }
 
-/// `--imap-tls`, `--smtp-tls`, `--tls`: `net` stays free of clap.
-impl clap::ValueEnum for TlsMode {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[TlsMode::Implicit, TlsMode::Starttls, TlsMode::None]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            TlsMode::Implicit => PossibleValue::new("implicit")
-                .help("TLS from the first byte (IMAPS 993, SMTPS 465, POP3S 995)"),
-            TlsMode::Starttls => PossibleValue::new("starttls").help(
-                "Plain greeting, then STARTTLS before anything else (IMAP 143, submission 587)",
-            ),
-            TlsMode::None => PossibleValue::new("none")
-                .help("No encryption at all. Passwords cross the network in clear text"),
-        })
-    }
-}
-
-/// `tunnel --starttls`: `starttls` stays free of clap.
-impl clap::ValueEnum for Protocol {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Protocol::Pop3, Protocol::Imap, Protocol::Smtp]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            Protocol::Pop3 => {
-                PossibleValue::new("pop3").help("POP3 `STLS` (RFC 2595 §4), usually port 110")
+/// Gives clap an enum of a lower module (`net`, `starttls`, the protocol cores), so that
+/// the module itself need not know clap: each variant with its value name and help line.
+macro_rules! value_enum {
+    ($type:ty { $($variant:path => $name:literal: $help:literal),+ $(,)? }) => {
+        impl clap::ValueEnum for $type {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$($variant),+]
             }
-            Protocol::Imap => PossibleValue::new("imap")
-                .help("IMAP `STARTTLS` (RFC 3501 §6.2.1), usually port 143"),
-            Protocol::Smtp => PossibleValue::new("smtp")
-                .help("SMTP `EHLO` + `STARTTLS` (RFC 3207), usually port 587 or 25"),
-        })
-    }
+
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(match self {
+                    $($variant => clap::builder::PossibleValue::new($name).help($help)),+
+                })
+            }
+        }
+    };
 }
+pub(crate) use value_enum;
+
+value_enum!(TlsMode {
+    TlsMode::Implicit => "implicit": "TLS from the first byte (IMAPS 993, SMTPS 465, POP3S 995)",
+    TlsMode::Starttls => "starttls":
+        "Plain greeting, then STARTTLS before anything else (IMAP 143, submission 587)",
+    TlsMode::None => "none": "No encryption at all. Passwords cross the network in clear text",
+});
+
+value_enum!(Protocol {
+    Protocol::Pop3 => "pop3": "POP3 `STLS` (RFC 2595 §4), usually port 110",
+    Protocol::Imap => "imap": "IMAP `STARTTLS` (RFC 3501 §6.2.1), usually port 143",
+    Protocol::Smtp => "smtp": "SMTP `EHLO` + `STARTTLS` (RFC 3207), usually port 587 or 25",
+});

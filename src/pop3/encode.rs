@@ -12,7 +12,14 @@
 //! The encoder keeps two bits of state between chunks, so the backend may split the message
 //! anywhere (even between CR and LF) and memory never depends on the message size.
 
-use super::NulBytes;
+/// What happens to NUL bytes in a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NulBytes {
+    /// Replace each NUL byte with 0x80, as Dovecot does; sizes stay the same.
+    Replace,
+    /// Pass NUL bytes through unchanged (some clients, Outlook among them, hang on them).
+    Keep,
+}
 
 /// Dovecot replaces NUL with this byte too (its `i_stream_create_nonuls`).
 const NUL_REPLACEMENT: u8 = 0x80;

@@ -129,3 +129,17 @@ pub struct Credentials<'a> {
 pub trait Opener {
     fn open(&mut self, credentials: &Credentials) -> Result<Box<dyn Maildrop>, OpenError>;
 }
+
+/// What `DELE` + `QUIT` does on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeletePolicy {
+    /// DELE never changes the server.
+    Keep,
+    /// Deleted messages get a keyword (`--deleted-keyword`) and are hidden from later
+    /// sessions.
+    Hide,
+    /// Deleted messages are moved to `--trash-mailbox`.
+    Trash,
+    /// Deleted messages are flagged `\Deleted` and removed with UID EXPUNGE (RFC 4315).
+    Expunge,
+}

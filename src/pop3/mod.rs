@@ -8,12 +8,18 @@ mod fake_imap;
 pub mod imap;
 mod imap_oauth2;
 pub mod maildrop;
+/// In-memory test double, for unit tests and the fuzz command (feature `testing`); not
+/// in the release binary.
+#[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod reply;
 pub mod selected;
 pub mod session;
 #[cfg(test)]
 mod transcript_tests;
+
+pub use encode::NulBytes;
+pub use maildrop::DeletePolicy;
 
 use crate::client_tls::server::SetupError;
 use crate::frontend::{Ending, exit_code, legacy};
@@ -43,18 +49,6 @@ pub enum AuthMode {
     OAuth2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeletePolicy {
-    /// DELE never changes the server.
-    Keep,
-    /// Deleted messages get a keyword (--deleted-keyword) and are hidden from later sessions.
-    Hide,
-    /// Deleted messages are moved to --trash-mailbox.
-    Trash,
-    /// Deleted messages are flagged \Deleted and removed with UID EXPUNGE (RFC 4315).
-    Expunge,
-}
-
 /// What the lock key does with the domain of a user name; used only when the IMAP server
 /// sends no MAILBOXID (RFC 8474), which identifies the mailbox itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,13 +69,22 @@ impl From<LockUserDomain> for crate::lock::UserDomain {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum NulBytes {
-    /// Replace each NUL byte with 0x80, as Dovecot does; sizes stay the same.
-    Replace,
-    /// Pass NUL bytes through unchanged (some clients, Outlook among them, hang on them).
-    Keep,
-}
+// The cores' own enums, given to clap here so that the cores need not know it.
+crate::options::value_enum!(DeletePolicy {
+    DeletePolicy::Keep => "keep": "DELE never changes the server",
+    DeletePolicy::Hide => "hide":
+        "Deleted messages get a keyword (--deleted-keyword) and are hidden from later sessions",
+    DeletePolicy::Trash => "trash": "Deleted messages are moved to --trash-mailbox",
+    DeletePolicy::Expunge => "expunge":
+        "Deleted messages are flagged \\Deleted and removed with UID EXPUNGE (RFC 4315)",
+});
+
+crate::options::value_enum!(NulBytes {
+    NulBytes::Replace => "replace":
+        "Replace each NUL byte with 0x80, as Dovecot does; sizes stay the same",
+    NulBytes::Keep => "keep":
+        "Pass NUL bytes through unchanged (some clients, Outlook among them, hang on them)",
+});
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -22,6 +22,9 @@ pub mod command;
 pub mod data;
 pub mod handler;
 pub mod headers;
+/// In-memory test double, for unit tests and the fuzz command (feature `testing`); not
+/// in the release binary.
+#[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod relay;
 pub mod reply;
