@@ -157,7 +157,17 @@ fn fetchmail(port: u16, user: &User, tls_options: &str) -> Vec<u8> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = Command::new(&fetchmail)
-        .args(["-f", rc.to_str().unwrap(), "--nodetach", "--all"])
+        // As root, fetchmail's lock is the machine-wide /var/run/fetchmail.pid, whatever
+        // HOME says: another test's fetchmail running at the same time would make this
+        // one refuse to start ("another foreground fetchmail is running", seen here).
+        .args([
+            "-f",
+            rc.to_str().unwrap(),
+            "--nodetach",
+            "--all",
+            "--pidfile",
+        ])
+        .arg(dir.join("fetchmail.pid"))
         .env("HOME", &dir)
         .output()
         .unwrap();

@@ -889,6 +889,10 @@ fn poplib_curl_and_fetchmail_work_through_an_inetd_socket() {
                 dir.join("ids").to_str().unwrap(),
                 "--nodetach",
                 "--all",
+                // As root, fetchmail's lock is the machine-wide /var/run/fetchmail.pid
+                // (see tests/client_tls.rs): one of its own.
+                "--pidfile",
+                dir.join("fetchmail.pid").to_str().unwrap(),
             ])
             .env("HOME", &dir)
             .output()
