@@ -17,10 +17,9 @@
 //! plain IMAP only.
 
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -76,7 +75,7 @@ impl Courier {
             s.mail_gid,
             home.display(),
             home.join("Maildir").display(),
-            crypt(&user.password)
+            super::crypt_sha512(&user.password)
         ));
         let mut text = accounts.join("\n");
         text.push('\n');
@@ -104,26 +103,6 @@ impl Courier {
     pub fn logs(&self) -> String {
         self.server.logs()
     }
-}
-
-/// SHA-512 crypt of `password` (`openssl passwd -6`, the password on stdin).
-fn crypt(password: &str) -> String {
-    let mut child = Command::new("openssl")
-        .args(["passwd", "-6", "-stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run openssl passwd");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "openssl passwd failed");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// Runs in the private mount namespace: binds our directories over the compiled-in paths,
