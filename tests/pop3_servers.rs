@@ -1,5 +1,6 @@
 //! `legacy-mail-proxy pop3` against the other IMAP servers of issue 13's matrix (Cyrus
-//! IMAP, and Courier IMAP over plain IMAP only; tests/pop3.rs covers Dovecot): the same corpus served byte-exact over each TLS
+//! IMAP, and Courier IMAP over implicit TLS and plain IMAP; tests/pop3.rs covers Dovecot):
+//! the same corpus served byte-exact over each TLS
 //! mode, UIDL stability, the delete policies, `[IN-USE]`, `[AUTH]` and `[SYS/TEMP]`
 //! (the server gone before login, or dying during RETR), through the real binary. The reference for every byte is what the server itself returns for `BODY[]`
 //! (read with Python's imaplib), since its POP3 UIDL formats are its own.
@@ -36,14 +37,14 @@ fn cyrus_server() -> ImapServer {
     }
 }
 
-/// Courier: plain IMAP only (its TLS wrapper is not set up yet, see tests/common/courier.rs).
 fn courier_server() -> ImapServer {
     let c = courier();
     ImapServer {
         name: "courier",
         imap_port: c.imap_port,
-        imaps_port: 0,
-        tls_modes: &[Tls::Plain],
+        imaps_port: c.imaps_port,
+        // No STARTTLS: see tests/common/courier.rs.
+        tls_modes: &[Tls::Implicit, Tls::Plain],
         trash: "INBOX.Trash",
         seed: |user, messages| courier().seed(user, messages),
     }
@@ -289,6 +290,11 @@ fn second_session_gets_in_use(server: &ImapServer) {
 #[test]
 fn cyrus_a_second_session_on_the_same_mailbox_gets_in_use() {
     second_session_gets_in_use(&cyrus_server());
+}
+
+#[test]
+fn courier_retr_matches_the_server_over_implicit_tls() {
+    retr_matches_the_server(&courier_server(), Tls::Implicit);
 }
 
 #[test]

@@ -22,6 +22,7 @@ PACKAGES=(
     libclamav12 libical3 libicu72 libjansson4 libxapian30 libzephyr4 libwrap0 libsqlite3-0
     libpcre3 libxml2 libkrb5-3 sasl2-bin libsasl2-modules
     libcourier-unicode4 libltdl7 libgamin0 # Courier IMAP (libgamin0 provides libfam0)
+    libevent-dev bison zlib1g-dev # OpenSMTPD, built from source below
 )
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -126,6 +127,45 @@ extract_server courier courier-imap courier-base courier-authlib courier-authdae
 # it in a private mount namespace with its own directories bound over these empty mount
 # points (keep in sync with MOUNT_POINTS there). Nothing is mounted on the host itself.
 mkdir -p /etc/courier /run/courier /usr/lib/courier-authlib
+# OpenSMTPD: Debian 12's 6.8.0p2 cannot do TLS with OpenSSL 3 (every handshake fails with
+# "EVP lib": upstream OpenSMTPD#1171, #1239), so 7.6.0p1, Debian 13's, is built from its
+# source once (about 35 s of CPU) into the cache. Its queue, socket and pid-file paths are
+# compiled in; tests/common/opensmtpd.rs runs it in a private mount namespace with its own
+# directories bound over these empty mount points, so runs never share a queue.
+opensmtpd_version=7.6.0p1
+mkdir -p /var/spool/lmp-opensmtpd /run/lmp-opensmtpd /var/empty
+for user in opensmtpd opensmtpq; do
+    if ! getent passwd $user >/dev/null; then
+        useradd --system --user-group --no-create-home --home-dir /var/empty \
+            --shell /usr/sbin/nologin $user
+    fi
+done
+opensmtpd_root=$server_cache/opensmtpd
+if [[ ! -e $opensmtpd_root/.lmp-built || $(cat "$opensmtpd_root/.lmp-built") != "$opensmtpd_version" ]]; then
+    echo "setup: building OpenSMTPD $opensmtpd_version into $opensmtpd_root" >&2
+    build=$(mktemp -d)
+    tarball=opensmtpd_$opensmtpd_version.orig.tar.gz
+    curl -fsS -o "$build/$tarball" "http://deb.debian.org/debian/pool/main/o/opensmtpd/$tarball"
+    echo "b27c806982a6653a2637f810ae7a45372b9a7ff99350ee1003746503ff0e4a97  $build/$tarball" |
+        sha256sum -c --quiet
+    tar -xzf "$build/$tarball" -C "$build"
+    (
+        cd "$build/opensmtpd-$opensmtpd_version" &&
+            ./configure --prefix="$opensmtpd_root" \
+                --with-path-queue=/var/spool/lmp-opensmtpd \
+                --with-path-socket=/run/lmp-opensmtpd --with-path-pidfile=/run/lmp-opensmtpd \
+                --with-path-empty=/var/empty \
+                --with-user-smtpd=opensmtpd --with-user-queue=opensmtpq \
+                --with-group-queue=opensmtpq >"$build/configure.log" &&
+            make -j"$(nproc)" >"$build/make.log" 2>&1 &&
+            rm -rf "$opensmtpd_root" && make install >"$build/install.log" 2>&1
+    ) || {
+        echo "setup: building OpenSMTPD failed; logs in $build" >&2
+        exit 1
+    }
+    echo "$opensmtpd_version" >"$opensmtpd_root/.lmp-built"
+    rm -rf "$build"
+fi
 # Exim's binary refuses to run (even --version) without its compiled-in user.
 if ! getent passwd Debian-exim >/dev/null; then
     useradd --system --user-group --no-create-home --home-dir /nonexistent \

@@ -13,14 +13,13 @@
 //!
 //! Accounts: the harness users, added on demand by [`Courier::account`] with the same
 //! password (SHA-512 crypt) and their own Maildir under `courier/home/`; seeding is by IMAP
-//! APPEND. Not built yet: STARTTLS and implicit TLS (couriertls), so Courier is tested over
-//! plain IMAP only.
+//! APPEND. TLS: implicit TLS through couriertls on a second port, as Debian's imapd-ssl;
+//! not STARTTLS (see [`NAMESPACE_SCRIPT`]).
 
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +34,8 @@ pub struct Courier {
     pub host: &'static str,
     /// Plain IMAP, LOGIN allowed.
     pub imap_port: u16,
+    /// Implicit TLS (couriertls), like port 993.
+    pub imaps_port: u16,
     dir: PathBuf,
     /// userdb lines of every account so far (the file is rewritten as a whole).
     accounts: Mutex<Vec<String>>,
@@ -76,7 +77,7 @@ impl Courier {
             s.mail_gid,
             home.display(),
             home.join("Maildir").display(),
-            crypt(&user.password)
+            super::crypt_sha512(&user.password)
         ));
         let mut text = accounts.join("\n");
         text.push('\n');
@@ -106,31 +107,11 @@ impl Courier {
     }
 }
 
-/// SHA-512 crypt of `password` (`openssl passwd -6`, the password on stdin).
-fn crypt(password: &str) -> String {
-    let mut child = Command::new("openssl")
-        .args(["passwd", "-6", "-stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run openssl passwd");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "openssl passwd failed");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// Runs in the private mount namespace: binds our directories over the compiled-in paths,
 /// starts authdaemond, waits for its socket, then becomes couriertcpd.
 const NAMESPACE_SCRIPT: &str = r#"
 set -eu
-dir=$1 root=$2 port=$3
+dir=$1 root=$2 port=$3 tls_port=$4
 mount --bind "$dir/etc" /etc/courier
 mount --bind "$dir/run" /run/courier
 mount --bind "$root/usr/lib/courier-authlib" /usr/lib/courier-authlib
@@ -147,6 +128,15 @@ export IMAP_CAPABILITY_ORIG="$IMAP_CAPABILITY" MAILDIRPATH=Maildir IMAP_MOVE_EXP
 export IMAP_MAXDAEMONS=200 MAXPERIP=1000
 # As Debian's /etc/courier/imapd: keywords allowed (PERMANENTFLAGS \*).
 export IMAP_KEYWORDS=1
+# Implicit TLS as Debian's imapd-ssl sets it up: couriertls (GnuTLS) with one PEM of
+# certificate and key, on its own port. (STARTTLS, IMAP_STARTTLS=YES on the plain port, was
+# tried: imapd answers OK to STARTTLS, but the handshake then fails with "wrong version
+# number"; not pursued yet.)
+export COURIERTLS="$root/usr/bin/couriertls" TLS_CERTFILE="$dir/imapd.pem" TLS_VERIFYPEER=NONE
+"$root/usr/sbin/couriertcpd" -address=127.0.0.1 -nodnslookup -noidentlookup \
+  -maxprocs=200 -maxperip=1000 -stderr="$dir/couriertcpd-tls.log" "$tls_port" \
+  "$COURIERTLS" -server -tcpd \
+  "$root/usr/lib/courier/courier/imaplogin" "$root/usr/bin/imapd" Maildir &
 exec "$root/usr/sbin/couriertcpd" -address=127.0.0.1 -nodnslookup -noidentlookup \
   -maxprocs=200 -maxperip=1000 -stderr="$dir/couriertcpd.log" "$port" \
   "$root/usr/lib/courier/courier/imaplogin" "$root/usr/bin/imapd" Maildir
@@ -206,10 +196,15 @@ fn start(s: &Servers) -> Result<Courier, String> {
             String::from_utf8_lossy(&made.stderr)
         ));
     }
+    // couriertls reads certificate and key from one file.
+    let mut pem = fs::read(&s.tls.server_cert).map_err(|e| format!("read certificate: {e}"))?;
+    pem.extend(fs::read(&s.tls.server_key).map_err(|e| format!("read key: {e}"))?);
+    fs::write(dir.join("imapd.pem"), pem).map_err(|e| format!("write imapd.pem: {e}"))?;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let port = free_ports("127.0.0.1", 1)?[0];
+        let ports = free_ports("127.0.0.1", 2)?;
+        let (port, tls_port) = (ports[0], ports[1]);
         let server = ServerProcess::spawn(
             &s.dir,
             "courier",
@@ -225,16 +220,26 @@ fn start(s: &Servers) -> Result<Courier, String> {
                 &dir,
                 &root,
                 &port.to_string(),
+                &tls_port.to_string(),
             ],
-            vec![dir.join("authdaemond.log"), dir.join("couriertcpd.log")],
+            vec![
+                dir.join("authdaemond.log"),
+                dir.join("couriertcpd.log"),
+                dir.join("couriertcpd-tls.log"),
+            ],
         )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        match server.wait_for_port(addr, Some("* OK"), deadline) {
+        let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+        let ready = server
+            .wait_for_port(addr, Some("* OK"), deadline)
+            .and_then(|()| server.wait_for_port(tls_addr, None, deadline));
+        match ready {
             Ok(()) => {
                 return Ok(Courier {
                     host: "127.0.0.1",
                     imap_port: port,
+                    imaps_port: tls_port,
                     dir,
                     accounts: Mutex::new(Vec::new()),
                     server,

@@ -36,6 +36,7 @@ mod fault;
 mod gateway;
 mod inetd;
 mod oauth2;
+mod opensmtpd;
 mod pop3_transcript;
 mod postfix;
 mod process;
@@ -76,6 +77,8 @@ pub use oauth2::{
     CONFIDENTIAL_CLIENT_ID, GrantLogEntry, Idp, OAuth2World, PUBLIC_CLIENT_ID, REDIRECT_URI,
     SCOPES, TokenResponse, curl, json_num, json_str, oauth2, unix_now,
 };
+#[allow(unused_imports)]
+pub use opensmtpd::{OpenSmtpd, opensmtpd};
 #[allow(unused_imports)]
 pub use pop3_transcript::{corpus, message_to_cut, normalized, pop3_proxy_args, responses};
 #[allow(unused_imports)]
@@ -220,6 +223,25 @@ impl Servers {
         user
     }
 
+    /// Every account so far: (name, password), from the passwd-files.
+    pub(crate) fn accounts(&self) -> Vec<(String, String)> {
+        let mut accounts = Vec::new();
+        for entry in fs::read_dir(&self.passwd_dir).expect("read the passwd-file directory") {
+            let path = entry.expect("passwd-file entry").path();
+            let Ok(line) = fs::read_to_string(&path) else {
+                continue; // renamed away meanwhile (a temporary file)
+            };
+            if let Some((name, rest)) = line.split_once(':')
+                && let Some(password) = rest.strip_prefix("{PLAIN}")
+                && !name.starts_with('.')
+            {
+                let password = password.split(':').next().unwrap_or_default();
+                accounts.push((name.to_string(), password.to_string()));
+            }
+        }
+        accounts
+    }
+
     pub(crate) fn registered_addresses(&self) -> Arc<Mutex<BTreeSet<String>>> {
         Arc::clone(&self.addresses)
     }
@@ -252,6 +274,29 @@ fn is_root() -> bool {
 }
 
 /// The absolute path of a server program, or the install instructions.
+/// SHA-512 crypt of `password` (`openssl passwd -6`, the password on stdin), for servers
+/// with their own password tables (Courier, OpenSMTPD).
+pub(crate) fn crypt_sha512(password: &str) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("openssl")
+        .args(["passwd", "-6", "-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl passwd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl passwd failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 pub(crate) fn find_binary(program: &str) -> Result<PathBuf, String> {
     which(program).ok_or_else(|| missing_program_message(program))
 }
