@@ -19,5 +19,6 @@ pub mod queue;
 pub mod secret;
 pub mod smtp;
 pub mod starttls;
+pub mod submission;
 pub mod tls;
 pub mod tunnel;
