@@ -20,6 +20,9 @@ pub trait Transport: Read + Write {
     /// Shuts the socket down both ways, under any TLS layer, so that nothing more reaches
     /// the server: used when a message cannot be sent whole.
     fn cut(&mut self);
+    /// Whether nothing has arrived unasked and the peer has not closed: a connection left
+    /// idle is still worth using. Answered without waiting.
+    fn is_quiet(&self) -> bool;
 }
 
 /// Why an exchange failed. A refusal by the server is not an error: it is a [`Reply`].
@@ -159,6 +162,18 @@ impl<S: Transport> Client<S> {
     /// The extensions of the last EHLO.
     pub fn extensions(&self) -> &Extensions {
         &self.extensions
+    }
+
+    /// Whether the server has been silent since its last reply and has not closed the
+    /// connection (see [`Transport::is_quiet`]): a server that drops an idle client
+    /// says `421` or just closes, and either shows here without a round trip.
+    pub fn is_quiet(&self) -> bool {
+        self.start == self.end && self.stream.is_quiet()
+    }
+
+    /// Shuts the connection down under any TLS (see [`Transport::cut`]).
+    pub fn cut(&mut self) {
+        self.stream.cut();
     }
 
     pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {

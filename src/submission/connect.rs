@@ -28,6 +28,16 @@ impl Transport for Stream {
         // Below TLS: no close_notify, no buffered record; the server sees the TCP stream end.
         let _ = tcp_of(self).shutdown(Shutdown::Both);
     }
+
+    fn is_quiet(&self) -> bool {
+        let tcp = tcp_of(self);
+        if tcp.set_nonblocking(true).is_err() {
+            return false;
+        }
+        // Any byte waiting (a 421, a TLS alert) or the end of the stream: not quiet.
+        let quiet = matches!(tcp.peek(&mut [0]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        tcp.set_nonblocking(false).is_ok() && quiet
+    }
 }
 
 /// The TCP socket under `stream`.

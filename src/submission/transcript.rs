@@ -121,6 +121,10 @@ impl Transport for Transcript {
     fn cut(&mut self) {
         self.cut = true;
     }
+
+    fn is_quiet(&self) -> bool {
+        !self.dead()
+    }
 }
 
 /// A spool that gives `good` bytes of `x`, then fails (a disk error mid-message).
