@@ -1616,3 +1616,276 @@ fn a_client_gone_after_its_final_dot_has_its_message_delivered_and_its_fate_logg
         "{log}"
     );
 }
+
+/// A TCP relay between the proxy and a backend that counts the proxy's round trips: each
+/// time bytes from the backend follow bytes from the proxy, the proxy waited once. The
+/// count per message is the difference between sessions with more and fewer messages.
+struct CountingRelay {
+    port: u16,
+    state: std::sync::Arc<Mutex<RelayCount>>,
+}
+
+#[derive(Default)]
+struct RelayCount {
+    /// Whether the last bytes forwarded came from the proxy.
+    proxy_spoke_last: bool,
+    round_trips: usize,
+}
+
+impl CountingRelay {
+    fn start(backend_port: u16) -> CountingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(Mutex::new(RelayCount::default()));
+        let shared = std::sync::Arc::clone(&state);
+        std::thread::spawn(move || {
+            for proxy in listener.incoming().flatten() {
+                let Ok(backend) = TcpStream::connect(("127.0.0.1", backend_port)) else {
+                    continue;
+                };
+                let _ = (proxy.set_nodelay(true), backend.set_nodelay(true));
+                for (from, to, from_proxy) in [
+                    (
+                        proxy.try_clone().unwrap(),
+                        backend.try_clone().unwrap(),
+                        true,
+                    ),
+                    (
+                        backend.try_clone().unwrap(),
+                        proxy.try_clone().unwrap(),
+                        false,
+                    ),
+                ] {
+                    let state = std::sync::Arc::clone(&shared);
+                    std::thread::spawn(move || relay_counting(from, to, from_proxy, &state));
+                }
+            }
+        });
+        CountingRelay { port, state }
+    }
+
+    fn round_trips(&self) -> usize {
+        self.state.lock().unwrap().round_trips
+    }
+}
+
+fn relay_counting(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    from_proxy: bool,
+    state: &Mutex<RelayCount>,
+) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        {
+            // Counted before forwarding: the other side cannot answer bytes it has not had.
+            let mut count = state.lock().unwrap();
+            if !from_proxy && count.proxy_spoke_last {
+                count.round_trips += 1;
+            }
+            count.proxy_spoke_last = from_proxy;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// A message of `size` bytes or a little more whose lines start with dots in every way
+/// that matters: `.`, `..`, `.x`, dots at the start of long lines, and a line `.` alone.
+fn dotted_message(subject: &str, size: usize) -> Vec<u8> {
+    let mut message = format!("{}\r\n", dated(subject)).into_bytes();
+    let lines: [&[u8]; 6] = [
+        b".\r\n",
+        b"..\r\n",
+        b".x\r\n",
+        b"...three\r\n",
+        b"plain line with a . inside\r\n",
+        b". space after a dot, and a longer line to vary where lines fall on buffers\r\n",
+    ];
+    let mut i = 0;
+    while message.len() < size {
+        message.extend_from_slice(lines[i % lines.len()]);
+        i += 1;
+    }
+    message
+}
+
+/// The client's wire form of `message` (dot-stuffed), for DATA to the proxy.
+fn stuffed(message: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::with_capacity(message.len() + message.len() / 8);
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            wire.push(b'.');
+        }
+        wire.extend_from_slice(line);
+    }
+    wire
+}
+
+/// Sends `messages` from `sender` to `rcpt` in one session through a counting relay to
+/// 127.0.0.1:`backend_port` (TLS `tls`, the proxy logging in as `sender`); returns the
+/// relay's round trips, the replies and the log.
+fn counted_session(
+    backend_port: u16,
+    tls: &str,
+    sender: &User,
+    rcpt: &str,
+    messages: &[Vec<u8>],
+) -> (usize, String, String) {
+    let relay = CountingRelay::start(backend_port);
+    let mut input = Vec::new();
+    for message in messages {
+        input.extend(transaction(&sender.email, &[rcpt], &stuffed(message)));
+    }
+    let (out, log) = Proxy::to(relay.port, tls, sender).session(&wrap_session(&input));
+    (relay.round_trips(), out, log)
+}
+
+#[test]
+fn postfix_gets_each_message_as_one_bdat_in_two_round_trips() {
+    let s = servers();
+    let mut per_run = Vec::new();
+    for n in [1, 11] {
+        let sender = s.new_user(&format!("rt{n}-sender"));
+        let rcpt = s.new_user(&format!("rt{n}-rcpt"));
+        let messages: Vec<Vec<u8>> = (0..n)
+            .map(|i| dotted_message(&format!("rt{n}-{i}"), 10_000))
+            .collect();
+        let (round_trips, out, log) = counted_session(
+            postfix().submissions_port,
+            "implicit",
+            &sender,
+            &rcpt.email,
+            &messages,
+        );
+        assert_eq!(queued_replies(&out), n, "{out}\n{log}");
+        // Postfix's own count of the session: one EHLO, and BDAT instead of DATA.
+        assert_eq!(
+            postfix_session_counts(&sender.name),
+            format!(
+                "ehlo=1 auth=1 mail={n} rcpt={n} bdat={n} quit=1 commands={}",
+                3 * n + 3
+            )
+        );
+        wait_for(&rcpt, n, Duration::from_secs(60));
+        let mut stored: Vec<Vec<u8>> = imap_fetch_all(&rcpt)
+            .into_iter()
+            .map(|(_, m)| without_trace(&m))
+            .collect();
+        let mut sent = messages.clone();
+        stored.sort();
+        sent.sort();
+        assert!(stored == sent, "the stored messages differ from those sent");
+        per_run.push(round_trips);
+    }
+    let per_message = (per_run[1] - per_run[0]) as f64 / 10.0;
+    eprintln!("Postfix (PIPELINING, CHUNKING): {per_run:?} round trips for 1 and 11 messages");
+    assert_eq!(per_message, 2.0, "MAIL+RCPT in one flight, then BDAT LAST");
+}
+
+#[test]
+fn round_trips_per_message_without_pipelining_or_chunking() {
+    let message = format!("{}\r\n.\r\nbody\r\n", dated("fake")).into_bytes();
+    let mut seen = Vec::new();
+    for (extensions, expected) in [
+        (vec![], 4.0),
+        (vec!["PIPELINING".to_string()], 3.0),
+        (vec!["CHUNKING".to_string()], 3.0),
+        (vec!["PIPELINING".to_string(), "CHUNKING".to_string()], 2.0),
+    ] {
+        let fake = FakeSmtp::start(Script {
+            extensions: extensions.clone(),
+            ..Script::default()
+        });
+        let mut counts = Vec::new();
+        for n in [1, 6] {
+            let relay = CountingRelay::start(fake.port);
+            let input: Vec<u8> = (0..n)
+                .flat_map(|_| transaction("a@lan.test", &["b@example.test"], &stuffed(&message)))
+                .collect();
+            let (out, log) = Proxy::fake(relay.port).session(&wrap_session(&input));
+            assert_eq!(
+                out.matches("250 2.0.0 Ok: queued as").count(),
+                n,
+                "{out}\n{log}"
+            );
+            counts.push(relay.round_trips());
+        }
+        let per_message = (counts[1] - counts[0]) as f64 / 5.0;
+        seen.push(format!("{extensions:?}: {per_message}"));
+        assert_eq!(per_message, expected, "{extensions:?}");
+        assert!(fake.journal().messages.iter().all(|m| *m == message));
+    }
+    eprintln!("round trips per message: {}", seen.join(", "));
+}
+
+#[test]
+fn leading_dots_arrive_byte_exact_through_bdat_and_through_data() {
+    let s = servers();
+    for (port, way) in [
+        (postfix().submissions_port, "bdat"),
+        (postfix().no_chunking_submissions_port, "data"),
+    ] {
+        let sender = s.new_user(&format!("dots-{way}-sender"));
+        let rcpt = s.new_user(&format!("dots-{way}-rcpt"));
+        // Over several of the client's 256 KiB pieces, so dots fall on their boundaries.
+        let message = dotted_message(&format!("dots-{way}"), 700_000);
+        let (_, out, log) = counted_session(
+            port,
+            "implicit",
+            &sender,
+            &rcpt.email,
+            std::slice::from_ref(&message),
+        );
+        assert_eq!(queued_replies(&out), 1, "{way}: {out}\n{log}");
+        let counts = postfix_session_counts(&sender.name);
+        assert!(counts.contains(&format!("{way}=1")), "{way}: {counts}");
+        assert!(
+            only_message(&rcpt) == message,
+            "{way}: the stored message differs"
+        );
+    }
+}
+
+#[test]
+fn a_30_mb_message_arrives_byte_exact_through_bdat_and_through_data() {
+    let _lock = postfix_config_lock();
+    let _limit = SizeLimit::set(40_000_000);
+    let s = servers();
+    let line = b"0123456789abcdefghijklmnopqrstuvwxyz.0123456789abcdefghijklmnopqrstuvwxyz\r\n.";
+    for (port, way) in [
+        (postfix().submissions_port, "bdat"),
+        (postfix().no_chunking_submissions_port, "data"),
+    ] {
+        let sender = s.new_user(&format!("big30-{way}-sender"));
+        let rcpt = s.new_user(&format!("big30-{way}-rcpt"));
+        let mut message = format!("{}\r\n", dated(&format!("big30-{way}"))).into_bytes();
+        while message.len() < 30_000_000 {
+            message.extend_from_slice(line);
+        }
+        message.extend_from_slice(b"end\r\n");
+        let started = Instant::now();
+        let (_, out, log) = counted_session(
+            port,
+            "implicit",
+            &sender,
+            &rcpt.email,
+            std::slice::from_ref(&message),
+        );
+        eprintln!("30 MB through {way}: {:?}", started.elapsed());
+        assert_eq!(queued_replies(&out), 1, "{way}: {out}\n{log}");
+        let stored = only_message(&rcpt);
+        assert!(
+            stored.len() == message.len() && stored == message,
+            "{way}: stored {} bytes, sent {}",
+            stored.len(),
+            message.len()
+        );
+    }
+}
