@@ -404,19 +404,21 @@ impl<S: Transport> Client<S> {
     /// for the caller. If `message` fails, the socket is cut, so the server never has
     /// `len` bytes and never completes the message.
     pub fn send_bdat_last(&mut self, message: &mut dyn Read, len: u64) -> Result<(), SendError> {
-        let mut out = Vec::with_capacity(MESSAGE_PIECE + 64);
-        out.extend_from_slice(format!("BDAT {len} LAST\r\n").as_bytes());
+        let head = format!("BDAT {len} LAST\r\n");
+        // One buffer for the whole message, the BDAT line at its start the first time.
+        let mut buffer = vec![0; head.len() + MESSAGE_PIECE];
+        buffer[..head.len()].copy_from_slice(head.as_bytes());
+        let mut start = head.len();
         let mut sent = 0;
         loop {
             let want = (len - sent).min(MESSAGE_PIECE as u64) as usize;
-            let at = out.len();
-            out.resize(at + want, 0);
-            if let Err(error) = message.read_exact(&mut out[at..]) {
+            if let Err(error) = message.read_exact(&mut buffer[start..start + want]) {
                 return Err(self.abandon(error, sent));
             }
             sent += want as u64;
-            self.write(&out).map_err(SendError::Connection)?;
-            out.clear();
+            self.write(&buffer[..start + want])
+                .map_err(SendError::Connection)?;
+            start = 0;
             if sent == len {
                 return Ok(());
             }
