@@ -21,5 +21,6 @@ pub mod queue;
 pub mod secret;
 pub mod smtp;
 pub mod starttls;
+pub mod submission;
 pub mod tls;
 pub mod tunnel;

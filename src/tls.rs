@@ -134,28 +134,6 @@ impl TlsOptions {
         );
         Ok(Some(certs))
     }
-
-    /// The same trust settings for lettre's SMTP client (which has its own TLS parameters
-    /// type), verifying the certificate for `domain`.
-    pub fn lettre_parameters(
-        &self,
-        domain: &str,
-    ) -> anyhow::Result<lettre::transport::smtp::client::TlsParameters> {
-        use lettre::transport::smtp::client::{self, CertificateStore, TlsParameters};
-        let mut builder = TlsParameters::builder(domain.to_string());
-        if let Some(certs) = self.ca_certificates()? {
-            builder = builder.certificate_store(CertificateStore::None);
-            for cert in certs {
-                // lettre's `from_pem` also reads only one certificate: go through DER.
-                builder =
-                    builder.add_root_certificate(client::Certificate::from_der(cert.to_der()?)?);
-            }
-        }
-        builder = builder
-            .dangerous_accept_invalid_certs(self.danger_accept_invalid_certs)
-            .dangerous_accept_invalid_hostnames(self.danger_accept_invalid_certs);
-        Ok(builder.build_native()?)
-    }
 }
 
 #[cfg(test)]

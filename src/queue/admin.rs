@@ -235,7 +235,11 @@ fn deliver_due(common: Common, only: Option<Option<String>>) -> anyhow::Result<E
         .with_context(|| format!("cannot read the queue directory {}", queue.dir.display()))?;
     // The same relay as the smtp sessions: with --accounts, each message goes out through
     // the account it was accepted for, its DSN too (deliver.rs, Relay::route_to).
-    let mut relay = crate::smtp::relay_for(settings.backend, settings.routing);
+    let mut relay = crate::smtp::relay_for(
+        settings.backend,
+        settings.routing,
+        crate::smtp::Warm::AtFirstUse,
+    );
     let mut tally = Tally::default();
     let now = now_secs();
     // Backends found unreachable in this run, by account (`None`: the command-line one).

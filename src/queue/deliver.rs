@@ -339,8 +339,10 @@ fn judge(relay: &mut dyn Relay, result: Result<Reply, RelayError>) -> Result<Rep
     }
 }
 
-/// Reads through to the message, with the `upstream-data` crash point after the first
-/// chunk went upstream (the backend then has part of the message and no final dot).
+/// Reads through to the message, with the `upstream-data` crash point at the second read:
+/// the relay is then inside its transfer, and the backend has no end of data. The first
+/// read gives one byte, so that a second read comes even for a small message, which the
+/// relay otherwise reads whole at once.
 struct CrashAfterFirstRead<'a> {
     inner: &'a mut std::fs::File,
     first: bool,
@@ -350,8 +352,10 @@ impl Read for CrashAfterFirstRead<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if !self.first {
             super::crash_point("upstream-data");
+            return self.inner.read(buf);
         }
         self.first = false;
-        self.inner.read(buf)
+        let one = buf.len().min(1);
+        self.inner.read(&mut buf[..one])
     }
 }

@@ -30,8 +30,8 @@ pub const CRASH_ENV: &str = "LMP_DEBUG_CRASH_AT";
 /// this step, the process sends itself SIGKILL here, exactly as `kill -9` would, so that
 /// no destructor, flush or unlock runs beyond what the kernel does. The steps:
 /// `spool-write` (after the first chunk of the queue's data file), `after-fsync` (queued
-/// durably, before the client's `250`), `upstream-data` (after the first chunk of the
-/// message went upstream, before the final dot), `upstream-accepted` (the backend's `250`
+/// durably, before the client's `250`), `upstream-data` (inside the transfer of the
+/// message upstream, before its end of data), `upstream-accepted` (the backend's `250`
 /// arrived, before the tombstone: the duplicate window), `before-removal` (tombstone
 /// written, queue files not yet removed). Release builds compile this to nothing.
 pub fn crash_point(step: &str) {

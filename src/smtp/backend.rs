@@ -1,39 +1,42 @@
-//! The real [`Relay`]: a submission server reached with lettre's `SmtpConnection`.
+//! The real [`Relay`]: a submission server reached through our own client
+//! ([`crate::submission`]).
 //!
-//! RFC 5321 §3.3 (one MAIL, RCPT per recipient, DATA), RFC 8314 §3 (implicit TLS, port
-//! 465), RFC 3207 (STARTTLS, port 587), RFC 4954 (AUTH PLAIN, or LOGIN for servers such as
-//! Exchange that lack PLAIN), RFC 6152 (BODY=8BITMIME).
+//! RFC 5321 §3.3 (one MAIL, RCPT per recipient, then the message), RFC 8314 §3 (implicit
+//! TLS, port 465), RFC 3207 (STARTTLS, port 587), RFC 4954 (AUTH PLAIN, or LOGIN for servers
+//! such as Exchange that lack PLAIN; OAUTHBEARER / XOAUTH2 with an OAuth2 account), RFC 6152
+//! (BODY=8BITMIME), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING).
 //!
-//! lettre's high-level `send_raw` stops at the first refused recipient and sends QUIT, so
-//! this drives the connection one command at a time, with its own small command types
-//! that display as their exact wire lines. The connection is opened at the first MAIL (or
-//! at AUTH in passthrough mode) and kept for the session's later transactions. When the
-//! server offers PIPELINING (RFC 2920), MAIL is answered here and sent in one write with
-//! the first RCPT, saving a round trip per message. When a kept connection turns out dead
-//! at the next MAIL or its first RCPT (servers drop idle clients after a few minutes), it
-//! is opened again once. Inside a transaction it is kept alive with NOOP
+//! Round trips to the backend per message are the fewest a sequential client allows: each
+//! RCPT must be answered with the backend's own verdict before the client sends the next
+//! command, so the floor is one round trip per recipient plus one for the message.
+//! - MAIL is answered here and sent with the first RCPT in one write when the backend
+//!   offers PIPELINING; without it, MAIL costs a round trip of its own.
+//! - With CHUNKING the message goes as `BDAT n LAST` with its first bytes, answered once;
+//!   without it, DATA waits for `354` first: one round trip more.
+//!
+//! The connection is opened when the process starts ([`SmtpRelay::warm_up`]), in parallel
+//! with the client's EHLO and AUTH: TCP, TLS, greeting, EHLO and, with the proxy's own
+//! password, AUTH. It is kept for the session's later transactions. When a kept connection
+//! turns out dead at the next MAIL or its first RCPT (servers drop idle clients after a few
+//! minutes), it is opened again once. Inside a transaction it is kept alive with NOOP
 //! (RFC 5321 §4.1.1.9) while the client is slow.
 //!
-//! Every reply is judged for its exchange (`relay::check`); one that does not fit drops
-//! the connection. The reply to the final dot is waited for 10 minutes (§4.5.3.2.6). If the
-//! spooled message cannot be read while it is sent, the socket is shut down before lettre
-//! can write the final dot, so the backend never completes a truncated message.
+//! Every reply is judged for its exchange (`relay::check`); one that does not fit drops the
+//! connection. The reply to the end of data is waited for 10 minutes (§4.5.3.2.6). If the
+//! spooled message cannot be read while it is sent, the client cuts the socket before the
+//! final dot (or before the bytes BDAT announced), so the backend never completes a
+//! truncated message.
 
 use super::relay::{Relay, RelayError, RelayResult, Stage, check};
 use super::reply::{Enhanced, Reply};
-use crate::net::{Timeouts, TlsMode};
+use crate::net::{Stream, Timeouts, TlsMode};
 use crate::oauth2::AccessToken;
 use crate::oauth2::login::{Account, Failure, Refusal};
 use crate::oauth2::sasl::{self, Mechanism as OAuth2Mechanism, Target, Verdict};
-use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{SmtpConnection, TlsParameters};
-use lettre::transport::smtp::commands::{Auth, Data, Ehlo, Noop, Quit, Rset};
-use lettre::transport::smtp::extension::{ClientId, Extension};
-use lettre::transport::smtp::response::Response;
+use crate::submission::{self, Client, Command, Endpoint, Security, SendError};
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::mem::ManuallyDrop;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::Read;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// RFC 5321 §4.5.3.2.6: a client waits 10 minutes for the reply to the final dot. The
@@ -46,8 +49,8 @@ pub struct Backend {
     pub host: String,
     pub port: u16,
     pub tls: TlsMode,
-    /// Required unless `tls` is `None`.
-    pub tls_parameters: Option<TlsParameters>,
+    /// Required unless `tls` is `None`; carries the trust (`--ca-file` or system roots).
+    pub tls_connector: Option<native_tls::TlsConnector>,
     pub timeouts: Timeouts,
     /// How long to wait for the reply to the final dot (see [`END_OF_DATA_TIMEOUT`]).
     pub end_of_data_timeout: Duration,
@@ -60,16 +63,8 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The wait for the greeting and the EHLO reply. lettre uses one timeout for the TCP
-    /// connect, the greeting and EHLO; RFC 5321 §4.5.3.2.1 allows the server 5 minutes for
-    /// its greeting, so this is never shorter than the backend timeout. The TCP connect
-    /// keeps its own, shorter limit through the watchdog in [`SmtpRelay::open`].
-    fn greeting_timeout(&self) -> Duration {
-        self.timeouts.io.max(self.timeouts.connect)
-    }
-
-    /// The bound on the whole connection step (TCP, TLS handshake, greeting, EHLO), or
-    /// `None` when the configured timeouts are too large to add up.
+    /// The longest the connection step (TCP, TLS handshake, greeting, EHLO) can wait in
+    /// all, or `None` when the configured timeouts are too large to add up.
     pub fn open_limit(&self) -> Option<Duration> {
         Self::open_limit_of(self.timeouts)
     }
@@ -79,6 +74,30 @@ impl Backend {
     pub fn open_limit_of(timeouts: Timeouts) -> Option<Duration> {
         let greeting = timeouts.io.max(timeouts.connect);
         timeouts.connect.checked_add(greeting.checked_mul(3)?)
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, RelayError> {
+        let connector = || {
+            self.tls_connector.clone().ok_or_else(|| {
+                RelayError::Unavailable(format!("{}: no TLS configuration", self.host))
+            })
+        };
+        let security = match self.tls {
+            TlsMode::Implicit => Security::Implicit(connector()?),
+            TlsMode::Starttls => Security::StartTls(connector()?),
+            TlsMode::None => Security::None,
+        };
+        Ok(Endpoint {
+            host: self.host.clone(),
+            port: self.port,
+            security,
+            timeouts: self.timeouts,
+            hello: self.hello.clone(),
+        })
+    }
+
+    fn at(&self) -> String {
+        format!("{}:{}", self.host, self.port)
     }
 }
 
@@ -98,18 +117,30 @@ impl fmt::Debug for Backend {
     }
 }
 
+type Connection = Client<Stream>;
+
+/// A user name and password (a passthrough client's); no `Debug`, it holds the password.
+#[derive(Clone)]
+struct Login {
+    user: String,
+    password: String,
+}
+
+/// A connection opened ahead of use, and whether the proxy's own login is done on it.
+struct Warm {
+    conn: Connection,
+    logged_in: bool,
+}
+
 pub struct SmtpRelay {
     backend: Backend,
-    conn: Option<SmtpConnection>,
-    /// The local address of `conn`'s TCP socket, which identifies it among this process's
-    /// descriptors (lettre does not expose its socket).
-    socket: Option<SocketAddr>,
+    conn: Option<Connection>,
+    /// The connection being opened since the process started ([`SmtpRelay::warm_up`]).
+    warming: Option<JoinHandle<Result<Warm, OpenError>>>,
+    /// A warm connection without login, for the first login to use.
+    spare: Option<Connection>,
     /// Credentials a passthrough client logged in with.
-    client_login: Option<Credentials>,
-    /// Whether `conn`'s server announced PIPELINING (RFC 2920).
-    pipelining: bool,
-    /// The OAuth2 mechanism `conn`'s server announced in its EHLO AUTH list, if any.
-    oauth2_mechanism: Option<OAuth2Mechanism>,
+    client_login: Option<Login>,
     /// A MAIL answered here and held for the first RCPT, so that both reach a pipelining
     /// backend in one write: one backend round trip per message fewer (see [`Relay::mail`]).
     pending_mail: Option<PendingMail>,
@@ -125,46 +156,11 @@ struct PendingMail {
 }
 
 /// Why opening a connection failed.
+#[derive(Debug)]
 enum OpenError {
     Failed(RelayError),
     /// The backend answered AUTH with this reply.
     AuthRefused(Reply),
-}
-
-/// `MAIL FROM:<address>`, with BODY=8BITMIME whenever the backend offers it: the client may
-/// send 8-bit data without declaring it, and 7-bit data is valid 8BITMIME content.
-struct MailCmd<'a> {
-    from: &'a str,
-    eight_bit: bool,
-}
-
-impl fmt::Display for MailCmd<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MAIL FROM:<{}>", self.from)?;
-        if self.eight_bit {
-            f.write_str(" BODY=8BITMIME")?;
-        }
-        f.write_str("\r\n")
-    }
-}
-
-/// `RCPT TO:<address>`.
-struct RcptCmd<'a>(&'a str);
-
-impl fmt::Display for RcptCmd<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RCPT TO:<{}>\r\n", self.0)
-    }
-}
-
-/// Two commands in one write (RFC 2920); lettre reads the first reply, `read_response` the
-/// second.
-struct Pipelined<A, B>(A, B);
-
-impl<A: fmt::Display, B: fmt::Display> fmt::Display for Pipelined<A, B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{}", self.0, self.1)
-    }
 }
 
 impl SmtpRelay {
@@ -172,114 +168,106 @@ impl SmtpRelay {
         SmtpRelay {
             backend,
             conn: None,
-            socket: None,
+            warming: None,
+            spare: None,
             client_login: None,
-            pipelining: false,
-            oauth2_mechanism: None,
             pending_mail: None,
             in_transaction: false,
         }
     }
 
-    fn describe(&self, e: &lettre::transport::smtp::Error) -> String {
-        format!("{}:{}: {e}", self.backend.host, self.backend.port)
-    }
-
-    /// Connects, secures and logs in. Returns the connection and the reply to AUTH.
-    fn open(
-        &mut self,
-        credentials: Option<&Credentials>,
-    ) -> Result<(SmtpConnection, Option<Reply>), OpenError> {
-        let mut conn = self.connect()?;
-        let Some(credentials) = credentials else {
-            return Ok((conn, None));
+    /// Starts opening the connection now, in a thread, while the client is still busy
+    /// with its greeting, EHLO and AUTH: TCP, TLS, greeting, EHLO, and the proxy's own
+    /// password login. The first MAIL (or a passthrough login) takes it over; a client
+    /// that leaves first leaves it unused. An OAuth2 login and a passthrough client's
+    /// credentials still wait for first use: the token source lives in this thread, and
+    /// the client's password is not known yet.
+    pub fn warm_up(&mut self) {
+        let Ok(endpoint) = self.backend.endpoint() else {
+            return;
         };
-        let reply = self.authenticate(&mut conn, credentials)?;
-        Ok((conn, Some(reply)))
-    }
-
-    /// Connects, secures (TLS or STARTTLS) and asks for the extensions.
-    fn connect(&mut self) -> Result<SmtpConnection, OpenError> {
-        let b = &self.backend;
-        let hello = ClientId::Domain(b.hello.clone());
-        let failed = |e: lettre::transport::smtp::Error| {
-            OpenError::Failed(RelayError::Unavailable(format!(
-                "{}:{}: {e}",
-                b.host, b.port
-            )))
-        };
-        let implicit = match b.tls {
-            TlsMode::Implicit => b.tls_parameters.as_ref(),
+        let login = match (&self.backend.credentials, &self.backend.oauth2) {
+            (Some((user, password)), None) => Some(Login {
+                user: user.clone(),
+                password: password.clone(),
+            }),
             _ => None,
         };
-        // lettre sets socket timeouts only after it has resolved, connected and done the
-        // implicit-TLS handshake, so a server that accepts but never answers the handshake
-        // would hang this process: a watchdog bounds the whole step, and gives the TCP
-        // connect its own --connect-timeout (lettre's single timeout is the greeting's).
-        let watchdog = Watchdog {
-            connect: b.timeouts.connect,
-            limit: b.open_limit().unwrap_or(Duration::MAX),
-            port: b.port,
-            what: format!("connecting to {}:{}", b.host, b.port),
-        };
-        let mut conn = watchdog
-            .run(|| {
-                SmtpConnection::connect(
-                    (b.host.as_str(), b.port),
-                    Some(b.greeting_timeout()),
-                    &hello,
-                    implicit,
-                    None,
-                )
-            })
-            .map_err(failed)?;
-        // Each process holds one backend connection: the new socket is the one to `port`.
-        let socket = tcp_sockets_to(b.port).into_iter().next();
-        if let Some(socket) = &socket {
-            // lettre never sets TCP_NODELAY, and `message_iter` writes the message and
-            // then the final `<CRLF>.<CRLF>` as separate writes before it waits for the
-            // reply. With Nagle the second write waits for the ACK of the first, which the
-            // server delays (about 40 ms on Linux): measured here, 20 messages/s instead
-            // of 230.
-            let _ = socket.set_nodelay(true);
-        }
-        let local = socket.and_then(|s| s.local_addr().ok());
-        conn.set_timeout(Some(b.timeouts.io))
-            .map_err(|e| OpenError::Failed(RelayError::Unavailable(format!("{}: {e}", b.host))))?;
-        if b.tls == TlsMode::Starttls {
-            let params = b
-                .tls_parameters
-                .as_ref()
-                .expect("STARTTLS has TLS parameters");
-            // Never fall back to plain text: a downgrade would expose the password.
-            if !conn.can_starttls() {
-                return Err(OpenError::Failed(RelayError::Unavailable(format!(
-                    "{}:{} does not offer STARTTLS",
-                    b.host, b.port
-                ))));
-            }
-            conn.starttls(params, &hello).map_err(failed)?;
-        }
-        self.socket = local;
-        let extensions = extensions(&mut conn, &hello).map_err(|e| {
-            OpenError::Failed(RelayError::Lost(format!(
-                "{}:{}: asking for its extensions (EHLO): {e}",
-                b.host, b.port
+        let at = self.backend.at();
+        let thread = std::thread::Builder::new()
+            .name("smtp-warm-up".into())
+            .spawn(move || {
+                let mut conn = open(&endpoint)?;
+                if let Some(login) = &login {
+                    authenticate(&mut conn, &at, &login.user, login)?;
+                }
+                Ok(Warm {
+                    conn,
+                    logged_in: login.is_some(),
+                })
+            });
+        // Without a thread the connection is simply opened at first use, as before.
+        self.warming = thread.ok();
+    }
+
+    /// The warm-up's result, once it is needed: a connection the server has closed
+    /// meanwhile (idle limits, a 421 sent while the client typed) is thrown away.
+    fn take_warm(&mut self) -> Option<Result<Warm, OpenError>> {
+        let result = self.warming.take()?.join().unwrap_or_else(|_| {
+            Err(OpenError::Failed(RelayError::Local(
+                "the connection thread failed".into(),
             )))
-        })?;
-        self.pipelining = extensions.pipelining;
-        self.oauth2_mechanism = extensions.oauth2;
-        Ok(conn)
+        });
+        match result {
+            Ok(warm) if !warm.conn.is_quiet() => {
+                log::info!("smtp: the backend closed the early connection; reconnecting");
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// A connection without login: the warm one if there is one, else a new one.
+    fn connect(&mut self) -> Result<Connection, OpenError> {
+        if let Some(warm) = self.take_warm() {
+            match warm {
+                Ok(warm) if !warm.logged_in => return Ok(warm.conn),
+                // Logged in with the proxy's password, but a different login is wanted.
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(spare) = self.spare.take()
+            && spare.is_quiet()
+        {
+            return Ok(spare);
+        }
+        let endpoint = self.backend.endpoint().map_err(OpenError::Failed)?;
+        open(&endpoint)
+    }
+
+    /// Connects and logs in with `login` (or none). Returns the connection and the reply
+    /// to AUTH.
+    fn open_with(
+        &mut self,
+        login: Option<&Login>,
+    ) -> Result<(Connection, Option<Reply>), OpenError> {
+        let mut conn = self.connect()?;
+        let Some(login) = login else {
+            return Ok((conn, None));
+        };
+        let reply = authenticate(&mut conn, &self.backend.at(), &self.login_name(), login)?;
+        Ok((conn, Some(reply)))
     }
 
     /// Connects and logs in with the OAuth2 account: one token, and after a rejection one
     /// renewal and one retry, on the same connection (RFC 4954 §4 allows a new AUTH after
     /// a failed one) or on a new one if the server closed it.
-    fn open_with_oauth2(&mut self) -> Result<SmtpConnection, RelayError> {
+    fn open_with_oauth2(&mut self) -> Result<Connection, RelayError> {
         let Some(mut account) = self.backend.oauth2.take() else {
             return Err(RelayError::OAuth2("no OAuth2 account configured".into()));
         };
-        let mut kept: Option<SmtpConnection> = None;
+        let mut kept: Option<Connection> = None;
         let result = account.login(|user, token| {
             let reused = kept.is_some();
             let mut conn = match kept.take() {
@@ -310,20 +298,19 @@ impl SmtpRelay {
     }
 
     /// `AUTH OAUTHBEARER` or `AUTH XOAUTH2`, whichever the server's EHLO listed (OAUTHBEARER
-    /// first, see [`OAuth2Mechanism::choose`]), driven step by step like [`Self::authenticate`].
-    /// The initial response goes on the AUTH line when the line fits SMTP's 512 octets
-    /// (RFC 4954 §4 forbids it otherwise); a longer one, as Microsoft's and Google's tokens
-    /// make, answers the server's empty `334`. An error challenge (`334` + base64 JSON,
-    /// RFC 7628 §3.2.2) gets %x01 / an empty line, then the server's final failure.
+    /// first, see [`OAuth2Mechanism::choose`]). The client puts the initial response on
+    /// the AUTH line when it fits, and answers an error challenge (RFC 7628 §3.2.2) before
+    /// the server's final failure; the challenge says whether renewing the token may help.
     fn oauth2_authenticate(
         &self,
-        conn: &mut SmtpConnection,
+        conn: &mut Connection,
         user: &str,
         token: &AccessToken,
     ) -> Result<(), Refusal<RelayError>> {
         let b = &self.backend;
-        let at = format!("{}:{}", b.host, b.port);
-        let Some(mechanism) = self.oauth2_mechanism else {
+        let at = b.at();
+        let offered = conn.extensions();
+        let Some(mechanism) = OAuth2Mechanism::choose(|m| offered.offers_auth(m)) else {
             return Err(Refusal::Failed(RelayError::Protocol(format!(
                 "{at} offers neither AUTH OAUTHBEARER nor AUTH XOAUTH2 (often: only after TLS)"
             ))));
@@ -335,44 +322,20 @@ impl SmtpRelay {
         let initial = mechanism
             .initial_response(user, token, target)
             .map_err(|e| Refusal::Failed(RelayError::OAuth2(format!("AUTH {mechanism}: {e}"))))?;
-        let encoded = crate::base64::encode(&initial);
-        let lost = |e: lettre::transport::smtp::Error| {
+        let (reply, challenge) = conn.login_oauth2(mechanism, &initial).map_err(|e| {
             Refusal::Failed(RelayError::Lost(format!(
                 "{at}: AUTH {mechanism} as {user}: {e}"
             )))
-        };
-        let with_initial = SaslLine(format!("AUTH {mechanism} {encoded}"));
-        let mut result = if with_initial.0.len() + 2 <= MAX_COMMAND_LINE {
-            conn.command(with_initial)
-        } else {
-            match conn.command(SaslLine(format!("AUTH {mechanism}"))) {
-                Ok(response) if response.has_code(334) => conn.command(SaslLine(encoded)),
-                other => other,
-            }
-        };
-        let mut challenge = None;
-        if let Ok(response) = &result
-            && response.has_code(334)
-        {
-            let text = response.message().next().unwrap_or_default().trim();
-            challenge = Some(crate::base64::decode(text.as_bytes()).unwrap_or_default());
-            let answer = crate::base64::encode(mechanism.error_response());
-            result = conn.command(SaslLine(answer));
-        }
-        let reply = match result {
-            Ok(response) => reply_of(&response),
-            Err(e) => match e.status() {
-                Some(code) => Reply::from_backend(code.into(), &[error_text(&e)]),
-                None => return Err(lost(e)),
-            },
-        };
+        })?;
+        let reply = reply_of(&reply);
         let said = format!("{at}: AUTH {mechanism} as {user}: {}", reply.summary());
         match (reply.code, challenge.as_deref().map(sasl::judge_challenge)) {
             (235, _) => Ok(()),
             (_, Some(Verdict::TokenRejected)) | (535, None) => Err(Refusal::Rejected(said)),
             (_, Some(Verdict::InsufficientScope { scope })) => {
                 Err(Refusal::Failed(RelayError::OAuth2(format!(
-                    "{said}: the token lacks the scope the server wants ({}); authorize the                      account with the provider's SMTP scope",
+                    "{said}: the token lacks the scope the server wants ({}); authorize the \
+                     account with the provider's SMTP scope",
                     scope.as_deref().unwrap_or("not named").escape_debug()
                 ))))
             }
@@ -387,107 +350,69 @@ impl SmtpRelay {
         }
     }
 
-    /// AUTH PLAIN, or LOGIN for servers such as Exchange that lack PLAIN (RFC 4954).
-    ///
-    /// Driven here rather than by lettre's `auth`, which after a failed LOGIN step sends
-    /// QUIT on the broken connection and waits for its answer: a stalled backend then
-    /// held the client for twice --backend-timeout. Each step here waits once, and a
-    /// connection that fails is dropped without a word.
-    ///
-    /// A coded refusal is [`OpenError::AuthRefused`]; a cut or a stall is
-    /// [`RelayError::Lost`], never a wrong password.
-    fn authenticate(
-        &self,
-        conn: &mut SmtpConnection,
-        credentials: &Credentials,
-    ) -> Result<Reply, OpenError> {
-        let b = &self.backend;
-        let user = self.login_name();
-        // A reply with a code is the server's verdict. Anything else (a cut shows as
-        // "incomplete response", a stall as a network error) loses the connection; the
-        // error's text says which.
-        let failed = |e: lettre::transport::smtp::Error| match e.status() {
-            Some(code) => {
-                OpenError::AuthRefused(Reply::from_backend(code.into(), &[error_text(&e)]))
-            }
-            None => OpenError::Failed(RelayError::Lost(format!(
-                "{}:{}: logging in as {user}: {e}",
-                b.host, b.port
-            ))),
-        };
-        let mechanism = conn
-            .server_info()
-            .get_auth_mechanism(&[Mechanism::Plain, Mechanism::Login])
-            .ok_or_else(|| {
-                // Often: the server offers AUTH only after TLS.
-                OpenError::Failed(RelayError::Protocol(format!(
-                    "{}:{} offers neither AUTH PLAIN nor AUTH LOGIN",
-                    b.host, b.port
-                )))
-            })?;
-        let command = Auth::new(mechanism, credentials.clone(), None).map_err(failed)?;
-        let mut response = conn.command(command).map_err(failed)?;
-        // PLAIN needs no challenge, LOGIN two; a server that asks for more is broken.
-        for _ in 0..2 {
-            if !response.has_code(334) {
-                break;
-            }
-            let command = Auth::new_from_response(mechanism, credentials.clone(), &response)
-                .map_err(failed)?;
-            response = conn.command(command).map_err(failed)?;
-        }
-        let reply = reply_of(&response);
-        if reply.code != 235 {
-            return Err(OpenError::Failed(RelayError::Protocol(format!(
-                "{}:{}: AUTH answered {}",
-                b.host,
-                b.port,
-                reply.summary()
-            ))));
-        }
-        Ok(reply)
-    }
-
-    /// Opens a connection with the credentials in force, for a transaction.
-    fn connect_for_mail(&mut self) -> Result<(), RelayError> {
+    /// Opens a connection with the credentials in force, for a transaction. Returns whether
+    /// it was opened ahead of time (and so may have been closed by the server meanwhile).
+    fn connect_for_mail(&mut self) -> Result<bool, RelayError> {
         if self.client_login.is_none() && self.backend.oauth2.is_some() {
+            let early = self.warming.is_some();
             self.conn = Some(self.open_with_oauth2()?);
-            return Ok(());
+            return Ok(early);
         }
-        let credentials = match (&self.client_login, &self.backend.credentials) {
+        let login = match (&self.client_login, &self.backend.credentials) {
             (Some(login), _) => Some(login.clone()),
-            (None, Some((user, password))) => {
-                Some(Credentials::new(user.clone(), password.clone()))
-            }
+            (None, Some((user, password))) => Some(Login {
+                user: user.clone(),
+                password: password.clone(),
+            }),
             (None, None) => None,
         };
-        match self.open(credentials.as_ref()) {
+        let early = self.warming.is_some();
+        let opened = match self
+            .client_login
+            .is_none()
+            .then(|| self.take_warm())
+            .flatten()
+        {
+            Some(Ok(warm)) if warm.logged_in || login.is_none() => Ok((warm.conn, None)),
+            Some(Ok(warm)) => {
+                self.spare = Some(warm.conn);
+                self.open_with(login.as_ref())
+            }
+            Some(Err(e)) => Err(e),
+            None => self.open_with(login.as_ref()),
+        };
+        match opened {
             Ok((conn, _)) => {
                 self.conn = Some(conn);
-                Ok(())
+                Ok(early)
             }
-            Err(OpenError::Failed(e)) => Err(e),
-            Err(OpenError::AuthRefused(reply)) if reply.is_transient() => Err(
-                RelayError::Unavailable(format!("login deferred: {}", reply.summary())),
-            ),
+            Err(e) => Err(self.login_error(e)),
+        }
+    }
+
+    /// The relay error for a connection that could not be opened and logged in.
+    fn login_error(&self, error: OpenError) -> RelayError {
+        match error {
+            OpenError::Failed(e) => e,
+            OpenError::AuthRefused(reply) if reply.is_transient() => {
+                RelayError::Unavailable(format!("login deferred: {}", reply.summary()))
+            }
             // RFC 4954 §6: only 535 says the credentials are wrong.
-            Err(OpenError::AuthRefused(reply)) if reply.code == 535 => {
-                Err(RelayError::LoginRefused(format!(
-                    "{}:{} user {}: {}",
-                    self.backend.host,
-                    self.backend.port,
+            OpenError::AuthRefused(reply) if reply.code == 535 => {
+                RelayError::LoginRefused(format!(
+                    "{} user {}: {}",
+                    self.backend.at(),
                     self.login_name(),
                     reply.summary()
-                )))
+                ))
             }
             // 534 (mechanism too weak), 538 (encryption required), 530…: a setup problem.
-            Err(OpenError::AuthRefused(reply)) => Err(RelayError::Protocol(format!(
-                "{}:{} refused the login of user {} for a reason other than the password: {}",
-                self.backend.host,
-                self.backend.port,
+            OpenError::AuthRefused(reply) => RelayError::Protocol(format!(
+                "{} refused the login of user {} for a reason other than the password: {}",
+                self.backend.at(),
                 self.login_name(),
                 reply.summary()
-            ))),
+            )),
         }
     }
 
@@ -499,11 +424,21 @@ impl SmtpRelay {
     }
 
     /// Sends one command and judges the reply for `stage` (see [`check`]).
-    fn command(&mut self, command: impl fmt::Display, stage: Stage) -> RelayResult {
+    fn command(&mut self, command: Command<'_>, stage: Stage) -> RelayResult {
         let Some(conn) = self.conn.as_mut() else {
             return Err(RelayError::Unavailable("no backend connection".into()));
         };
         let result = conn.command(command);
+        self.judge(result, stage)
+    }
+
+    /// Sends a pipelined group (RFC 2920) and judges the first reply for `stage`; the
+    /// others are read with [`Self::pipelined_reply`].
+    fn send_group(&mut self, commands: &[Command<'_>], stage: Stage) -> RelayResult {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(RelayError::Unavailable("no backend connection".into()));
+        };
+        let result = conn.send(commands).and_then(|()| conn.read_reply());
         self.judge(result, stage)
     }
 
@@ -512,7 +447,7 @@ impl SmtpRelay {
         let Some(conn) = self.conn.as_mut() else {
             return Err(RelayError::Lost("backend connection lost".into()));
         };
-        let result = conn.read_response();
+        let result = conn.read_reply();
         self.judge(result, stage)
     }
 
@@ -549,20 +484,21 @@ impl SmtpRelay {
         from: &str,
         to: Option<&str>,
     ) -> (RelayResult, Option<RelayResult>) {
-        let mail = MailCmd {
+        let mail = Command::Mail {
             from,
-            eight_bit: self.eight_bit(),
+            eight_bit: self.offered(|e| e.eight_bit_mime),
         };
         let Some(to) = to else {
             return (self.command(mail, Stage::Mail), None);
         };
-        // `pipelining` is the current connection's: one opened again may have lost it.
-        let mail_reply = match self.pipelining {
-            true => self.command(Pipelined(mail, RcptCmd(to)), Stage::Mail),
+        // The current connection's: one opened again may have lost PIPELINING.
+        let pipelining = self.offered(|e| e.pipelining);
+        let mail_reply = match pipelining {
+            true => self.send_group(&[mail, Command::Rcpt(to)], Stage::Mail),
             false => self.command(mail, Stage::Mail),
         };
         let accepted = matches!(&mail_reply, Ok(reply) if reply.is_success());
-        let rcpt_reply = if self.pipelining {
+        let rcpt_reply = if pipelining {
             // The RCPT reply comes even when MAIL was refused (then a 503 that means
             // nothing to our client); it is read either way to keep the dialogue in step.
             match &mail_reply {
@@ -570,30 +506,27 @@ impl SmtpRelay {
                 _ => None,
             }
         } else if accepted {
-            Some(self.command(RcptCmd(to), Stage::Rcpt))
+            Some(self.command(Command::Rcpt(to), Stage::Rcpt))
         } else {
             None
         };
         (mail_reply, rcpt_reply.filter(|_| accepted))
     }
 
-    /// Turns lettre's result into a reply judged for `stage`. A coded refusal is a reply;
-    /// no reply or a reply that does not fit loses the connection.
+    /// Turns the client's result into a reply judged for `stage`. No reply, or a reply
+    /// that does not fit, loses the connection.
     fn judge(
         &mut self,
-        result: Result<Response, lettre::transport::smtp::Error>,
+        result: Result<submission::Reply, submission::Error>,
         stage: Stage,
     ) -> RelayResult {
         let reply = match result {
-            Ok(response) => reply_of(&response),
-            Err(e) => match e.status() {
-                Some(code) => Reply::from_backend(code.into(), &[error_text(&e)]),
-                None => {
-                    let why = self.describe(&e);
-                    self.drop_connection();
-                    return Err(RelayError::Lost(why));
-                }
-            },
+            Ok(reply) => reply_of(&reply),
+            Err(e) => {
+                let why = format!("{}: {stage}: {e}", self.backend.at());
+                self.drop_connection();
+                return Err(RelayError::Lost(why));
+            }
         };
         if reply.code == 421 {
             // RFC 5321 §3.8: the server is closing this connection.
@@ -610,25 +543,147 @@ impl SmtpRelay {
     /// for the timeout, or no longer trusted.
     fn drop_connection(&mut self) {
         self.conn = None;
-        self.socket = None;
         self.in_transaction = false;
     }
 
-    fn eight_bit(&self) -> bool {
-        self.conn
-            .as_ref()
-            .is_some_and(|c| c.server_info().supports_feature(Extension::EightBitMime))
+    /// Whether the current connection's server offers what `has` asks for.
+    fn offered(&self, has: impl Fn(&submission::Extensions) -> bool) -> bool {
+        self.conn.as_ref().is_some_and(|c| has(c.extensions()))
+    }
+
+    /// Sends the message (after the transaction's RCPTs) and returns the reply to its end:
+    /// `BDAT n LAST` when the server offers CHUNKING, else DATA, `354`, and the
+    /// dot-stuffed message.
+    fn send_message(&mut self, message: &mut dyn Read, len: u64) -> RelayResult {
+        let chunking = self.offered(|e| e.chunking);
+        if !chunking {
+            let reply = self.command(Command::Data, Stage::Data)?;
+            if reply.code != 354 {
+                // A refusal of DATA leaves the transaction open at the backend: Postfix
+                // answers the next MAIL with `503 5.5.1 Error: nested MAIL command`. RSET
+                // closes it and keeps the connection for the next transaction.
+                self.reset();
+                return Ok(reply);
+            }
+        }
+        self.in_transaction = false;
+        let io_timeout = self.backend.timeouts.io;
+        // The reply to the end of data is waited for in full even if the client has gone,
+        // so that the session can log the message's fate. Nothing is locked meanwhile:
+        // the SMTP side takes no lock file (the mailbox lock is POP3's), and the session's
+        // StdoutLock only guards this process's own stdout. Held are the two sockets and
+        // the spool file (unlinked, in --spool-dir), which the process gives back when it
+        // ends.
+        let wait = self.backend.end_of_data_timeout.max(io_timeout);
+        let at = self.backend.at();
+        let conn = self.conn.as_mut().expect("checked by the caller");
+        let sent = match chunking {
+            true => conn.send_bdat_last(message, len),
+            false => conn.send_data(message, len),
+        };
+        match sent {
+            Ok(()) => {}
+            Err(SendError::Source { error, sent }) => {
+                // The socket was cut before the end of data: the backend saw the
+                // connection end mid-message and discards it.
+                self.drop_connection();
+                return Err(RelayError::Local(format!(
+                    "reading the spooled message failed after {sent} of {len} bytes: {error}; \
+                     the backend connection was cut before the end of data"
+                )));
+            }
+            Err(SendError::Connection(e)) => {
+                self.drop_connection();
+                return Err(RelayError::Lost(format!("{at}: sending the message: {e}")));
+            }
+        }
+        if let Err(e) = conn.set_timeout(wait) {
+            self.drop_connection();
+            return Err(RelayError::Lost(format!("setting a timeout: {e}")));
+        }
+        let result = conn.read_reply();
+        if let Err(e) = &result
+            && e.is_timeout()
+        {
+            let why = format!(
+                "no reply to the end of data within {}s: the backend may have accepted the \
+                 message, and the client, told to retry, may send it again (a duplicate)",
+                wait.as_secs()
+            );
+            log::warn!("smtp: {at}: {why}");
+            self.drop_connection();
+            return Err(RelayError::Lost(why));
+        }
+        if conn.set_timeout(io_timeout).is_err() {
+            self.drop_connection();
+        }
+        let reply = self.judge(result, Stage::EndOfData)?;
+        if chunking && reply.is_refusal() && reply.code != 421 {
+            // RFC 3030 §2: the transaction failed; RSET makes sure the server agrees
+            // before the next MAIL.
+            self.in_transaction = true;
+            self.reset();
+        }
+        Ok(reply)
+    }
+}
+
+/// Connects, secures and says EHLO.
+fn open(endpoint: &Endpoint) -> Result<Connection, OpenError> {
+    endpoint
+        .open()
+        .map_err(|e| OpenError::Failed(RelayError::Unavailable(e.to_string())))
+}
+
+/// AUTH PLAIN, or LOGIN for servers such as Exchange that lack PLAIN (RFC 4954). A coded
+/// refusal is [`OpenError::AuthRefused`]; a cut or a stall is [`RelayError::Lost`], never a
+/// wrong password; a server that offers neither mechanism is a setup problem.
+fn authenticate(
+    conn: &mut Connection,
+    at: &str,
+    shown_user: &str,
+    login: &Login,
+) -> Result<Reply, OpenError> {
+    let reply = match conn.login(&login.user, &login.password) {
+        Ok(reply) => reply_of(&reply),
+        Err(e @ submission::Error::Unsendable(_)) => {
+            return Err(OpenError::Failed(RelayError::Protocol(format!(
+                "{at}: {e}"
+            ))));
+        }
+        Err(e) => {
+            return Err(OpenError::Failed(RelayError::Lost(format!(
+                "{at}: logging in as {shown_user}: {e}"
+            ))));
+        }
+    };
+    match reply.code {
+        235 => Ok(reply),
+        _ if reply.is_refusal() => Err(OpenError::AuthRefused(reply)),
+        _ => Err(OpenError::Failed(RelayError::Protocol(format!(
+            "{at}: AUTH answered {}",
+            reply.summary()
+        )))),
     }
 }
 
 impl Relay for SmtpRelay {
     fn login(&mut self, user: &str, password: &str) -> RelayResult {
-        self.quit();
-        let credentials = Credentials::new(user.to_string(), password.to_string());
-        match self.open(Some(&credentials)) {
+        self.quit_backend();
+        let login = Login {
+            user: user.to_string(),
+            password: password.to_string(),
+        };
+        let early = self.warming.is_some();
+        let mut opened = self.open_with(Some(&login));
+        if early && matches!(&opened, Err(OpenError::Failed(RelayError::Lost(_)))) {
+            // The early connection died while the client typed: once more, anew.
+            opened = self.open_with(Some(&login));
+        }
+        match opened {
             Ok((conn, reply)) => {
                 self.conn = Some(conn);
-                self.client_login = Some(credentials);
+                self.client_login = Some(login);
                 Ok(reply.unwrap_or_else(|| Reply::from_backend(235, &["2.7.0 Authenticated"])))
             }
             Err(OpenError::AuthRefused(reply)) => Ok(reply),
@@ -638,12 +693,12 @@ impl Relay for SmtpRelay {
 
     fn mail(&mut self, from: &str) -> RelayResult {
         self.pending_mail = None;
-        let reused = self.conn.is_some();
+        let mut reused = self.conn.is_some();
         if !reused {
             // Connecting now, not at RCPT: an unreachable backend is reported at MAIL.
-            self.connect_for_mail()?;
+            reused = self.connect_for_mail()?;
         }
-        if self.pipelining {
+        if self.offered(|e| e.pipelining) {
             self.pending_mail = Some(PendingMail {
                 from: from.to_string(),
                 refused: None,
@@ -655,7 +710,7 @@ impl Relay for SmtpRelay {
 
     fn rcpt(&mut self, to: &str) -> RelayResult {
         let Some(pending) = &self.pending_mail else {
-            return self.command(RcptCmd(to), Stage::Rcpt);
+            return self.command(Command::Rcpt(to), Stage::Rcpt);
         };
         if let Some(refusal) = &pending.refused {
             // The sender was refused: so is every recipient, each with that reply (as
@@ -680,76 +735,20 @@ impl Relay for SmtpRelay {
     }
 
     fn data(&mut self, message: &mut dyn Read, len: u64) -> RelayResult {
-        let reply = self.command(Data, Stage::Data)?;
-        if reply.code != 354 {
-            // A refusal of DATA leaves the transaction open at the backend: Postfix answers
-            // the next MAIL with `503 5.5.1 Error: nested MAIL command`. RSET closes it and
-            // keeps the connection for the next transaction.
-            self.reset();
-            return Ok(reply);
+        if self.conn.is_none() {
+            return Err(RelayError::Lost("backend connection lost".into()));
         }
-        self.in_transaction = false;
-        let io_timeout = self.backend.timeouts.io;
-        // The reply to the final dot is waited for in full even if the client has gone,
-        // so that the session can log the message's fate. Nothing is locked meanwhile:
-        // the SMTP side takes no lock file (the mailbox lock is POP3's), the connect
-        // watchdog is not running, and the session's StdoutLock only guards this process's
-        // own stdout. Held are the two sockets and the spool file (unlinked, in
-        // --spool-dir), which the process gives back when it ends.
-        let wait = self.backend.end_of_data_timeout.max(io_timeout);
-        let socket = self.socket;
-        let conn = self.conn.as_mut().expect("DATA was answered");
-        if let Err(e) = conn.set_timeout(Some(wait)) {
-            self.drop_connection();
-            return Err(RelayError::Lost(format!("setting a timeout: {e}")));
-        }
-        let mut chunks = Chunks {
-            reader: message,
-            remaining: len,
-            error: None,
-            on_error: &|| cut_off(socket),
-        };
-        let result = conn.message_iter(&mut chunks);
-        if let Some(e) = chunks.error {
-            // The socket was shut down before lettre could write the final dot, so the
-            // backend saw the connection end mid-message and discards it.
-            self.drop_connection();
-            return Err(RelayError::Local(format!(
-                "reading the spooled message failed after {} of {len} bytes: {e}; the \
-                 backend connection was cut before the end of data",
-                len - chunks.remaining
-            )));
-        }
-        if let Err(e) = &result
-            && e.status().is_none()
-            && chunks.remaining == 0
-            && is_timeout(e)
-        {
-            let why = format!(
-                "no reply to the end of data within {}s: the backend may have accepted the \
-                 message, and the client, told to retry, may send it again (a duplicate)",
-                wait.as_secs()
-            );
-            log::warn!("smtp: {}:{}: {why}", self.backend.host, self.backend.port);
-            self.drop_connection();
-            return Err(RelayError::Lost(why));
-        }
-        if let Some(conn) = self.conn.as_mut()
-            && conn.set_timeout(Some(io_timeout)).is_err()
-        {
-            self.drop_connection();
-        }
-        self.judge(result, Stage::EndOfData)
+        self.send_message(message, len)
     }
 
     fn keepalive(&mut self) -> Result<(), RelayError> {
         if self.in_transaction {
-            return self.command(Noop, Stage::Noop).map(drop);
+            return self.command(Command::Noop, Stage::Noop).map(drop);
         }
         if self.pending_mail.is_some() && self.conn.is_some() {
             // Nothing is open at the backend yet: if the connection is lost anyway, the
             // first RCPT opens another, so the transaction is not lost.
-            let _ = self.command(Noop, Stage::Noop);
+            let _ = self.command(Command::Noop, Stage::Noop);
         }
         Ok(())
     }
@@ -759,77 +758,33 @@ impl Relay for SmtpRelay {
         if self.in_transaction {
             self.in_transaction = false;
             // A failed RSET has already dropped the connection; the next MAIL reconnects.
-            let _ = self.command(Rset, Stage::Rset);
+            let _ = self.command(Command::Rset, Stage::Rset);
         }
     }
 
     fn quit(&mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            // Not `conn.quit()`: on a failure it sends QUIT a second time and waits again.
-            let _ = conn.command(Quit);
+        self.quit_backend();
+        // A connection opened early and never used: QUIT without waiting, or if it is
+        // still being opened, leave it to end with the process.
+        if self.warming.as_ref().is_some_and(JoinHandle::is_finished)
+            && let Some(Ok(mut warm)) = self.take_warm()
+        {
+            warm.conn.quit_without_waiting();
         }
-        self.socket = None;
+        if let Some(mut spare) = self.spare.take() {
+            spare.quit_without_waiting();
+        }
+    }
+}
+
+impl SmtpRelay {
+    /// QUIT on the connection in use, waiting for the reply (the server logs a clean end).
+    fn quit_backend(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            let _ = conn.command(Command::Quit);
+        }
         self.pending_mail = None;
         self.in_transaction = false;
-    }
-}
-
-/// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
-const MAX_COMMAND_LINE: usize = 512;
-
-/// One line of a SASL exchange (an AUTH command or a response), CRLF added. No `Debug`: it
-/// holds a token.
-struct SaslLine(String);
-
-impl fmt::Display for SaslLine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}\r\n", self.0)
-    }
-}
-
-/// What the EHLO reply says beyond what lettre keeps.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Extensions {
-    pipelining: bool,
-    /// The OAuth2 mechanism to use from the AUTH list (lettre knows no OAUTHBEARER).
-    oauth2: Option<OAuth2Mechanism>,
-}
-
-impl Extensions {
-    fn parse<'a>(lines: impl Iterator<Item = &'a str>) -> Extensions {
-        let mut pipelining = false;
-        let mut mechanisms = Vec::new();
-        for line in lines {
-            let mut words = line.split_whitespace();
-            match words.next() {
-                Some(k) if k.eq_ignore_ascii_case("PIPELINING") => pipelining = true,
-                Some(k) if k.eq_ignore_ascii_case("AUTH") => {
-                    mechanisms.extend(words.map(str::to_ascii_uppercase))
-                }
-                _ => {}
-            }
-        }
-        Extensions {
-            pipelining,
-            oauth2: OAuth2Mechanism::choose(|m| mechanisms.iter().any(|offered| offered == m)),
-        }
-    }
-}
-
-/// The server's PIPELINING and AUTH mechanisms from its EHLO reply. lettre keeps only the
-/// extensions it uses itself, so this asks once more on a fresh connection, before AUTH,
-/// where a second EHLO resets nothing (RFC 5321 §4.1.4). A refusal means no extensions; no
-/// answer is an error, so that a stalled backend costs one --backend-timeout, not two.
-fn extensions(
-    conn: &mut SmtpConnection,
-    hello: &ClientId,
-) -> Result<Extensions, lettre::transport::smtp::Error> {
-    match conn.command(Ehlo::new(hello.clone())) {
-        Ok(response) => Ok(Extensions::parse(response.message())),
-        // A refused EHLO: no extensions.
-        Err(e) if e.status().is_some() => Ok(Extensions::default()),
-        // A cut or a stall: going on would only wait once more, at AUTH or MAIL.
-        Err(e) => Err(e),
     }
 }
 
@@ -846,191 +801,8 @@ where
     }
 }
 
-/// Yields the message in pieces for `message_iter`, without its final CRLF: lettre appends
-/// `<CRLF>.<CRLF>` itself, and the CRLF before the dot is the last line's own ending.
-/// lettre dot-stuffs across piece boundaries. Memory: one 64 KiB piece at a time.
-///
-/// An iterator cannot make lettre stop: after the last piece it always writes the final
-/// dot. So on a read error `on_error` runs first, and must make sure that dot never
-/// reaches the backend, or it would take a truncated message as complete.
-struct Chunks<'a> {
-    reader: &'a mut dyn Read,
-    remaining: u64,
-    error: Option<io::Error>,
-    on_error: &'a dyn Fn(),
-}
-
-const CHUNK: u64 = 64 * 1024;
-
-impl Chunks<'_> {
-    fn fail(&mut self, e: io::Error) -> Option<Vec<u8>> {
-        (self.on_error)();
-        self.error = Some(e);
-        None
-    }
-}
-
-impl Iterator for Chunks<'_> {
-    type Item = Vec<u8>;
-
-    fn next(&mut self) -> Option<Vec<u8>> {
-        if self.remaining == 0 || self.error.is_some() {
-            return None;
-        }
-        if self.remaining <= 2 {
-            let mut last = vec![0; self.remaining as usize];
-            if let Err(e) = self.reader.read_exact(&mut last) {
-                return self.fail(e);
-            }
-            self.remaining = 0;
-            return (last != b"\r\n").then_some(last);
-        }
-        let want = CHUNK.min(self.remaining - 2) as usize;
-        let mut piece = vec![0; want];
-        match self.reader.read_exact(&mut piece) {
-            Ok(()) => {
-                self.remaining -= want as u64;
-                Some(piece)
-            }
-            Err(e) => self.fail(e),
-        }
-    }
-}
-
-fn reply_of(response: &Response) -> Reply {
-    let lines: Vec<&str> = response.message().collect();
-    Reply::from_backend(response.code().into(), &lines)
-}
-
-/// The text of a coded error: lettre keeps the reply's lines joined in the error's source.
-fn error_text(e: &lettre::transport::smtp::Error) -> String {
-    use std::error::Error;
-    e.source().map(|s| s.to_string()).unwrap_or_default()
-}
-
-/// Shuts down the backend socket whose local address is `local`, so that nothing more,
-/// the final dot above all, can be written to it: the backend sees the connection end in
-/// the middle of the data and discards the message (RFC 5321 §4.1.1.4 makes only the final
-/// dot complete it). If the socket cannot be found, the process ends instead: the dot must
-/// not go out.
-fn cut_off(local: Option<SocketAddr>) {
-    let cut = local.is_some_and(|local| {
-        process_tcp_sockets()
-            .into_iter()
-            .find(|s| s.local_addr().is_ok_and(|a| a == local))
-            .is_some_and(|s| s.shutdown(Shutdown::Both).is_ok())
-    });
-    if !cut {
-        give_up("cannot cut the backend connection after a spool read error");
-    }
-}
-
-/// This process's TCP sockets above descriptor 2 (0–2 are the client's).
-///
-/// lettre gives no access to its socket, but each process serves one client and holds at
-/// most one backend connection, so the socket is found among the process's descriptors
-/// (Linux `/proc`).
-fn process_tcp_sockets() -> Vec<ManuallyDrop<TcpStream>> {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd > 2)
-        .filter_map(tcp_socket)
-        .collect()
-}
-
-/// The TCP sockets of this process connected to peer port `port`.
-fn tcp_sockets_to(port: u16) -> Vec<ManuallyDrop<TcpStream>> {
-    process_tcp_sockets()
-        .into_iter()
-        .filter(|s| s.peer_addr().is_ok_and(|peer| peer.port() == port))
-        .collect()
-}
-
-/// Descriptor `fd` as a TCP stream that is never closed here, if it is a socket.
-fn tcp_socket(fd: std::os::fd::RawFd) -> Option<ManuallyDrop<TcpStream>> {
-    use std::os::fd::FromRawFd;
-    let is_socket = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-    // SAFETY: `fd` is an open socket of this process (checked just above). ManuallyDrop
-    // keeps it from being closed here. Only getsockname, getpeername, setsockopt and
-    // shutdown are called on it; they fail harmlessly on non-TCP sockets, and if the main
-    // thread closed the descriptor meanwhile (the connect watchdog runs beside it), they
-    // fail with EBADF or act on a socket that the same check would have found.
-    is_socket.then(|| ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) }))
-}
-
-/// A lettre error caused by a socket timeout (a `WouldBlock` on Linux, see CRATES.md).
-fn is_timeout(e: &lettre::transport::smtp::Error) -> bool {
-    use std::error::Error;
-    e.source()
-        .and_then(|s| s.downcast_ref::<io::Error>())
-        .is_some_and(|e| {
-            matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            )
-        })
-}
-
-/// Bounds a connection attempt that lettre runs without timeouts of its own.
-struct Watchdog {
-    /// The TCP connection must be established within this.
-    connect: Duration,
-    /// The whole step must be done within this.
-    limit: Duration,
-    port: u16,
-    what: String,
-}
-
-impl Watchdog {
-    /// Runs `f`; ends the process (see [`give_up`]) if no TCP connection to `port` exists
-    /// after `connect`, or `f` has not returned after `limit`.
-    fn run<T>(self, f: impl FnOnce() -> T) -> T {
-        use std::sync::mpsc::{RecvTimeoutError, channel};
-        let (done, wait) = channel::<()>();
-        let watchdog = std::thread::spawn(move || {
-            let timed_out = |d| matches!(wait.recv_timeout(d), Err(RecvTimeoutError::Timeout));
-            if !timed_out(self.connect) {
-                return;
-            }
-            if tcp_sockets_to(self.port).is_empty() {
-                give_up(&format!(
-                    "{}: no TCP connection within {}s",
-                    self.what,
-                    self.connect.as_secs_f64()
-                ));
-            }
-            if timed_out(self.limit.saturating_sub(self.connect)) {
-                give_up(&format!(
-                    "{} took more than {}s",
-                    self.what,
-                    self.limit.as_secs_f64()
-                ));
-            }
-        });
-        let result = f();
-        drop(done);
-        let _ = watchdog.join();
-        result
-    }
-}
-
-/// Logs, tells the client `421` (RFC 5321 §3.8: the service is closing the channel; it
-/// retries later) and ends the process. For states the session cannot be brought out of
-/// by the thread that is stuck in them.
-fn give_up(why: &str) -> ! {
-    use std::os::fd::FromRawFd;
-    log::error!("smtp: {why}; closing the session");
-    // SAFETY: fd 1 is the client's connection for the whole process; ManuallyDrop keeps
-    // it open. The session thread writes whole replies and flushes each one, and it is
-    // inside a backend call now, so this reply cannot land in the middle of another.
-    let mut out = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
-    let _ = out.write_all(b"421 4.4.2 Backend not responding; closing connection\r\n");
-    std::process::exit(75);
+fn reply_of(reply: &submission::Reply) -> Reply {
+    Reply::from_backend(reply.code, &reply.lines)
 }
 
 #[cfg(test)]
@@ -1039,52 +811,15 @@ mod tests {
 
     use crate::oauth2::login::testing::Tokens;
     use crate::smtp::fake_backend::{FakeSmtp, Journal, Script};
+    use crate::submission::transcript::FailingSpool;
     use std::time::Instant;
-
-    fn pieces(message: &[u8]) -> Vec<Vec<u8>> {
-        let mut reader = message;
-        let chunks = Chunks {
-            reader: &mut reader,
-            remaining: message.len() as u64,
-            error: None,
-            on_error: &|| panic!("no read error expected"),
-        };
-        chunks.collect()
-    }
-
-    #[test]
-    fn the_final_crlf_is_left_for_lettre_to_add_with_the_dot() {
-        assert_eq!(pieces(b"a\r\nb\r\n").concat(), b"a\r\nb");
-        assert_eq!(pieces(b"\r\n").concat(), b"");
-        assert_eq!(pieces(b"x").concat(), b"x");
-        let big = [b"x".repeat(200_000), b"\r\n".to_vec()].concat();
-        let got = pieces(&big);
-        assert_eq!(got.len(), 4);
-        assert!(got.iter().all(|p| p.len() <= CHUNK as usize));
-        assert_eq!(got.concat(), b"x".repeat(200_000));
-    }
-
-    #[test]
-    fn a_short_read_is_an_error_not_a_shorter_message() {
-        let mut reader: &[u8] = b"abc";
-        let called = std::cell::Cell::new(false);
-        let mut chunks = Chunks {
-            reader: &mut reader,
-            remaining: 10,
-            error: None,
-            on_error: &|| called.set(true),
-        };
-        assert_eq!(chunks.next(), None);
-        assert!(chunks.error.is_some());
-        assert!(called.get(), "the connection is cut before lettre goes on");
-    }
 
     fn relay_to(fake: &FakeSmtp) -> SmtpRelay {
         SmtpRelay::new(Backend {
             host: "127.0.0.1".into(),
             port: fake.port,
             tls: TlsMode::None,
-            tls_parameters: None,
+            tls_connector: None,
             timeouts: Timeouts {
                 connect: Duration::from_secs(5),
                 io: Duration::from_secs(5),
@@ -1112,47 +847,41 @@ mod tests {
         relay.data(&mut &message[..], message.len() as u64)
     }
 
+    /// How many connections the fake server saw.
+    fn connects(commands: &[String]) -> usize {
+        commands.iter().filter(|c| *c == "*CONNECT").count()
+    }
+
     fn open_transaction(relay: &mut SmtpRelay) {
         assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
         assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
     }
 
-    /// Gives `good` bytes, then fails.
-    struct FailingReader {
-        good: usize,
-    }
-
-    impl Read for FailingReader {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.good == 0 {
-                return Err(io::Error::other("spool disk error"));
-            }
-            let n = buf.len().min(self.good);
-            buf[..n].fill(b'x');
-            self.good -= n;
-            Ok(n)
-        }
-    }
-
     #[test]
-    fn a_spool_read_error_cuts_the_connection_before_the_final_dot() {
-        let fake = FakeSmtp::start(Script::default());
-        let mut relay = relay_to(&fake);
-        open_transaction(&mut relay);
-        let result = relay.data(&mut FailingReader { good: 200_000 }, 300_000);
-        assert!(
-            matches!(&result, Err(RelayError::Local(why)) if why.contains("cut")),
-            "{result:?}"
-        );
-        let journal = journal_when(&fake, |j| {
-            !j.incomplete.is_empty() || !j.messages.is_empty()
-        });
-        assert!(
-            journal.messages.is_empty(),
-            "a truncated message was completed"
-        );
-        assert_eq!(journal.incomplete.len(), 1);
-        assert!(journal.incomplete[0].len() <= 200_000);
+    fn a_spool_read_error_cuts_the_connection_before_the_end_of_data() {
+        // DATA (before the final dot) and BDAT (before the announced bytes are all sent).
+        for script in [Script::default(), chunking(Script::default())] {
+            let fake = FakeSmtp::start(script);
+            let mut relay = relay_to(&fake);
+            open_transaction(&mut relay);
+            let result = relay.data(&mut FailingSpool { good: 300_000 }, 400_000);
+            assert!(
+                matches!(&result, Err(RelayError::Local(why)) if why.contains("cut")),
+                "{result:?}"
+            );
+            let journal = journal_when(&fake, |j| {
+                !j.incomplete.is_empty() || !j.messages.is_empty()
+            });
+            assert!(
+                journal.messages.is_empty(),
+                "a truncated message was completed"
+            );
+            assert_eq!(journal.incomplete.len(), 1);
+            assert!(journal.incomplete[0].len() <= 300_000);
+            // The next message goes out on a new connection.
+            open_transaction(&mut relay);
+            assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        }
     }
 
     #[test]
@@ -1173,8 +902,6 @@ mod tests {
             commands,
             [
                 "*CONNECT",
-                "EHLO proxy.test",
-                // The second EHLO asks for PIPELINING, which lettre does not keep.
                 "EHLO proxy.test",
                 "MAIL FROM:<a@c.test>",
                 "RCPT TO:<b@d.test>",
@@ -1280,8 +1007,7 @@ mod tests {
         relay.keepalive().unwrap();
         assert_eq!(fake.commands().last().map(String::as_str), Some("RSET"));
         open_transaction(&mut relay);
-        let fake_gone = relay.socket.unwrap();
-        cut_off(Some(fake_gone));
+        relay.conn.as_mut().unwrap().cut();
         assert!(relay.keepalive().is_err());
     }
 
@@ -1306,7 +1032,7 @@ mod tests {
         assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
         let journal = fake.journal();
         assert_eq!(
-            journal.commands[3..],
+            journal.commands[2..],
             [
                 "MAIL FROM:<a@c.test>",
                 "RCPT TO:<b@d.test>",
@@ -1360,10 +1086,7 @@ mod tests {
             assert_eq!(send(&mut relay, b"2\r\n").unwrap().code, 250);
             let journal = fake.journal();
             assert!(journal.commands.contains(&"*TIMEOUT".to_string()));
-            assert_eq!(
-                journal.commands.iter().filter(|c| *c == "*CONNECT").count(),
-                2
-            );
+            assert_eq!(connects(&journal.commands), 2);
             assert_eq!(journal.messages, [b"1\r\n".to_vec(), b"2\r\n".to_vec()]);
         }
     }
@@ -1385,10 +1108,7 @@ mod tests {
         assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
         assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
         let journal = fake.journal();
-        assert_eq!(
-            journal.commands.iter().filter(|c| *c == "*CONNECT").count(),
-            1
-        );
+        assert_eq!(connects(&journal.commands), 1);
         assert!(journal.commands.contains(&"NOOP".to_string()));
         // Without keepalives the connection opened at MAIL dies; RCPT opens another.
         let fake = FakeSmtp::start(idle(Script::default()));
@@ -1399,10 +1119,7 @@ mod tests {
         assert!(relay.in_transaction);
         assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
         let journal = fake.journal();
-        assert_eq!(
-            journal.commands.iter().filter(|c| *c == "*CONNECT").count(),
-            2
-        );
+        assert_eq!(connects(&journal.commands), 2);
         assert_eq!(journal.messages.len(), 1);
     }
 
@@ -1479,7 +1196,7 @@ mod tests {
             commands.contains(&"*ERROR RESPONSE AQ==".to_string()),
             "{commands:?}"
         );
-        assert_eq!(commands.iter().filter(|c| *c == "*CONNECT").count(), 1);
+        assert_eq!(connects(&commands), 1);
         assert_eq!(tokens.renewals(), 1);
     }
 
@@ -1499,7 +1216,7 @@ mod tests {
             commands.contains(&"*ERROR RESPONSE ".to_string()),
             "{commands:?}"
         );
-        assert_eq!(commands.iter().filter(|c| *c == "*CONNECT").count(), 2);
+        assert_eq!(connects(&commands), 2);
         assert_eq!(tokens.renewals(), 1);
     }
 
@@ -1551,41 +1268,135 @@ mod tests {
         assert_eq!(bearer(&fake), [(long, false)]);
     }
 
-    #[test]
-    fn ehlo_auth_lists_choose_the_oauth2_mechanism() {
-        let parse = |lines: &[&str]| Extensions::parse(lines.iter().copied());
-        assert_eq!(
-            parse(&["fake", "PIPELINING", "AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER"]),
-            Extensions {
-                pipelining: true,
-                oauth2: Some(OAuth2Mechanism::OAuthBearer)
-            }
-        );
-        assert_eq!(
-            parse(&["AUTH LOGIN xoauth2"]).oauth2,
-            Some(OAuth2Mechanism::XOAuth2)
-        );
-        assert_eq!(parse(&["AUTH PLAIN", "8BITMIME"]), Extensions::default());
+    fn chunking(script: Script) -> Script {
+        Script {
+            extensions: vec!["PIPELINING".into(), "CHUNKING".into(), "8BITMIME".into()],
+            ..script
+        }
     }
 
     #[test]
-    fn upstream_commands_are_exact_wire_lines() {
+    fn a_chunking_backend_gets_bdat_last_and_no_data_command() {
+        let fake = FakeSmtp::start(chunking(Script {
+            rcpt: vec![("x@d.test".into(), "550 5.1.1 <x@d.test>: unknown".into())],
+            ..Script::default()
+        }));
+        let mut relay = relay_to(&fake);
+        let message = b"Subject: dots\r\n\r\n.\r\n..\r\n.x\r\n";
+        for _ in 0..2 {
+            assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+            assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+            // A refused recipient among accepted ones keeps its own reply.
+            assert_eq!(relay.rcpt("x@d.test").unwrap().code, 550);
+            assert_eq!(relay.rcpt("e@d.test").unwrap().code, 250);
+            assert_eq!(send(&mut relay, message).unwrap().code, 250);
+        }
+        let journal = fake.journal();
+        let bdat = format!("BDAT {} LAST", message.len());
         assert_eq!(
-            MailCmd {
-                from: "a@b",
-                eight_bit: true
-            }
-            .to_string(),
-            "MAIL FROM:<a@b> BODY=8BITMIME\r\n"
+            journal.commands,
+            [
+                "*CONNECT",
+                "EHLO proxy.test",
+                "MAIL FROM:<a@c.test> BODY=8BITMIME",
+                "RCPT TO:<b@d.test>",
+                "RCPT TO:<x@d.test>",
+                "RCPT TO:<e@d.test>",
+                &bdat,
+                "MAIL FROM:<a@c.test> BODY=8BITMIME",
+                "RCPT TO:<b@d.test>",
+                "RCPT TO:<x@d.test>",
+                "RCPT TO:<e@d.test>",
+                &bdat,
+            ]
         );
+        assert_eq!(journal.messages, [message.to_vec(), message.to_vec()]);
+    }
+
+    #[test]
+    fn a_refused_bdat_is_the_reply_and_the_next_message_goes_through() {
+        let fake = FakeSmtp::start(chunking(Script {
+            end_of_data: vec!["554 5.7.1 spam".into()],
+            ..Script::default()
+        }));
+        let mut relay = relay_to(&fake);
+        open_transaction(&mut relay);
         assert_eq!(
-            MailCmd {
-                from: "",
-                eight_bit: false
-            }
-            .to_string(),
-            "MAIL FROM:<>\r\n"
+            send(&mut relay, b"1\r\n").unwrap().summary(),
+            "554 5.7.1 spam"
         );
-        assert_eq!(RcptCmd("x@y").to_string(), "RCPT TO:<x@y>\r\n");
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"2\r\n").unwrap().code, 250);
+        let journal = fake.journal();
+        assert!(journal.commands.contains(&"RSET".to_string()));
+        assert_eq!(journal.messages, [b"1\r\n".to_vec(), b"2\r\n".to_vec()]);
+    }
+
+    #[test]
+    fn warm_up_connects_and_logs_in_before_the_first_mail() {
+        let fake = FakeSmtp::start(Script {
+            extensions: vec!["PIPELINING".into(), "AUTH LOGIN".into()],
+            account: Some((crate::base64::encode(b"gw"), crate::base64::encode(b"pw"))),
+            ..Script::default()
+        });
+        let mut relay = relay_to(&fake);
+        relay.backend.credentials = Some(("gw".into(), "pw".into()));
+        relay.warm_up();
+        let journal = journal_when(&fake, |j| j.commands.len() >= 3);
+        assert_eq!(
+            journal.commands,
+            ["*CONNECT", "EHLO proxy.test", "AUTH LOGIN"]
+        );
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        let commands = fake.commands();
+        assert_eq!(connects(&commands), 1);
+        assert_eq!(commands.iter().filter(|c| *c == "AUTH LOGIN").count(), 1);
+    }
+
+    #[test]
+    fn a_warm_connection_the_server_closed_meanwhile_is_replaced() {
+        for script in [Script::default(), pipelining(Script::default())] {
+            let fake = FakeSmtp::start(Script {
+                idle_limit: Some(Duration::from_millis(200)),
+                ..script
+            });
+            let mut relay = relay_to(&fake);
+            relay.warm_up();
+            journal_when(&fake, |j| j.commands.contains(&"*TIMEOUT".to_string()));
+            open_transaction(&mut relay);
+            assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+            let journal = fake.journal();
+            assert_eq!(connects(&journal.commands), 2);
+            assert_eq!(journal.messages.len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_passthrough_login_uses_the_warm_connection() {
+        let fake = FakeSmtp::start(Script {
+            extensions: vec!["AUTH LOGIN".into()],
+            account: Some((crate::base64::encode(b"u"), crate::base64::encode(b"p"))),
+            ..Script::default()
+        });
+        let mut relay = relay_to(&fake);
+        relay.warm_up();
+        journal_when(&fake, |j| j.commands.len() >= 2);
+        assert_eq!(relay.login("u", "p").unwrap().code, 235);
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        let commands = fake.commands();
+        assert_eq!(connects(&commands), 1);
+    }
+
+    #[test]
+    fn a_client_that_leaves_leaves_the_warm_connection_unused() {
+        let fake = FakeSmtp::start(Script::default());
+        let mut relay = relay_to(&fake);
+        relay.warm_up();
+        journal_when(&fake, |j| j.commands.len() >= 2);
+        relay.quit();
+        let journal = journal_when(&fake, |j| j.commands.len() >= 3);
+        assert_eq!(journal.commands, ["*CONNECT", "EHLO proxy.test", "QUIT"]);
     }
 }

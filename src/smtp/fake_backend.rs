@@ -103,6 +103,8 @@ struct Connection {
     script: Arc<Mutex<Script>>,
     journal: Arc<Mutex<Journal>>,
     in_transaction: bool,
+    /// The BDAT chunks of the message so far (RFC 3030).
+    chunks: Vec<u8>,
 }
 
 /// Why a connection ended early.
@@ -131,6 +133,7 @@ impl Connection {
             script,
             journal,
             in_transaction: false,
+            chunks: Vec::new(),
         }
     }
 
@@ -232,6 +235,7 @@ impl Connection {
                     }
                 }
                 "DATA" => self.data()?,
+                "BDAT" => self.bdat(&upper)?,
                 "RSET" => {
                     self.in_transaction = false;
                     self.send("250 2.0.0 Ok")?
@@ -277,6 +281,47 @@ impl Connection {
             message.extend_from_slice(unstuffed);
         }
         self.in_transaction = false;
+        self.complete(message)
+    }
+
+    /// `BDAT n [LAST]` (RFC 3030, offered when `extensions` has CHUNKING): exactly n
+    /// octets follow the line; the last chunk completes the message.
+    fn bdat(&mut self, line: &str) -> Result<(), End> {
+        let mut words = line.split(' ').skip(1);
+        let size: Option<usize> = words.next().and_then(|n| n.parse().ok());
+        let last = words.next() == Some("LAST");
+        let Some(size) = size else {
+            return self.send("501 5.5.4 Syntax: BDAT count [LAST]");
+        };
+        let mut chunk = vec![0; size];
+        let mut got = 0;
+        while got < size {
+            match std::io::Read::read(&mut self.input, &mut chunk[got..]) {
+                Ok(0) | Err(_) => {
+                    let mut message = std::mem::take(&mut self.chunks);
+                    message.extend_from_slice(&chunk[..got]);
+                    self.note("*EOF IN DATA");
+                    self.journal.lock().unwrap().incomplete.push(message);
+                    return Err(End::Closed);
+                }
+                Ok(n) => got += n,
+            }
+        }
+        if !self.in_transaction {
+            return self.send("503 5.5.1 Error: need RCPT command");
+        }
+        self.chunks.extend_from_slice(&chunk);
+        if !last {
+            return self.send(&format!("250 2.0.0 Ok: {size} bytes"));
+        }
+        self.in_transaction = false;
+        let message = std::mem::take(&mut self.chunks);
+        self.complete(message)
+    }
+
+    /// A message completed (by the final dot or the last BDAT chunk): kept, and answered
+    /// after `end_of_data_delay`.
+    fn complete(&mut self, message: Vec<u8>) -> Result<(), End> {
         let delay = self.script().end_of_data_delay;
         std::thread::sleep(delay);
         let reply = {
@@ -288,8 +333,7 @@ impl Connection {
                 false => script.end_of_data.remove(0),
             }
         };
-        self.send(&reply)?;
-        Ok(())
+        self.send(&reply)
     }
 
     /// AUTH LOGIN against `script.account`, or XOAUTH2 / OAUTHBEARER against

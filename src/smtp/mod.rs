@@ -11,7 +11,7 @@
 //! - `spool`: bounded-memory holding of a message; `headers`: header block edits
 //! - `handler`: message handlers, external programs run on each complete message
 //! - `auth`: client authentication and allowed senders
-//! - `relay`: the backend trait; `backend`: lettre implementation; `memory`: test double
+//! - `relay`: the backend trait; `backend`: the real one, over `crate::submission`; `memory`: test double
 //! - `accounts`: smtpproxy's per-sender accounts file, the router that relays each
 //!   transaction through its sender's account, and POP-before-SMTP
 
@@ -311,7 +311,7 @@ pub fn serve(args: Args) -> ExitCode {
     log::debug!("smtp: session from {client}");
     // A client that stops reading would otherwise block a reply forever.
     crate::input::tune_client_socket(config.idle_timeout);
-    let mut relay = relay_for(backend, routing);
+    let mut relay = relay_for(backend, routing, Warm::Now);
     // The writer gives up at the first failed write: retrying a client that stopped
     // reading would cost a send timeout each time.
     let stream =
@@ -385,13 +385,28 @@ fn client_has_closed() -> bool {
 /// The relay a session (or `queue run`) talks to: the command-line backend, or with
 /// `--accounts` the router that picks each sender's account (falling back to the
 /// command-line backend when there is one).
+/// Whether to open the command-line backend's connection at once (see
+/// [`SmtpRelay::warm_up`]): a client session will need it; `queue run` may not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Warm {
+    Now,
+    AtFirstUse,
+}
+
 pub(crate) fn relay_for(
     backend: Option<Backend>,
     routing: Option<Routing>,
+    warm: Warm,
 ) -> Box<dyn relay::Relay> {
-    let default = backend.map(SmtpRelay::new);
+    let mut default = backend.map(SmtpRelay::new);
     match routing {
-        None => Box::new(default.expect("a backend without accounts")),
+        None => {
+            let mut relay = default.take().expect("a backend without accounts");
+            if warm == Warm::Now {
+                relay.warm_up();
+            }
+            Box::new(relay)
+        }
         Some(routing) => {
             if routing.accounts.debug {
                 log::set_max_level(log::max_level().max(log::LevelFilter::Debug));
@@ -600,7 +615,7 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
 
     let hostname = match args.hostname {
         Some(h) => h,
-        None => lettre::transport::smtp::extension::ClientId::default().to_string(),
+        None => crate::submission::local_hostname(),
     };
     anyhow::ensure!(
         !hostname.is_empty() && hostname.bytes().all(|b| b.is_ascii_graphic()),
@@ -670,11 +685,11 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
     }
 
     let backend = match target {
-        Some((host, port, tls, tls_parameters)) => Some(Backend {
+        Some((host, port, tls, tls_connector)) => Some(Backend {
             host,
             port,
             tls,
-            tls_parameters,
+            tls_connector,
             timeouts: args.backend.timeouts(),
             end_of_data_timeout: backend::END_OF_DATA_TIMEOUT,
             hello: hostname.clone(),
@@ -716,12 +731,7 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
 fn smtp_target(
     args: &Args,
     host: String,
-) -> anyhow::Result<(
-    String,
-    u16,
-    TlsMode,
-    Option<lettre::transport::smtp::client::TlsParameters>,
-)> {
+) -> anyhow::Result<(String, u16, TlsMode, Option<native_tls::TlsConnector>)> {
     let tls = match args.smtp_tls {
         Some(mode) => mode,
         None => legacy::tls_mode("BACKEND_SMTP_USE_SSL", "BACKEND_SMTP_USE_TLS")?
@@ -746,11 +756,11 @@ fn smtp_target(
              {host}:{port} unencrypted"
         );
     }
-    let tls_parameters = match tls {
+    let tls_connector = match tls {
         TlsMode::None => None,
-        _ => Some(args.backend.tls().lettre_parameters(&host)?),
+        _ => Some(args.backend.tls().connector()?),
     };
-    Ok((host, port, tls, tls_parameters))
+    Ok((host, port, tls, tls_connector))
 }
 
 /// Who may log in with `--client-auth local` and accounts: each account and alias by its

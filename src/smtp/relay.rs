@@ -7,7 +7,7 @@
 //! does not fit the exchange) or the proxy's own login was refused; the core turns that
 //! into a 4xx so the client retries.
 //!
-//! The real relay (`backend.rs`) speaks SMTP through lettre; an in-memory one
+//! The real relay (`backend.rs`) speaks SMTP through `crate::submission`; an in-memory one
 //! (`memory.rs`) drives the transcript tests. Both judge replies with [`check`].
 
 use super::headers::HeaderEdits;

@@ -418,8 +418,8 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         if !extended {
             return self.ok(Reply::plain(250, host.clone()));
         }
-        // Only extensions the relay honours: no DSN, CHUNKING or SMTPUTF8 (lettre's
-        // connection cannot relay them). STARTTLS when client TLS is configured and not on.
+        // Only extensions the relay honours: no DSN, CHUNKING or SMTPUTF8 (the session
+        // passes none of them on). STARTTLS when client TLS is configured and not on.
         let greets = match self.helo.as_str() {
             "" => host.clone(),
             helo => format!("{host} greets {helo}"),

@@ -1,11 +1,10 @@
 //! Holding one incoming message with bounded memory until it has been read to its final dot.
 //!
-//! Why spool instead of streaming straight to the backend: lettre's
-//! `SmtpConnection::message_iter` writes the chunks an iterator yields and then always sends
-//! `<CRLF>.<CRLF>`, and its stream is private. An iterator cannot fail, so if the client
-//! vanished, timed out, or went over the size limit halfway through, the backend would be
-//! handed the end-of-data mark and accept a truncated message. Reading the whole message
-//! first means the backend only ever sees complete messages, and an oversized message is
+//! Why spool instead of streaming straight to the backend: if the client vanished, timed
+//! out, or went over the size limit halfway through a message being streamed, the backend
+//! would have to be cut off mid-message, and header edits need the whole header block
+//! first. Reading the whole message first means the backend only ever sees complete
+//! messages (sent as one `BDAT n LAST` when it offers CHUNKING), and an oversized message is
 //! rejected without the backend seeing a byte. The cost is disk space for large messages
 //! and the time to send them after the dot (RFC 5321 §4.5.3.2.6 gives the client 10
 //! minutes for our reply). Meanwhile the backend transaction (MAIL, RCPT) waits; the

@@ -33,6 +33,9 @@ pub struct Postfix {
     pub untrusted_submissions_port: u16,
     /// Like `submission_port`, with a certificate from the untrusted CA.
     pub untrusted_submission_port: u16,
+    /// Like `submissions_port`, without CHUNKING (`smtpd_discard_ehlo_keywords`): the
+    /// proxy sends DATA and dot-stuffs, as it does for servers without BDAT.
+    pub no_chunking_submissions_port: u16,
     /// The virtual mailbox domain delivered into Dovecot: `example.test`.
     pub domain: &'static str,
     pub config_dir: PathBuf,
@@ -188,7 +191,7 @@ smtpd_recipient_restrictions = permit_sasl_authenticated, reject
     let mut attempt = 0;
     let (ports, master) = loop {
         attempt += 1;
-        let ports = free_ports("127.0.0.1", 4)?;
+        let ports = free_ports("127.0.0.1", 5)?;
         write(
             &config_dir.join("master.cf"),
             &master_cf(&ports, &untrusted),
@@ -205,6 +208,7 @@ smtpd_recipient_restrictions = permit_sasl_authenticated, reject
         submission_port: ports[1],
         untrusted_submissions_port: ports[2],
         untrusted_submission_port: ports[3],
+        no_chunking_submissions_port: ports[4],
         domain: MAIL_DOMAIN,
         config_dir,
         log_file,
@@ -223,6 +227,9 @@ fn master_cf(ports: &[u16], untrusted: &str) -> String {
   {untrusted}
 127.0.0.1:{p3} inet n - n - - smtpd
   {untrusted}
+127.0.0.1:{p4} inet n - n - - smtpd
+  -o smtpd_tls_wrappermode=yes
+  -o smtpd_discard_ehlo_keywords=chunking,silent-discard
 pickup     unix  n - n 60    1 pickup
 cleanup    unix  n - n -     0 cleanup
 qmgr       unix  n - n 300   1 qmgr
@@ -250,6 +257,7 @@ postlog    unix-dgram n - n - 1 postlogd
         p1 = ports[1],
         p2 = ports[2],
         p3 = ports[3],
+        p4 = ports[4],
     )
 }
 
@@ -276,6 +284,7 @@ fn start_master(
     master.wait_for_port(addr(ports[3]), Some("220 "), deadline)?;
     master.wait_for_port(addr(ports[0]), None, deadline)?;
     master.wait_for_port(addr(ports[2]), None, deadline)?;
+    master.wait_for_port(addr(ports[4]), None, deadline)?;
     Ok(master)
 }
 

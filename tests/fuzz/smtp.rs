@@ -14,9 +14,8 @@ use legacy_mail_proxy::smtp::relay::{Stage, check};
 use legacy_mail_proxy::smtp::reply::{Enhanced, Reply};
 use legacy_mail_proxy::smtp::session::{Config, Session};
 use legacy_mail_proxy::starttls::{read_smtp_reply, strip_capability_code};
-use lettre::transport::smtp::response::Response;
+use legacy_mail_proxy::submission::{self, Client, Extensions, Transport};
 use std::io::BufReader;
-use std::str::FromStr;
 use std::time::Duration;
 
 /// The session's line buffer limit (`command::AUTH_LINE_MAX`); shorter per-verb limits are
@@ -1006,36 +1005,60 @@ pub fn generate_replies(rng: &mut Rng) -> Vec<u8> {
     input
 }
 
-/// Replies as lettre reads them off the backend (line by line until one parses), then as
-/// the relay turns them into our replies and writes them to the client.
+/// The backend's bytes as the relay sees them: an SMTP server's side of a connection that
+/// hands out 7 bytes per read and swallows what the client writes.
+struct Replay<'a> {
+    input: &'a [u8],
+}
+
+impl std::io::Read for Replay<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(7).min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Replay<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Transport for Replay<'_> {
+    fn set_timeout(&mut self, _: std::time::Duration) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn cut(&mut self) {}
+    fn is_quiet(&self) -> bool {
+        true
+    }
+}
+
+/// Replies as the submission client reads them off the backend (a malformed line is an
+/// error, and reading goes on with the next), then as the relay turns them into our
+/// replies and writes them to the client.
 pub fn run_replies(input: &[u8]) -> Result<(), String> {
-    let mut buffer = String::new();
-    let mut lines = 0;
-    for line in input.split_inclusive(|&b| b == b'\n') {
-        let Ok(text) = std::str::from_utf8(line) else {
-            buffer.clear();
-            lines = 0;
-            continue;
-        };
-        buffer.push_str(text);
-        lines += 1;
-        match Response::from_str(&buffer) {
-            Ok(response) => {
-                let code: u16 = response.code().into();
-                let texts: Vec<&str> = response.message().collect();
-                check_backend_reply(code, &texts)?;
-                hit("smtp replies parsed by lettre");
-                buffer.clear();
-                lines = 0;
+    let mut client = Client::new(Replay { input });
+    loop {
+        match client.read_reply() {
+            Ok(reply) => {
+                if !(200..600).contains(&reply.code) || reply.lines.is_empty() {
+                    return Err(format!("read an impossible reply {reply:?}"));
+                }
+                let _ = Extensions::parse(&reply);
+                check_backend_reply(reply.code, &reply.lines)?;
+                hit("smtp replies read by the submission client");
             }
-            Err(_) if lines < 8 && text.as_bytes().get(3) == Some(&b'-') => {}
-            Err(_) => {
-                buffer.clear();
-                lines = 0;
-            }
+            Err(submission::Error::Malformed(_)) => hit("smtp reply lines refused"),
+            Err(_) => break,
         }
     }
-    // The raw lines too, whatever lettre makes of them: the relay must cope with any text.
+    // The raw lines too, whatever the reader makes of them: the relay must cope with any text.
     let texts: Vec<String> = input
         .split(|&b| b == b'\n')
         .map(|l| String::from_utf8_lossy(l).into_owned())

@@ -330,7 +330,7 @@ impl Defaults {
             ca_file: account.ca_file.clone().or(self.tls.ca_file.clone()),
             ..self.tls.clone()
         };
-        let tls_parameters = match account.smtp_tls {
+        let tls_connector = match account.smtp_tls {
             TlsMode::None => {
                 log::warn!(
                     "smtp: account [{}]: smtpsecurity none: the password and every message \
@@ -341,7 +341,7 @@ impl Defaults {
                 );
                 None
             }
-            _ => Some(tls.lettre_parameters(&account.smtp_host)?),
+            _ => Some(tls.connector()?),
         };
         let oauth2 = account.oauth2_account.as_ref().map(|name| {
             crate::oauth2::login::Account::open(&self.oauth2_dir, name, tls.clone(), self.timeouts)
@@ -350,7 +350,7 @@ impl Defaults {
             host: account.smtp_host.clone(),
             port: account.smtp_port,
             tls: account.smtp_tls,
-            tls_parameters,
+            tls_connector,
             timeouts: self.timeouts,
             end_of_data_timeout: crate::smtp::backend::END_OF_DATA_TIMEOUT,
             hello: account.hello.clone().unwrap_or(self.hello.clone()),

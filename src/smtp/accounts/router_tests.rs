@@ -440,14 +440,14 @@ fn an_accounts_backend_takes_the_command_line_only_where_the_file_is_silent() {
     let foo = defaults.backend(&accounts.accounts[0]).unwrap();
     assert_eq!((foo.host.as_str(), foo.port), ("smtp.one.example", 465));
     assert_eq!(foo.tls, crate::net::TlsMode::Implicit);
-    assert!(foo.tls_parameters.is_some());
+    assert!(foo.tls_connector.is_some());
     assert_eq!(foo.credentials, Some(("one".into(), "pw1".into())));
     assert_eq!(foo.hello, "gw.test");
     assert!(foo.oauth2.is_none());
     let bar = defaults.backend(&accounts.accounts[1]).unwrap();
     // smtpproxy's default security is none: no TLS parameters, port 25.
     assert_eq!((bar.tls, bar.port), (crate::net::TlsMode::None, 25));
-    assert!(bar.tls_parameters.is_none());
+    assert!(bar.tls_connector.is_none());
     assert!(!format!("{foo:?}").contains("pw1"));
 }
 
