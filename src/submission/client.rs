@@ -262,6 +262,8 @@ impl<S: Transport> Client<S> {
                 return Ok(line);
             }
             if waiting.len() > MAX_REPLY_LINE {
+                // Dropped, so that reading on (a fuzzer does) moves past it.
+                (self.start, self.end) = (0, 0);
                 return Err(Error::Malformed(format!(
                     "a reply line longer than {MAX_REPLY_LINE} bytes"
                 )));

@@ -106,6 +106,26 @@ fn garbage_and_a_closed_connection_are_errors_not_replies() {
 }
 
 #[test]
+fn an_overlong_reply_line_is_an_error_and_reading_moves_on() {
+    // Found by the fuzzer: the error left the line buffered, so every later read failed
+    // on it again without reading anything.
+    let long = format!("250 {}\r\n250 next\r\n", "\r".repeat(20_000));
+    for size in [7, 64, 100_000] {
+        let mut c = client(&[GREETING, &long], size);
+        c.send(&[Command::Noop]).unwrap();
+        let mut errors = 0;
+        let next = loop {
+            match c.read_reply() {
+                Err(Error::Malformed(_)) if errors < 10 => errors += 1,
+                other => break other,
+            }
+        };
+        assert!(errors >= 1, "{size}");
+        assert_eq!(next.unwrap().lines, ["next"], "{size}");
+    }
+}
+
+#[test]
 fn starttls_refuses_bytes_buffered_past_its_reply() {
     let c = client(&[GREETING, "220 2.0.0 go\r\n"], 64);
     assert!(c.starttls().unwrap().is_ok());
