@@ -32,23 +32,29 @@ impl Selected {
         let mut selected = Selected::default();
         let mut reader = Reader::new(response);
         while let Ok(response) = reader.next(&mut KeepAll) {
-            match response {
-                Response::Message {
-                    number,
-                    data: MessageData::Exists,
-                } => selected.exists = number,
-                Response::Condition(Status {
-                    kind: StatusKind::Ok,
-                    code: Some(code),
-                    ..
-                }) => selected.note(&code),
-                Response::Tagged { status, .. } => {
-                    selected.read_only = status.has_code("READ-ONLY");
-                }
-                _ => {}
-            }
+            selected.apply(&response);
         }
         selected
+    }
+
+    /// Takes in one response to SELECT or EXAMINE (the tagged one last), read as it comes
+    /// off a connection where other commands' answers follow it.
+    pub fn apply(&mut self, response: &Response) {
+        match response {
+            Response::Message {
+                number,
+                data: MessageData::Exists,
+            } => self.exists = *number,
+            Response::Condition(Status {
+                kind: StatusKind::Ok,
+                code: Some(code),
+                ..
+            }) => self.note(code),
+            Response::Tagged { status, .. } => {
+                self.read_only = status.has_code("READ-ONLY");
+            }
+            _ => {}
+        }
     }
 
     /// What an untagged OK's response code says about the mailbox.
