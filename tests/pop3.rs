@@ -1543,3 +1543,15 @@ fn read_ahead_serves_the_same_bytes_and_changes_no_flag() {
     }
     assert_eq!(common::imap_flags(&user), flags_before);
 }
+
+/// The IMAP connection begun at start-up (issue 14) never holds the process: a client that
+/// leaves before logging in is let go at once, even while the server has not greeted yet,
+/// and nothing logs in.
+#[test]
+fn a_client_that_leaves_before_logging_in_is_not_held_by_the_early_connection() {
+    let timeout = 5.0;
+    let (out, log, took) = with_stalling_backend(Tls::Plain, timeout, b"", 0, "CAPA\r\nQUIT\r\n");
+    assert!(out.ends_with("+OK Bye.\r\n"), "{out}\n{log}");
+    assert!(!log.contains("LOGIN"), "{log}");
+    assert!(took < timeout / 2.0, "{took:.2} s\n{log}");
+}

@@ -7,7 +7,7 @@
 //! (RFC 3501 §5.5): [`Connection::send`] queues a command, [`Connection::flush`] writes the
 //! queue in one piece, and the answers are read strictly in the order sent with
 //! [`Connection::read_to`], which hands untagged responses and literals to the caller, so
-//! message bodies stream.
+//! message bodies stream. [`selected`] reads what SELECT and EXAMINE say about a mailbox.
 //!
 //! It replaces the `imap` crate (3.0.0-alpha.15), which the design named. The crate served
 //! only the greeting, CAPABILITY, LOGIN, AUTHENTICATE and LOGOUT: every response with data
@@ -16,6 +16,8 @@
 //! RFC 5530's), and cannot pipeline. Keeping it for those few commands cost two readers on
 //! one socket through an `Rc<RefCell>` and a hand-over of unread bytes; these commands are
 //! each a few lines on top of `imap_wire`.
+
+pub mod selected;
 
 use crate::imap_wire::{
     self, KeepAll, Literals, MessageData, Reader, Response, Status, StatusKind, Value,

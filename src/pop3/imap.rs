@@ -21,7 +21,7 @@ use super::maildrop::{
     BackendError, Credentials, Extent, FetchError, Maildrop, MessageInfo, MessageSink, OpenError,
     Opener, Update,
 };
-use super::selected::{Selected, status_guid};
+use crate::imap::selected::{Selected, status_guid};
 use crate::imap::{self, CLOSED, Connection, capability_code, has_capability, quoted};
 use crate::imap_wire::{
     Fetch, KeepAll, Literals, MessageData, Response, Status, StatusKind, Value,
@@ -1759,6 +1759,28 @@ mod oauth2_tests {
 
     fn presented(fake: &FakeImap) -> Vec<(String, bool)> {
         fake.journal().presented
+    }
+
+    #[test]
+    fn the_early_connection_is_made_before_the_login_and_used_by_it() {
+        let fake = FakeImap::start(script(&ALL, &["t1"]));
+        let tokens = Tokens::new("alice@example.com", &["t1"]);
+        let mut opener = opener(&fake, &tokens);
+        opener.connect_early();
+        // Polled: the server sees the connection before any credentials exist.
+        let started = std::time::Instant::now();
+        while fake.journal().connects == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no early connection"
+            );
+            std::thread::yield_now();
+        }
+        assert!(fake.journal().commands.is_empty());
+        open(&mut opener, "alice", "pw").unwrap();
+        let journal = fake.journal();
+        assert_eq!(journal.connects, 1, "the login used the early connection");
+        assert_eq!(journal.commands[0], "AUTHENTICATE");
     }
 
     #[test]

@@ -10,7 +10,6 @@ mod imap_oauth2;
 pub mod maildrop;
 pub mod memory;
 pub mod reply;
-pub mod selected;
 pub mod session;
 #[cfg(test)]
 mod transcript_tests;

@@ -3,8 +3,9 @@
 //! Dovecot's mailbox GUID, `STATUS mailbox (X-GUID)` (Dovecot 2.2 and 2.3, which have no
 //! OBJECTID; unadvertised, and answered BAD by servers without it).
 //!
-//! Read from the raw response with [`crate::imap_wire`]'s grammar rather than through the
-//! `imap` crate, which drops response codes it does not know, `MAILBOXID` among them.
+//! Read with [`crate::imap_wire`]'s grammar, response by response as the answer comes off
+//! a [`super::Connection`] ([`Selected::apply`]), so that no response code is lost
+//! (`MAILBOXID` among them, which the `imap` crate used to drop).
 
 use crate::imap_wire::{Code, KeepAll, MessageData, Reader, Response, Status, StatusKind, Value};
 
