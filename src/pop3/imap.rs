@@ -1079,8 +1079,15 @@ impl<S: Read + Write> Maildrop for ImapMaildrop<S> {
         match &self.broken {
             // LOGOUT's answer would be waited for in vain, for another --backend-timeout.
             Some(why) => log::debug!("no LOGOUT: the IMAP connection is unusable ({why})"),
+            // Waiting for LOGOUT's answer would mean first reading up to the window of
+            // read-ahead the client never asked for, across the WAN, with the mailbox lock
+            // still held: the connection is simply closed.
+            None if !self.prefetch.ahead.is_empty() => {
+                log::debug!(
+                    "no LOGOUT: read-ahead of messages the client did not ask for is in flight"
+                );
+            }
             None => {
-                // Read-ahead still in flight is read and thrown away (at most the window).
                 self.connection.send("LOGOUT");
                 let _ = self.connection.discard_pending();
             }
