@@ -17,6 +17,7 @@
 //! one socket through an `Rc<RefCell>` and a hand-over of unread bytes; these commands are
 //! each a few lines on top of `imap_wire`.
 
+pub mod connect;
 pub mod selected;
 
 use crate::imap_wire::{

@@ -21,16 +21,17 @@ use super::maildrop::{
     BackendError, Credentials, Extent, FetchError, Maildrop, MessageInfo, MessageSink, OpenError,
     Opener, Update,
 };
+use crate::imap::connect::Connected;
+pub use crate::imap::connect::Server;
 use crate::imap::selected::{Selected, status_guid};
 use crate::imap::{self, CLOSED, Connection, capability_code, has_capability, quoted};
 use crate::imap_wire::{
     Fetch, KeepAll, Literals, MessageData, Response, Status, StatusKind, Value,
 };
 use crate::lock::{self, LockError, MailboxLock};
-use crate::net::{self, Stream, Timeouts, TlsMode};
+use crate::net::Stream;
 use crate::oauth2::login::{Account, Failure, Refusal};
 use crate::oauth2::sasl::Target;
-use crate::starttls::Protocol;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -50,18 +51,6 @@ pub const DEFAULT_PREFETCH_WINDOW: u64 = 4 << 20;
 /// At most this many read-ahead fetches are in flight, however small the messages: the
 /// server has them all queued, and more would only lengthen the flight of commands.
 const MAX_AHEAD: usize = 256;
-
-/// Where and how to reach the IMAP server.
-#[derive(Clone)]
-pub struct Server {
-    pub host: String,
-    pub port: u16,
-    pub tls: TlsMode,
-    /// `Err` holds why TLS could not be set up (a bad CA file): every login then fails
-    /// with `[SYS/PERM]` rather than the process dying silently.
-    pub connector: Result<native_tls::TlsConnector, String>,
-    pub timeouts: Timeouts,
-}
 
 /// Who logs in to IMAP.
 #[derive(Clone)]
@@ -103,10 +92,6 @@ struct LockPlan {
     /// The user name that logged in to IMAP.
     user: String,
 }
-
-/// A connection ready for LOGIN, and its greeting (`None` after STARTTLS, whose greeting
-/// told the capabilities before TLS).
-type Connected = (Connection<Stream>, Option<Status>);
 
 pub struct ImapOpener {
     pub server: Server,
@@ -352,80 +337,12 @@ fn connect_for_oauth2(
     Ok((connection, offers))
 }
 
-/// Connects and reads the greeting; after this the connection is ready for LOGIN. Returns
-/// the greeting too, unless STARTTLS made it obsolete (RFC 3501 §6.2.1: capabilities must
-/// be asked again after TLS).
+/// Connects and reads the greeting ([`crate::imap::connect`]), in the maildrop's terms.
 fn connect(server: &Server) -> Result<Connected, OpenError> {
-    let temporary = |what: &str, e: &dyn std::fmt::Display| {
-        OpenError::Temporary(format!(
-            "{what} {}:{}: {e}{}",
-            server.host,
-            server.port,
-            mode_hint(server.tls, &e.to_string())
-        ))
-    };
-    let connector = match (&server.connector, server.tls) {
-        (_, TlsMode::None) => None,
-        (Ok(connector), _) => Some(connector),
-        (Err(why), _) => return Err(OpenError::Permanent(why.clone())),
-    };
-    let mut tcp = net::connect_tcp(&server.host, server.port, server.timeouts)
-        .map_err(|e| temporary("cannot connect to", &e))?;
-    let stream = match (server.tls, connector) {
-        (TlsMode::Starttls, Some(connector)) => {
-            // Read a byte at a time, so nothing after the OK is consumed: the next bytes
-            // belong to the TLS handshake (and injected plain text fails it).
-            crate::starttls::negotiate(Protocol::Imap, &mut tcp)
-                .map_err(|e| temporary("STARTTLS failed with", &format!("{e:#}")))?;
-            let tls = net::wrap_tls(connector, &server.host, tcp)
-                .map_err(|e| temporary("TLS failed with", &e))?;
-            // No greeting follows STARTTLS (RFC 3501 §6.2.1).
-            return Ok((Connection::new(tls), None));
-        }
-        (TlsMode::Implicit, Some(connector)) => net::wrap_tls(connector, &server.host, tcp)
-            .map_err(|e| temporary("TLS failed with", &e))?,
-        _ => Stream::Plain(tcp),
-    };
-    let mut connection = Connection::new(stream);
-    let greeting = connection
-        .greeting()
-        .map_err(|e| temporary("no greeting from", &e))?;
-    if greeting.kind != StatusKind::Ok {
-        return Err(temporary("refused by", &greeting));
-    }
-    if server.tls == TlsMode::None {
-        // The greeting's capabilities where it has them (Dovecot's does): no round trip.
-        let names = match capability_code(&greeting) {
-            Some(names) => names,
-            None => {
-                connection
-                    .capability()
-                    .map_err(|e| temporary("CAPABILITY failed at", &e))?
-                    .0
-            }
-        };
-        if has_capability(&names, "LOGINDISABLED") {
-            return Err(OpenError::Permanent(format!(
-                "{}:{} refuses LOGIN without TLS (LOGINDISABLED); use --imap-tls starttls",
-                server.host, server.port
-            )));
-        }
-    }
-    Ok((connection, Some(greeting)))
-}
-
-/// The usual cause of two puzzling failures: a TLS mode that does not fit the port.
-fn mode_hint(mode: TlsMode, error: &str) -> &'static str {
-    let timed_out = error.contains("temporarily unavailable") || error.contains("timed out");
-    match mode {
-        TlsMode::Implicit if error.contains("wrong version number") => {
-            " (the server did not start TLS: a plain port? try --imap-tls starttls)"
-        }
-        TlsMode::Starttls | TlsMode::None if timed_out => {
-            " (timed out: if this port speaks TLS from the start, use --imap-tls implicit)"
-        }
-        _ => "",
-    }
+    imap::connect::connect(server).map_err(|e| match e {
+        imap::connect::Error::Temporary(why) => OpenError::Temporary(why),
+        imap::connect::Error::Permanent(why) => OpenError::Permanent(why),
+    })
 }
 
 /// An open IMAP session on the selected mailbox, with the snapshot taken at login.
@@ -1710,6 +1627,7 @@ mod oauth2_tests {
     //! connection, and what the session is told.
 
     use super::*;
+    use crate::net::{Timeouts, TlsMode};
     use crate::oauth2::TokenError;
     use crate::oauth2::login::testing::Tokens;
     use crate::pop3::fake_imap::{FakeImap, Script};
