@@ -157,7 +157,16 @@ fn fetchmail(port: u16, user: &User, tls_options: &str) -> Vec<u8> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = Command::new(&fetchmail)
-        .args(["-f", rc.to_str().unwrap(), "--nodetach", "--all"])
+        // Its own lock file: as root fetchmail locks /var/run/fetchmail.pid, and two tests
+        // running it at once fail with "another foreground fetchmail is running".
+        .args([
+            "-f",
+            rc.to_str().unwrap(),
+            "--nodetach",
+            "--all",
+            "--pidfile",
+        ])
+        .arg(dir.join("fetchmail.pid"))
         .env("HOME", &dir)
         .output()
         .unwrap();

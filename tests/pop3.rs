@@ -889,6 +889,10 @@ fn poplib_curl_and_fetchmail_work_through_an_inetd_socket() {
                 dir.join("ids").to_str().unwrap(),
                 "--nodetach",
                 "--all",
+                // As root fetchmail locks /var/run/fetchmail.pid: another test's run
+                // would make it refuse to start.
+                "--pidfile",
+                dir.join("fetchmail.pid").to_str().unwrap(),
             ])
             .env("HOME", &dir)
             .output()
