@@ -8,6 +8,7 @@ pub mod base64;
 pub mod cli;
 pub mod client_tls;
 pub mod frontend;
+pub mod imap;
 pub mod imap_wire;
 pub mod input;
 pub mod lines;

@@ -1543,3 +1543,71 @@ fn the_exit_status_says_whether_the_session_ran_its_course() {
     assert!(log.contains("both true"), "{log}");
     assert_eq!(code, Some(1), "{log}");
 }
+
+/// Read-ahead (issue 14) against Dovecot, which runs pipelined FETCHes at once: a
+/// sequential download, a TOP sweep, and commands in between give the same bytes with
+/// read-ahead off, at the default window and at a window smaller than most messages; the
+/// bytes are Dovecot's BODY[]; and no flag changes on the server.
+#[test]
+fn read_ahead_serves_the_same_bytes_and_changes_no_flag() {
+    let user = seeded_user("prefetch");
+    let reference = common::imap_fetch_all(&user);
+    let n = reference.len();
+    let flags_before = common::imap_flags(&user);
+    let mut input = login(&user);
+    for i in 1..=n {
+        input.push_str(&format!("TOP {i} 0\r\n"));
+    }
+    input.push_str("RETR 1\r\nRETR 2\r\nDELE 2\r\nLIST\r\nTOP 4 1\r\nNOOP\r\nRSET\r\n");
+    for i in 3..=n {
+        input.push_str(&format!("RETR {i}\r\n"));
+    }
+    input.push_str("QUIT\r\n");
+    let mut outputs = Vec::new();
+    for window in ["0", "4M", "3000"] {
+        let args = with(args(Tls::Implicit), &["--prefetch-window", window]);
+        let (out, log, ok) = dialogue(&args, &[], input.as_bytes());
+        assert!(ok, "window {window}:\n{log}");
+        outputs.push((window, out));
+    }
+    for (window, out) in &outputs[1..] {
+        assert!(
+            out == &outputs[0].1,
+            "window {window} changed what the client got"
+        );
+    }
+    let mut shape = vec![false, false, false];
+    shape.extend(std::iter::repeat_n(true, n));
+    shape.extend([true, true, false, true, true, false, false]);
+    shape.extend(std::iter::repeat_n(true, n - 2));
+    shape.push(false);
+    let replies = responses(&outputs[1].1, &shape);
+    let retrieved = [0, 1].into_iter().chain(2..n);
+    let at = |i: usize| {
+        if i < 2 {
+            3 + n + i
+        } else {
+            3 + n + 7 + (i - 2)
+        }
+    };
+    for i in retrieved {
+        assert!(
+            replies[at(i)].1 == normalized(&reference[i].1),
+            "message {} differs from BODY[]",
+            i + 1
+        );
+    }
+    assert_eq!(common::imap_flags(&user), flags_before);
+}
+
+/// The IMAP connection begun at start-up (issue 14) never holds the process: a client that
+/// leaves before logging in is let go at once, even while the server has not greeted yet,
+/// and nothing logs in.
+#[test]
+fn a_client_that_leaves_before_logging_in_is_not_held_by_the_early_connection() {
+    let timeout = 5.0;
+    let (out, log, took) = with_stalling_backend(Tls::Plain, timeout, b"", 0, "CAPA\r\nQUIT\r\n");
+    assert!(out.ends_with("+OK Bye.\r\n"), "{out}\n{log}");
+    assert!(!log.contains("LOGIN"), "{log}");
+    assert!(took < timeout / 2.0, "{took:.2} s\n{log}");
+}

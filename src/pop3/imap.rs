@@ -1,14 +1,19 @@
-//! The real maildrop: one mailbox on an IMAP server (RFC 3501), read with UID commands.
+//! The real maildrop: one mailbox on an IMAP server (RFC 3501), read with UID commands over
+//! one [`Connection`] (the crate's own IMAP client layer, `src/imap`).
 //!
-//! At login the proxy selects the mailbox and lists UIDs, sizes and flags in one round
-//! trip; that list is the session's snapshot. That listing and every message body are read
-//! straight off the connection ([`RawCommand`]), bodies streamed to the client as they
-//! arrive, never through the `imap` crate: it holds a whole response in memory and, for a
-//! literal, re-parses the response from its start after every line (half the proxy's CPU
-//! time in a download; most of the login's CPU time for a 20,000-message list).
-//! RETR is one `UID FETCH … BODY.PEEK[]`; TOP fetches growing partial ranges. Deletes
-//! happen only in UPDATE, by UID, the way the configured policy says; a plain EXPUNGE is
-//! never sent, because it would also remove messages other clients flagged `\Deleted`.
+//! The server is connected to as soon as the process starts ([`ImapOpener::connect_early`]),
+//! while the client is still sending USER and PASS. Right after LOGIN (or AUTHENTICATE)
+//! one flight selects the mailbox and lists UIDs, sizes and flags, and asks what the lock
+//! and the delete policy need; that list is the session's snapshot. Listing and bodies are
+//! read response by response with [`crate::imap_wire`], bodies streamed to the client as
+//! they arrive.
+//!
+//! RETR is one `UID FETCH … BODY.PEEK[]`; TOP fetches growing partial ranges. A sequential
+//! client is served from a read-ahead ([`Prefetch`]): while it reads message n, the fetches
+//! of n+1 and further, up to a byte window, are already on the wire, so the next RETR (or
+//! TOP) costs no round trip to the server. Deletes happen only in UPDATE, by UID, the way
+//! the configured policy says; a plain EXPUNGE is never sent, because it would also remove
+//! messages other clients flagged `\Deleted`.
 
 use super::DeletePolicy;
 use super::imap_oauth2::{self, Offers};
@@ -16,19 +21,23 @@ use super::maildrop::{
     BackendError, Credentials, Extent, FetchError, Maildrop, MessageInfo, MessageSink, OpenError,
     Opener, Update,
 };
-use super::selected::{Selected, status_guid};
+use crate::imap::connect::Connected;
+pub use crate::imap::connect::Server;
+use crate::imap::selected::{Selected, status_guid};
+use crate::imap::{self, CLOSED, Connection, capability_code, has_capability, quoted};
 use crate::imap_wire::{
-    self, Fetch, KeepAll, Literals, MessageData, Reader, Response, Status, StatusKind, Value,
+    Fetch, KeepAll, Literals, MessageData, Response, Status, StatusKind, Value,
 };
 use crate::lock::{self, LockError, MailboxLock};
-use crate::net::{self, Stream, Timeouts, TlsMode};
+use crate::net::Stream;
 use crate::oauth2::login::{Account, Failure, Refusal};
 use crate::oauth2::sasl::Target;
-use crate::starttls::Protocol;
 use std::cell::RefCell;
-use std::io::{self, BufReader, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::thread::JoinHandle;
 
 /// The largest partial fetch for TOP: what is fetched, the client does not always need.
 pub const FETCH_CHUNK: usize = 1 << 20;
@@ -36,17 +45,12 @@ pub const FETCH_CHUNK: usize = 1 << 20;
 /// The first fetch for TOP: most headers fit.
 const HEAD_CHUNK: usize = 16 << 10;
 
-/// Where and how to reach the IMAP server.
-#[derive(Clone)]
-pub struct Server {
-    pub host: String,
-    pub port: u16,
-    pub tls: TlsMode,
-    /// `Err` holds why TLS could not be set up (a bad CA file): every login then fails
-    /// with `[SYS/PERM]` rather than the process dying silently.
-    pub connector: Result<native_tls::TlsConnector, String>,
-    pub timeouts: Timeouts,
-}
+/// The default read-ahead window (`--prefetch-window`).
+pub const DEFAULT_PREFETCH_WINDOW: u64 = 4 << 20;
+
+/// At most this many read-ahead fetches are in flight, however small the messages: the
+/// server has them all queued, and more would only lengthen the flight of commands.
+const MAX_AHEAD: usize = 256;
 
 /// Who logs in to IMAP.
 #[derive(Clone)]
@@ -77,6 +81,8 @@ pub struct Settings {
     pub lock_dir: Option<PathBuf>,
     /// How the lock key treats the user's domain when the server has no MAILBOXID.
     pub lock_user_domain: lock::UserDomain,
+    /// Bytes of messages fetched ahead of a sequential client; 0 turns read-ahead off.
+    pub prefetch_window: u64,
 }
 
 /// Where and for whom the session's lock is taken, once the mailbox is selected.
@@ -93,57 +99,8 @@ pub struct ImapOpener {
     /// The account of [`Login::OAuth2`], shared with the open maildrop so that it can log
     /// in again (see [`ImapMaildrop::log_in_again`]).
     pub oauth2: Option<Rc<RefCell<Account>>>,
-}
-
-/// What a maildrop needs to log in again with the OAuth2 account.
-struct Relogin {
-    server: Server,
-    account: Rc<RefCell<Account>>,
-}
-
-type ImapSession = imap::Session<Shared>;
-
-/// The IMAP connection, shared by the `imap` crate and [`RawCommand`] (the message list and
-/// body fetches). They take turns, a whole command and response at a time. Bytes a
-/// `RawCommand` read past its own response are handed back through `unread`, so the crate
-/// never misses any (servers send nothing between responses, but that is not relied on).
-#[derive(Clone)]
-struct Shared(Rc<RefCell<SharedInner>>);
-
-struct SharedInner {
-    stream: Stream,
-    unread: Vec<u8>,
-}
-
-impl Shared {
-    fn new(stream: Stream) -> Shared {
-        Shared(Rc::new(RefCell::new(SharedInner {
-            stream,
-            unread: Vec::new(),
-        })))
-    }
-}
-
-impl Read for Shared {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut inner = self.0.borrow_mut();
-        if inner.unread.is_empty() {
-            return inner.stream.read(buf);
-        }
-        let n = buf.len().min(inner.unread.len());
-        buf[..n].copy_from_slice(&inner.unread[..n]);
-        inner.unread.drain(..n);
-        Ok(n)
-    }
-}
-
-impl Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.borrow_mut().stream.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.borrow_mut().stream.flush()
-    }
+    /// The connection begun at start-up by [`ImapOpener::connect_early`].
+    pub early: Option<JoinHandle<Result<Connected, OpenError>>>,
 }
 
 /// With a configured login, the client must present the configured client credentials
@@ -159,6 +116,33 @@ fn check_client(
     match crate::frontend::login::client_matches(expected, credentials.user, credentials.password) {
         true => Ok(()),
         false => Err(OpenError::Auth("client credentials do not match".into())),
+    }
+}
+
+impl ImapOpener {
+    /// Starts TCP, TLS, the greeting and (on a plain connection) CAPABILITY in a thread of
+    /// its own, while the client sends USER and PASS: over a WAN those are several round
+    /// trips the client no longer waits for. Logging in still waits for the client's
+    /// credentials. If the client leaves first, the process ends and the connection with it.
+    pub fn connect_early(&mut self) {
+        let server = self.server.clone();
+        let spawned = std::thread::Builder::new()
+            .name("imap-connect".into())
+            .spawn(move || connect(&server));
+        // Without a thread the connection is simply made at login, as before.
+        self.early = spawned.ok();
+    }
+
+    /// The early connection if there is one (its failure is this login's failure: it is
+    /// as fresh as a new one would be), else a new connection.
+    fn connection(&mut self) -> (Result<Connected, OpenError>, bool) {
+        match self.early.take() {
+            Some(handle) => match handle.join() {
+                Ok(connected) => (connected, true),
+                Err(_) => (connect(&self.server), false),
+            },
+            None => (connect(&self.server), false),
+        }
     }
 }
 
@@ -179,15 +163,19 @@ impl Opener for ImapOpener {
                 let Some(account) = self.oauth2.clone() else {
                     return Err(OpenError::Permanent("no OAuth2 account configured".into()));
                 };
-                let (session, raw, user) = oauth2_session(&self.server, &mut account.borrow_mut())?;
-                let relogin = Relogin {
-                    server: self.server.clone(),
-                    account,
-                };
-                return self.select(session, raw, &user, Some(relogin));
+                let early = self.early.take();
+                let (connection, user) =
+                    oauth2_session(&self.server, &mut account.borrow_mut(), early)?;
+                let server = self.server.clone();
+                let relogin: Relogin<Stream> = Box::new(move || {
+                    oauth2_session(&server, &mut account.borrow_mut(), None).map(|(c, _)| c)
+                });
+                return self.select(connection, None, &user, Some(relogin));
             }
         };
-        let (client, raw, _) = connect(&self.server)?;
+        let (user, password) = (user.to_string(), password.to_string());
+        let (connected, early) = self.connection();
+        let (mut connection, _) = connected?;
         log::debug!(
             "connected to {}:{} ({:?}), logging in as {}",
             self.server.host,
@@ -195,38 +183,81 @@ impl Opener for ImapOpener {
             self.server.tls,
             user.escape_debug()
         );
-        let session = match client.login(user, password) {
-            Ok(session) => session,
-            Err((error, _client)) => return Err(login_error(error)),
-        };
-        self.select(session, raw, user, None)
+        let mut status = connection.login(&user, &password);
+        if early && status.as_ref().is_err_and(closed_while_waiting) {
+            // The early connection waited for a slow typist longer than the server's
+            // pre-login timeout: once more on a new one.
+            log::debug!("the early IMAP connection was closed; connecting again");
+            let (fresh, _) = connect(&self.server)?;
+            connection = fresh;
+            status = connection.login(&user, &password);
+        }
+        match status {
+            Ok(status) if status.kind == StatusKind::Ok => {
+                self.select(connection, Some(status), &user, None)
+            }
+            Ok(status) => Err(refused("LOGIN", &status)),
+            Err(imap::Error::Unsendable(_)) => {
+                Err(OpenError::Auth("credentials contain CR or LF".into()))
+            }
+            Err(e) => Err(OpenError::Temporary(format!("LOGIN: {e}"))),
+        }
     }
 }
 
-/// A connection ready for LOGIN, and its greeting (`None` after STARTTLS).
-type Connected = (imap::Client<Shared>, Shared, Option<Vec<u8>>);
+/// What the server said in a status response, without its OK/NO/BAD: `[CODE] text`.
+pub(super) fn said(status: &Status) -> String {
+    let whole = status.to_string();
+    match whole.split_once(' ') {
+        Some((_, said)) => said.to_string(),
+        None => whole,
+    }
+}
 
-/// A connection ready for AUTHENTICATE, and what its server offers.
-type Unauthenticated = (imap::Client<Shared>, Shared, Offers);
+/// Whether the server closed an idle connection (its pre-login timeout): not a timeout of
+/// ours, which must cost the client one `--backend-timeout`, not two.
+fn closed_while_waiting(error: &imap::Error) -> bool {
+    match error {
+        imap::Error::Closed => true,
+        imap::Error::Broken(why) => why.contains("reset") || why.contains("roken pipe"),
+        _ => false,
+    }
+}
+
+/// How a maildrop logs in again with the OAuth2 account: a new connection, authenticated.
+type Relogin<S> = Box<dyn FnMut() -> Result<Connection<S>, OpenError>>;
 
 impl ImapOpener {
-    /// Opens the maildrop on a logged-in session of `user`.
+    /// Opens the maildrop on a logged-in connection of `user`.
     fn select(
         &self,
-        session: ImapSession,
-        raw: Shared,
+        connection: Connection<Stream>,
+        login: Option<Status>,
         user: &str,
-        relogin: Option<Relogin>,
+        relogin: Option<Relogin<Stream>>,
     ) -> Result<Box<dyn Maildrop>, OpenError> {
         let lock = self.settings.lock_dir.as_ref().map(|dir| LockPlan {
             dir: dir.clone(),
             host: self.server.host.clone(),
             user: user.to_string(),
         });
-        match ImapMaildrop::open(session, raw, self.settings.clone(), lock, relogin) {
-            Ok(maildrop) => Ok(Box::new(maildrop)),
-            Err(e) => Err(e),
-        }
+        let maildrop = ImapMaildrop::open(connection, login, self.settings.clone(), lock, relogin)?;
+        Ok(Box::new(maildrop))
+    }
+}
+
+/// Why the server refused LOGIN or AUTHENTICATE (`command`), by the response code of its
+/// NO (RFC 5530) or its BAD.
+pub(super) fn refused(command: &str, status: &Status) -> OpenError {
+    let why = format!("{command}: {}", said(status));
+    if status.kind != StatusKind::No {
+        // The server did not understand us: not the user's password at fault.
+        return OpenError::Permanent(why);
+    }
+    match status.code.as_ref().map_or("", |code| code.name.as_str()) {
+        "UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "INUSE" => OpenError::Temporary(why),
+        "PRIVACYREQUIRED" | "CONTACTADMIN" | "EXPIRED" => OpenError::Permanent(why),
+        _ => OpenError::Auth(why),
     }
 }
 
@@ -238,32 +269,35 @@ impl ImapOpener {
 fn oauth2_session(
     server: &Server,
     account: &mut Account,
-) -> Result<(ImapSession, Shared, String), OpenError> {
+    early: Option<JoinHandle<Result<Connected, OpenError>>>,
+) -> Result<(Connection<Stream>, String), OpenError> {
     let target = Target {
         host: &server.host,
         port: server.port,
     };
-    let mut kept: Option<Unauthenticated> = None;
+    let mut early = early;
+    let mut kept: Option<(Connection<Stream>, Offers)> = None;
     let result = account.login(|user, token| {
         let reused = kept.is_some();
-        let (client, raw, offers) = match kept.take() {
+        let (mut connection, offers) = match kept.take() {
             Some(connection) => connection,
-            None => connect_for_oauth2(server).map_err(Refusal::Failed)?,
+            None => connect_for_oauth2(server, early.take()).map_err(Refusal::Failed)?,
         };
-        match imap_oauth2::authenticate(client, &offers, user, token, target) {
-            Ok(session) => Ok((session, raw, user.to_string())),
-            Err((refusal, Some(client))) => {
-                kept = Some((client, raw, offers));
+        match imap_oauth2::authenticate(&mut connection, &offers, user, token, target) {
+            Ok(()) => Ok((connection, user.to_string())),
+            Err((refusal, true)) => {
+                kept = Some((connection, offers));
                 Err(refusal)
             }
             // The server closed the connection after rejecting the first token.
-            Err((Refusal::Failed(_), None)) if reused => {
-                let (client, raw, offers) = connect_for_oauth2(server).map_err(Refusal::Failed)?;
-                imap_oauth2::authenticate(client, &offers, user, token, target)
-                    .map(|session| (session, raw, user.to_string()))
+            Err((Refusal::Failed(_), false)) if reused => {
+                let (mut connection, offers) =
+                    connect_for_oauth2(server, None).map_err(Refusal::Failed)?;
+                imap_oauth2::authenticate(&mut connection, &offers, user, token, target)
+                    .map(|()| (connection, user.to_string()))
                     .map_err(|(refusal, _)| refusal)
             }
-            Err((refusal, None)) => Err(refusal),
+            Err((refusal, false)) => Err(refusal),
         }
     });
     let error = match result {
@@ -274,148 +308,44 @@ fn oauth2_session(
     Err(error)
 }
 
-/// Connects, and learns from the greeting or a CAPABILITY command which OAuth2 mechanism
-/// the server takes and whether it has SASL-IR.
-fn connect_for_oauth2(server: &Server) -> Result<Unauthenticated, OpenError> {
-    let (mut client, raw, greeting) = connect(server)?;
-    let offers = match greeting.as_deref().and_then(Offers::from_greeting) {
+/// Connects (or takes the early connection), and learns from the greeting or a CAPABILITY
+/// command which OAuth2 mechanism the server takes and whether it has SASL-IR.
+fn connect_for_oauth2(
+    server: &Server,
+    early: Option<JoinHandle<Result<Connected, OpenError>>>,
+) -> Result<(Connection<Stream>, Offers), OpenError> {
+    let connected = match early.map(JoinHandle::join) {
+        Some(Ok(connected)) => connected,
+        _ => connect(server),
+    };
+    let (mut connection, greeting) = connected?;
+    let offers = match greeting.as_ref().and_then(Offers::from_greeting) {
         Some(offers) => offers,
         None => {
-            let capabilities = client.capabilities().map_err(|e| {
+            let (names, _) = connection.capability().map_err(|e| {
                 OpenError::Temporary(format!(
-                    "CAPABILITY failed at {}:{}: {}",
-                    server.host,
-                    server.port,
-                    describe(&e)
+                    "CAPABILITY failed at {}:{}: {e}",
+                    server.host, server.port
                 ))
             })?;
-            let names: Vec<String> = ["AUTH=OAUTHBEARER", "AUTH=XOAUTH2", "SASL-IR"]
-                .into_iter()
-                .filter(|name| capabilities.has_str(name))
-                .map(String::from)
-                .collect();
             Offers::from_names(&names)
         }
     };
-    Ok((client, raw, offers))
+    Ok((connection, offers))
 }
 
-/// Connects and reads the greeting; after this the client is ready for LOGIN. Returns the
-/// greeting too, unless STARTTLS made it obsolete (RFC 3501 §6.2.1: capabilities must be
-/// asked again after TLS).
+/// Connects and reads the greeting ([`crate::imap::connect`]), in the maildrop's terms.
 fn connect(server: &Server) -> Result<Connected, OpenError> {
-    let temporary = |what: &str, e: &dyn std::fmt::Display| {
-        OpenError::Temporary(format!(
-            "{what} {}:{}: {e}{}",
-            server.host,
-            server.port,
-            mode_hint(server.tls, &e.to_string())
-        ))
-    };
-    let connector = match (&server.connector, server.tls) {
-        (_, TlsMode::None) => None,
-        (Ok(connector), _) => Some(connector),
-        (Err(why), _) => return Err(OpenError::Permanent(why.clone())),
-    };
-    let mut tcp = net::connect_tcp(&server.host, server.port, server.timeouts)
-        .map_err(|e| temporary("cannot connect to", &e))?;
-    let stream = match (server.tls, connector) {
-        (TlsMode::Starttls, Some(connector)) => {
-            // Read a byte at a time, so nothing after the OK is consumed: the next bytes
-            // belong to the TLS handshake (and injected plain text fails it).
-            crate::starttls::negotiate(Protocol::Imap, &mut tcp)
-                .map_err(|e| temporary("STARTTLS failed with", &format!("{e:#}")))?;
-            let tls = net::wrap_tls(connector, &server.host, tcp)
-                .map_err(|e| temporary("TLS failed with", &e))?;
-            // No greeting follows STARTTLS (RFC 3501 §6.2.1).
-            let raw = Shared::new(tls);
-            return Ok((imap::Client::new(raw.clone()), raw, None));
-        }
-        (TlsMode::Implicit, Some(connector)) => net::wrap_tls(connector, &server.host, tcp)
-            .map_err(|e| temporary("TLS failed with", &e))?,
-        _ => Stream::Plain(tcp),
-    };
-    let raw = Shared::new(stream);
-    let mut client = imap::Client::new(raw.clone());
-    let greeting = client
-        .read_greeting()
-        .map_err(|e| temporary("no greeting from", &e))?;
-    if !greeting.starts_with(b"* OK") {
-        return Err(temporary(
-            "refused by",
-            &String::from_utf8_lossy(&greeting).trim_end(),
-        ));
-    }
-    if server.tls == TlsMode::None {
-        let capabilities = client
-            .capabilities()
-            .map_err(|e| temporary("CAPABILITY failed at", &e))?;
-        if capabilities.has_str("LOGINDISABLED") {
-            return Err(OpenError::Permanent(format!(
-                "{}:{} refuses LOGIN without TLS (LOGINDISABLED); use --imap-tls starttls",
-                server.host, server.port
-            )));
-        }
-    }
-    Ok((client, raw, Some(greeting)))
-}
-
-/// The usual cause of two puzzling failures: a TLS mode that does not fit the port.
-fn mode_hint(mode: TlsMode, error: &str) -> &'static str {
-    let timed_out = error.contains("temporarily unavailable") || error.contains("timed out");
-    match mode {
-        TlsMode::Implicit if error.contains("wrong version number") => {
-            " (the server did not start TLS: a plain port? try --imap-tls starttls)"
-        }
-        TlsMode::Starttls | TlsMode::None if timed_out => {
-            " (timed out: if this port speaks TLS from the start, use --imap-tls implicit)"
-        }
-        _ => "",
-    }
-}
-
-/// Sorts a failed LOGIN into "wrong password" and "server trouble" (RFC 5530 codes).
-///
-/// Only a plain NO, or one with `[AUTHENTICATIONFAILED]`, means the password is wrong:
-/// anything else must not reach the client as `[AUTH]`, or it would ask the user for a new
-/// password while the fault is elsewhere (RFC 3206 §5).
-pub(super) fn login_error(error: imap::Error) -> OpenError {
-    match error {
-        imap::Error::No(no) => {
-            // The imap crate keeps the codes it does not know, RFC 5530's among them, in
-            // the text as the server sent it: read the code from there by the grammar.
-            let (code, _) = imap_wire::parse_resp_text(&no.information);
-            let why = format!("LOGIN: {}", no.information);
-            match code.as_ref().map_or("", |code| code.name.as_str()) {
-                "UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "INUSE" => OpenError::Temporary(why),
-                "PRIVACYREQUIRED" | "CONTACTADMIN" | "EXPIRED" => OpenError::Permanent(why),
-                _ => OpenError::Auth(why),
-            }
-        }
-        // LOGIN refuses CR and LF in credentials: no server would accept them either.
-        imap::Error::Validate(_) => OpenError::Auth("credentials contain CR or LF".into()),
-        // The server did not understand our LOGIN: not the user's password at fault.
-        imap::Error::Bad(bad) => OpenError::Permanent(format!("LOGIN: {}", bad.information)),
-        other => OpenError::Temporary(format!("LOGIN: {}", describe(&other))),
-    }
-}
-
-pub(super) fn describe(error: &imap::Error) -> String {
-    match error {
-        imap::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            "timed out waiting for the IMAP server".into()
-        }
-        other => other.to_string(),
-    }
+    imap::connect::connect(server).map_err(|e| match e {
+        imap::connect::Error::Temporary(why) => OpenError::Temporary(why),
+        imap::connect::Error::Permanent(why) => OpenError::Permanent(why),
+    })
 }
 
 /// An open IMAP session on the selected mailbox, with the snapshot taken at login.
-pub struct ImapMaildrop {
-    session: ImapSession,
-    /// The same connection, for body fetches.
-    raw: Shared,
-    /// Tags of body fetches: `L1`, `L2`… (the listing's is `L0`, the crate's `a1`, `a2`…).
-    fetches: u32,
+/// Generic over the stream only so that transcript tests can drive it.
+pub struct ImapMaildrop<S: Read + Write = Stream> {
+    connection: Connection<S>,
     settings: Settings,
     uids: Vec<u32>,
     messages: Vec<MessageInfo>,
@@ -428,33 +358,89 @@ pub struct ImapMaildrop {
     /// Whether the server ended the connection (`* BYE`, or it closed it): then, with an
     /// OAuth2 account, the session can log in again.
     ended_by_server: bool,
-    relogin: Option<Relogin>,
+    relogin: Option<Relogin<S>>,
     uid_validity: u32,
+    prefetch: Prefetch,
     _lock: Option<MailboxLock>,
 }
 
-impl ImapMaildrop {
+impl<S: Read + Write> ImapMaildrop<S> {
+    /// Selects the mailbox on a logged-in connection and takes the snapshot: one flight of
+    /// commands (CAPABILITY when the policy needs it and LOGIN's answer did not tell,
+    /// SELECT or EXAMINE, STATUS for the lock, the listing), read in order.
     fn open(
-        mut session: ImapSession,
-        raw: Shared,
+        mut connection: Connection<S>,
+        login: Option<Status>,
         settings: Settings,
         lock: Option<LockPlan>,
-        relogin: Option<Relogin>,
+        relogin: Option<Relogin<S>>,
     ) -> Result<Self, OpenError> {
-        let temporary = |e: imap::Error| OpenError::Temporary(describe(&e));
-        // Only moving and expunging depend on extensions; keep and hide (the default) skip
-        // the round trip, which is a noticeable part of a short session.
-        let (has_uidplus, has_move) = match settings.policy {
-            DeletePolicy::Trash | DeletePolicy::Expunge => {
-                let capabilities = session.capabilities().map_err(temporary)?;
-                (
-                    capabilities.has_str("UIDPLUS"),
-                    capabilities.has_str("MOVE"),
-                )
-            }
-            DeletePolicy::Keep | DeletePolicy::Hide => (false, false),
+        let temporary = |e: imap::Error| OpenError::Temporary(e.to_string());
+        // Only moving and expunging depend on extensions; keep and hide (the default) need
+        // no capabilities at all.
+        let needs_capabilities =
+            matches!(settings.policy, DeletePolicy::Trash | DeletePolicy::Expunge);
+        let mut capabilities = login.as_ref().and_then(capability_code);
+        let asked =
+            (needs_capabilities && capabilities.is_none()).then(|| connection.send("CAPABILITY"));
+        let select = connection.send(&select_command(&settings));
+        // Only needed when SELECT names no MAILBOXID, but asked in the same flight rather
+        // than a round trip later. Dovecot adds [CLIENTBUG] to its OK (a STATUS on the
+        // selected mailbox), which changes nothing; servers without X-GUID answer BAD.
+        let status = lock.is_some().then(|| {
+            connection.send(&format!(
+                "STATUS {} (X-GUID)",
+                quoted_mailbox(&settings.mailbox)
+            ))
+        });
+        let listing = connection.send(LISTING);
+        // Read in the order sent, but the server may run the commands after SELECT at
+        // once, so every answer's data is taken by its kind wherever it comes.
+        let hide =
+            (settings.policy == DeletePolicy::Hide).then_some(settings.deleted_keyword.as_str());
+        let mut snapshot = Snapshot {
+            hide,
+            ..Snapshot::default()
         };
-        let mailbox = select_mailbox(&mut session, &settings)?;
+        if let Some(tag) = asked {
+            connection
+                .read_to(&tag, &mut KeepAll, |_, r| snapshot.take(r, false))
+                .map_err(temporary)?;
+            capabilities = Some(std::mem::take(&mut snapshot.capabilities));
+        }
+        let capabilities = capabilities.unwrap_or_default();
+        let (has_uidplus, has_move) = (
+            has_capability(&capabilities, "UIDPLUS"),
+            has_capability(&capabilities, "MOVE"),
+        );
+        let selected = connection
+            .read_to(&select, &mut KeepAll, |_, r| snapshot.take(r, true))
+            .map_err(temporary)?;
+        snapshot.mailbox.apply(&Response::Tagged {
+            tag: select.clone(),
+            status: selected.clone(),
+        });
+        if let Some(tag) = status {
+            connection
+                .read_to(&tag, &mut KeepAll, |_, r| snapshot.take(r, false))
+                .map_err(temporary)?;
+        }
+        let listed_status = connection
+            .read_to(&listing, &mut KeepAll, |_, r| snapshot.take(r, false))
+            .map_err(temporary)?;
+        let (mailbox, guid, sequence) = (snapshot.mailbox, snapshot.guid, snapshot.sequence);
+        // Expunges during the flight are in the listing already.
+        connection.take_expunged();
+        let listed = match listed_status.kind {
+            StatusKind::Ok => Ok(snapshot.listed),
+            _ => Err(format!("UID FETCH: {listed_status}")),
+        };
+        if selected.kind != StatusKind::Ok {
+            return Err(OpenError::Permanent(format!(
+                "cannot open mailbox {:?}: {selected}",
+                settings.mailbox
+            )));
+        }
         log::debug!(
             "selected {:?}: {} messages, read-only {}, permanent flags {:?}, mailbox id {:?}",
             settings.mailbox,
@@ -463,20 +449,25 @@ impl ImapMaildrop {
             mailbox.permanent_flags,
             mailbox.mailbox_id
         );
-        // Taken before anything is read or changed: the session answers no command on
-        // this mailbox without it.
+        // Taken before anything the session reads reaches the client or anything changes:
+        // the session answers no command on this mailbox without it.
         let lock = match lock {
             None => None,
-            Some(plan) => match lock_selected(&plan, &raw, &mailbox, &settings) {
+            Some(plan) => match lock_selected(&plan, &mailbox, guid, &settings) {
                 Ok(lock) => Some(lock),
                 Err(e) => {
-                    let _ = session.logout();
+                    let _ = connection.logout();
                     return Err(e);
                 }
             },
         };
         let Some(uid_validity) = mailbox.uid_validity else {
             return Err(OpenError::Permanent("server sent no UIDVALIDITY".into()));
+        };
+        // An empty mailbox may answer `UID FETCH 1:*` with NO or BAD: nothing to list.
+        let mut listed = match (listed, mailbox.exists) {
+            (_, 0) => Vec::new(),
+            (listed, _) => listed.map_err(OpenError::Temporary)?,
         };
         let keyword_allowed = mailbox.allows_keyword(&settings.deleted_keyword);
         let cannot_delete = match settings.policy {
@@ -498,15 +489,6 @@ impl ImapMaildrop {
             _ if mailbox.read_only => Some(format!("mailbox {} is read-only", settings.mailbox)),
             _ => None,
         };
-        let mut listed = Vec::new();
-        if mailbox.exists > 0 {
-            let hide = (settings.policy == DeletePolicy::Hide)
-                .then_some(settings.deleted_keyword.as_str());
-            let mut command = RawCommand::new(&raw, "L0".into());
-            let result = command.list(hide);
-            command.finish();
-            listed = result.map_err(OpenError::Temporary)?;
-        }
         listed.sort_unstable();
         listed.dedup_by_key(|(uid, _)| *uid);
         let uids = listed.iter().map(|(uid, _)| *uid).collect();
@@ -520,10 +502,10 @@ impl ImapMaildrop {
                 uidl: format!("{uid:08x}{uid_validity:08x}"),
             })
             .collect();
+        let mut prefetch = Prefetch::new(settings.prefetch_window);
+        prefetch.sequence = sequence;
         Ok(ImapMaildrop {
-            session,
-            raw,
-            fetches: 0,
+            connection,
             settings,
             uids,
             messages,
@@ -533,6 +515,7 @@ impl ImapMaildrop {
             ended_by_server: false,
             relogin,
             uid_validity,
+            prefetch,
             _lock: lock,
         })
     }
@@ -544,17 +527,112 @@ impl ImapMaildrop {
     }
 }
 
+/// What the answers to the login's flight of commands tell.
+#[derive(Default)]
+struct Snapshot<'a> {
+    hide: Option<&'a str>,
+    capabilities: Vec<String>,
+    mailbox: Selected,
+    guid: Option<String>,
+    listed: Vec<(u32, u64)>,
+    /// UID by message number, hidden messages included.
+    sequence: Vec<u32>,
+}
+
+impl Snapshot<'_> {
+    /// Takes in one untagged response; `selecting` while SELECT's answer is read.
+    fn take(&mut self, response: Response, selecting: bool) {
+        match response {
+            Response::Data { name, values } if name == "CAPABILITY" => self.capabilities.extend(
+                values
+                    .iter()
+                    .filter_map(Value::bytes)
+                    .map(|b| String::from_utf8_lossy(b).into_owned()),
+            ),
+            Response::Data { name, values } if name == "STATUS" && self.guid.is_none() => {
+                self.guid = status_guid(&values);
+            }
+            // FETCH responses without both numbers are unsolicited (a flag change).
+            Response::Message {
+                number,
+                data: MessageData::Fetch(fetch),
+            } => {
+                if let (Some(uid), Ok(at)) = (fetch.uid(), usize::try_from(number)) {
+                    if self.sequence.len() < at {
+                        self.sequence.resize(at, 0);
+                    }
+                    if at > 0 {
+                        self.sequence[at - 1] = uid;
+                    }
+                }
+                self.listed.extend(listing_item(&fetch, self.hide));
+            }
+            other if selecting => self.mailbox.apply(&other),
+            _ => {}
+        }
+    }
+}
+
+/// The listing: UID, size and flags of every message, in one command.
+const LISTING: &str = "UID FETCH 1:* (UID RFC822.SIZE FLAGS)";
+
 /// SELECT, or EXAMINE when the session will change nothing.
-fn select_mailbox(session: &mut ImapSession, settings: &Settings) -> Result<Selected, OpenError> {
+fn select_command(settings: &Settings) -> String {
     let read_only = settings.policy == DeletePolicy::Keep && !settings.mark_seen;
     let verb = if read_only { "EXAMINE" } else { "SELECT" };
-    match session.run(format!("{verb} {}", quoted(&settings.mailbox))) {
-        Ok((response, _)) => Ok(Selected::parse(&response)),
-        Err(imap::Error::No(no)) => Err(OpenError::Permanent(format!(
-            "cannot open mailbox {:?}: {}",
-            settings.mailbox, no.information
+    format!("{verb} {}", quoted_mailbox(&settings.mailbox))
+}
+
+/// SELECT (or EXAMINE) alone, read to its end: for logging in again.
+fn select_mailbox<S: Read + Write>(
+    connection: &mut Connection<S>,
+    settings: &Settings,
+) -> Result<Selected, OpenError> {
+    let tag = connection.send(&select_command(settings));
+    let mut mailbox = Selected::default();
+    let status = connection
+        .read_to(&tag, &mut KeepAll, |_, response| mailbox.apply(&response))
+        .map_err(|e| OpenError::Temporary(e.to_string()))?;
+    match status.kind {
+        StatusKind::Ok => Ok(mailbox),
+        _ => Err(OpenError::Permanent(format!(
+            "cannot open mailbox {:?}: {status}",
+            settings.mailbox
         ))),
-        Err(e) => Err(OpenError::Temporary(describe(&e))),
+    }
+}
+
+/// How reading the listing failed.
+enum Listing {
+    /// The server answered NO or BAD: the connection is in step.
+    Refused(String),
+    Broken(imap::Error),
+}
+
+/// Reads the answer to the listing (tag `tag`): (UID, size) of every message without the
+/// keyword `hide`, in the server's order. Each response is parsed as it comes: one round
+/// trip, and no memory or time spent on a whole parsed response.
+fn read_listing_of<S: Read + Write>(
+    connection: &mut Connection<S>,
+    tag: &str,
+    hide: Option<&str>,
+) -> Result<Vec<(u32, u64)>, Listing> {
+    let mut listed = Vec::new();
+    let status = connection
+        .read_to(tag, &mut KeepAll, |_, response| {
+            // FETCH responses without both numbers are unsolicited (a flag change).
+            if let Response::Message {
+                data: MessageData::Fetch(fetch),
+                ..
+            } = response
+            {
+                listed.extend(listing_item(&fetch, hide));
+            }
+        })
+        .map_err(Listing::Broken)?;
+    match status.kind {
+        StatusKind::Ok => Ok(listed),
+        _ => Err(Listing::Refused(format!("UID FETCH: {status}"))),
     }
 }
 
@@ -563,22 +641,10 @@ fn select_mailbox(session: &mut ImapSession, settings: &Settings) -> Result<Sele
 /// after a successful login and SELECT, so lock files exist only for mailboxes that exist.
 fn lock_selected(
     plan: &LockPlan,
-    raw: &Shared,
     selected: &Selected,
+    guid: Option<String>,
     settings: &Settings,
 ) -> Result<MailboxLock, OpenError> {
-    // Asked after SELECT, and only when SELECT named no MAILBOXID, so servers with
-    // OBJECTID pay no round trip. Dovecot then adds [CLIENTBUG] to its OK (a STATUS on the
-    // selected mailbox), which changes nothing.
-    let guid = match &selected.mailbox_id {
-        Some(_) => None,
-        None => {
-            let mut status = RawCommand::new(raw, "G0".into());
-            let guid = status.mailbox_guid(&settings.mailbox);
-            status.finish();
-            guid.map_err(OpenError::Temporary)?
-        }
-    };
     let mailbox = match (&selected.mailbox_id, &guid) {
         (Some(id), _) => lock::Mailbox::Id {
             kind: "mailboxid",
@@ -603,7 +669,7 @@ fn lock_selected(
     }
 }
 
-/// A UID set built from numbers only ("3:5,9"): the `imap` crate does not validate sets.
+/// A UID set built from numbers only ("3:5,9").
 fn uid_set(sorted: &[u32]) -> String {
     let mut out = String::new();
     let mut i = 0;
@@ -627,7 +693,141 @@ fn uid_set(sorted: &[u32]) -> String {
     out
 }
 
-impl Maildrop for ImapMaildrop {
+/// The read-ahead for sequential clients: fetches sent before the client asks, and what
+/// was read of them before it asked.
+///
+/// Its memory is bounded by the window: the sizes of the messages in flight (which the
+/// kernel's socket buffers and the network hold, not this process, until they are read)
+/// plus the bodies held. A fetch in flight is read only when its message is asked for, or
+/// when a command sent after it needs its answer (TOP of another message, DELE's update,
+/// a keepalive): then it is read into memory and held, so that the next command the client
+/// actually sends is answered at once and no answer goes to the wrong command.
+struct Prefetch {
+    window: u64,
+    /// Fetches sent and not yet read, in the order sent.
+    ahead: VecDeque<Ahead>,
+    /// Messages read ahead, by index.
+    held: std::collections::BTreeMap<usize, Held>,
+    /// UID by message number as the server numbers them now (0: unknown), kept up to date
+    /// with `* n EXPUNGE`, so that a message read ahead and expunged by another client
+    /// before the client asks for it is answered as expunged, not from memory.
+    sequence: Vec<u32>,
+    /// UIDs the server reported expunged since the listing.
+    expunged: std::collections::HashSet<u32>,
+}
+
+/// A read-ahead fetch on the wire.
+struct Ahead {
+    index: usize,
+    uid: u32,
+    tag: String,
+    extent: Extent,
+    cost: u64,
+    /// Its body, when it came while another command's answer was read (a server that runs
+    /// pipelined FETCHes at once); `Err` when it was larger than the listing said, and
+    /// was not kept.
+    early: Option<Result<Vec<u8>, ()>>,
+}
+
+impl Ahead {
+    /// The most a body read ahead may have: its listed size, and a little for a server
+    /// whose sizes are not quite the octets it sends.
+    fn limit(&self) -> usize {
+        (self.cost + self.cost / 16 + 1024) as usize
+    }
+}
+
+/// A message read ahead: all of it (`Extent::Whole`) or its first [`HEAD_CHUNK`] octets.
+struct Held {
+    extent: Extent,
+    /// `None`: the server sent no body, the message was expunged by another client.
+    body: Option<Vec<u8>>,
+}
+
+impl Held {
+    /// Whether the whole message is held.
+    fn is_whole(&self) -> bool {
+        match (&self.body, self.extent) {
+            (None, _) | (_, Extent::Whole) => true,
+            (Some(body), Extent::Head) => body.len() < HEAD_CHUNK,
+        }
+    }
+}
+
+impl Prefetch {
+    fn new(window: u64) -> Prefetch {
+        Prefetch {
+            window,
+            ahead: VecDeque::new(),
+            held: Default::default(),
+            sequence: Vec::new(),
+            expunged: Default::default(),
+        }
+    }
+
+    fn used(&self) -> u64 {
+        let ahead: u64 = self.ahead.iter().map(|a| a.cost).sum();
+        let held: u64 = self
+            .held
+            .values()
+            .map(|h| h.body.as_ref().map_or(0, |b| b.len() as u64))
+            .sum();
+        ahead + held
+    }
+}
+
+/// The partial range a fetch of `extent` asks for first.
+fn first_range(extent: Extent) -> Option<usize> {
+    match extent {
+        Extent::Whole => None,
+        Extent::Head => Some(HEAD_CHUNK),
+    }
+}
+
+/// `UID FETCH uid (UID BODY.PEEK[])`, or the partial range `<offset.length>`. UID first: a
+/// server that answers in the order asked names the message before its body, so a wrong
+/// one is refused before any of it reaches the client. PEEK: never sets `\Seen`.
+fn fetch_command(uid: u32, offset: usize, range: Option<usize>) -> String {
+    match range {
+        None => format!("UID FETCH {uid} (UID BODY.PEEK[])"),
+        Some(length) => format!("UID FETCH {uid} (UID BODY.PEEK[]<{offset}.{length}>)"),
+    }
+}
+
+/// Holds a body read ahead, up to `limit` octets.
+struct Holder {
+    body: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl MessageSink for Holder {
+    fn start(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn data(&mut self, bytes: &[u8]) -> io::Result<bool> {
+        if self.body.len() + bytes.len() > self.limit {
+            // The server sent more than the listing said: not held, fetched again when
+            // asked. The rest of its answer is still read, to stay in step.
+            self.over = true;
+            self.body = Vec::new();
+        }
+        if !self.over {
+            self.body.extend_from_slice(bytes);
+        }
+        Ok(true)
+    }
+}
+
+/// How a message served from memory went.
+enum FromMemory {
+    /// The sink has all it wants.
+    Done,
+    /// The held head was not enough for TOP: go on fetching from this offset.
+    From(usize),
+}
+
+impl<S: Read + Write> Maildrop for ImapMaildrop<S> {
     fn messages(&self) -> &[MessageInfo] {
         &self.messages
     }
@@ -640,25 +840,75 @@ impl Maildrop for ImapMaildrop {
     ) -> Result<(), FetchError> {
         self.usable().map_err(FetchError::Backend)?;
         let uid = self.uids[index];
-        let mut offset = 0usize;
-        // TOP usually needs only the header: start small and grow, so header downloads
-        // over a mailbox of large messages do not pull a megabyte each. RETR takes the
-        // whole message in one command: streaming bounds the memory, not the range.
-        let mut chunk = match extent {
-            Extent::Whole => None,
-            Extent::Head => Some(HEAD_CHUNK),
-        };
         let mut sink = Watched {
             sink,
             started: false,
         };
+        // A read-ahead fetch of this message on the wire: what was sent before it is read
+        // into memory first; then its answer streams to the client, if it serves.
+        let mut on_the_wire = None;
+        if let Some(position) = self.prefetch.ahead.iter().position(|a| a.index == index) {
+            self.drain(position).map_err(|e| self.failed(e))?;
+            let front = &self.prefetch.ahead[0];
+            // Streamed straight to the client when it is what was asked for. A body that
+            // already came is in memory; a whole message asked for by TOP is read into
+            // memory and kept for the RETR that often follows; a head asked for by RETR
+            // may be the whole message.
+            let serves = front.early.is_none() && front.extent == extent;
+            match serves {
+                true => on_the_wire = self.prefetch.ahead.pop_front(),
+                false => self.drain(1).map_err(|e| self.failed(e))?,
+            }
+        }
+        let mut offset = 0usize;
+        let mut chunk = first_range(extent);
+        if on_the_wire.is_none() {
+            match self.serve_held(index, extent, &mut sink) {
+                None => {}
+                Some(Err(e)) => return Err(e),
+                Some(Ok(FromMemory::Done)) => {
+                    self.top_up(index, extent);
+                    // Sent now, while the client reads this one.
+                    if let Err(e) = self.connection.flush() {
+                        self.lose(e);
+                    }
+                    return Ok(());
+                }
+                Some(Ok(FromMemory::From(held))) => {
+                    offset = held;
+                    chunk = Some((HEAD_CHUNK * 2).min(FETCH_CHUNK));
+                }
+            }
+        }
         let mut logged_in_again = false;
         loop {
-            self.fetches += 1;
-            let tag = format!("L{}", self.fetches);
-            let mut reader = RawCommand::new(&self.raw, tag);
-            let result = reader.fetch(uid, offset, chunk, &mut sink);
-            reader.finish();
+            let tag = match on_the_wire.take() {
+                Some(ahead) => {
+                    chunk = first_range(ahead.extent);
+                    self.top_up(index, extent);
+                    ahead.tag
+                }
+                None => {
+                    let tag = self.connection.send(&fetch_command(uid, offset, chunk));
+                    let before = self.prefetch.ahead.len();
+                    if offset == 0 {
+                        self.top_up(index, extent);
+                    }
+                    // Answers to fetches sent earlier come first on the wire.
+                    self.drain(before).map_err(|e| self.failed(e))?;
+                    tag
+                }
+            };
+            let others = &mut self.prefetch.ahead;
+            let result = read_fetch(
+                &mut self.connection,
+                &tag,
+                uid,
+                offset,
+                chunk,
+                &mut sink,
+                others,
+            );
             let (length, more) = match result {
                 Ok(Some(body)) => body,
                 // Dovecot answers OK with no data for a UID expunged elsewhere.
@@ -676,7 +926,7 @@ impl Maildrop for ImapMaildrop {
                 }
                 Err(Chunk::No(why, _)) => return Err(FetchError::Backend(BackendError(why))),
                 Err(Chunk::Backend(why)) => {
-                    self.ended_by_server = why == SERVER_CLOSED;
+                    self.ended_by_server = why == CLOSED;
                     self.broken = Some(why.clone());
                     // Nothing reached the client yet: the fetch can start over on a new
                     // session, once.
@@ -743,14 +993,180 @@ impl Maildrop for ImapMaildrop {
         match &self.broken {
             // LOGOUT's answer would be waited for in vain, for another --backend-timeout.
             Some(why) => log::debug!("no LOGOUT: the IMAP connection is unusable ({why})"),
+            // Waiting for LOGOUT's answer would mean first reading up to the window of
+            // read-ahead the client never asked for, across the WAN, with the mailbox lock
+            // still held: the connection is simply closed.
+            None if !self.prefetch.ahead.is_empty() => {
+                log::debug!(
+                    "no LOGOUT: read-ahead of messages the client did not ask for is in flight"
+                );
+            }
             None => {
-                let _ = self.session.logout();
+                self.connection.send("LOGOUT");
+                let _ = self.connection.discard_pending();
             }
         }
     }
 }
 
-impl ImapMaildrop {
+impl<S: Read + Write> ImapMaildrop<S> {
+    /// Serves message `index` from a body read ahead, if one is held that serves `extent`;
+    /// `None` when none is. A held head serves RETR only if it is the whole message.
+    fn serve_held(
+        &mut self,
+        index: usize,
+        extent: Extent,
+        sink: &mut dyn MessageSink,
+    ) -> Option<Result<FromMemory, FetchError>> {
+        self.note_expunges();
+        if self.prefetch.expunged.contains(&self.uids[index]) {
+            self.prefetch.held.remove(&index);
+            return Some(Err(FetchError::Gone));
+        }
+        let held = self.prefetch.held.get(&index)?;
+        if extent == Extent::Whole && !held.is_whole() {
+            return None;
+        }
+        // RETR takes it, and so does TOP when it is only the head; TOP leaves a whole
+        // message for the RETR that often follows.
+        let held = match extent == Extent::Whole || held.extent == Extent::Head {
+            true => self.prefetch.held.remove(&index)?,
+            false => Held {
+                extent: held.extent,
+                body: held.body.clone(),
+            },
+        };
+        let Some(body) = held.body else {
+            return Some(Err(FetchError::Gone));
+        };
+        let served = (|| {
+            sink.start()?;
+            for piece in body.chunks(64 << 10) {
+                if !sink.data(piece)? {
+                    return Ok(FromMemory::Done);
+                }
+            }
+            Ok(
+                match held.extent == Extent::Head && body.len() == HEAD_CHUNK {
+                    true => FromMemory::From(body.len()),
+                    false => FromMemory::Done,
+                },
+            )
+        })();
+        Some(served.map_err(FetchError::Client))
+    }
+
+    /// Takes in the `* n EXPUNGE` responses read so far.
+    fn note_expunges(&mut self) {
+        for number in self.connection.take_expunged() {
+            let at = number as usize;
+            if at >= 1 && at <= self.prefetch.sequence.len() {
+                let uid = self.prefetch.sequence.remove(at - 1);
+                self.prefetch.expunged.insert(uid);
+            }
+        }
+    }
+
+    /// Sends read-ahead fetches for the messages after `index`, as many as the window
+    /// holds, in the extent the client is reading (TOP sweeps get heads). They are only
+    /// queued: the next write or read sends them. A message larger than what is left of
+    /// the window stops the read-ahead there, and is streamed when asked for.
+    fn top_up(&mut self, index: usize, extent: Extent) {
+        if self.prefetch.window == 0 || self.broken.is_some() {
+            return;
+        }
+        let mut used = self.prefetch.used();
+        let mut next = match self.prefetch.ahead.back() {
+            Some(last) if last.index > index => last.index + 1,
+            _ => index + 1,
+        };
+        while next < self.uids.len() && self.prefetch.ahead.len() < MAX_AHEAD {
+            if self.prefetch.held.contains_key(&next) {
+                next += 1;
+                continue;
+            }
+            let size = self.messages[next].size;
+            let cost = match extent {
+                Extent::Whole => size,
+                Extent::Head => size.min(HEAD_CHUNK as u64),
+            };
+            if used + cost > self.prefetch.window {
+                // Held messages before this one are behind a sequential client: their
+                // room goes to the messages ahead of it.
+                let before = self.prefetch.held.len();
+                self.prefetch.held.retain(|&i, _| i >= index);
+                if self.prefetch.held.len() == before {
+                    break;
+                }
+                used = self.prefetch.used();
+                continue;
+            }
+            let tag = self
+                .connection
+                .send(&fetch_command(self.uids[next], 0, first_range(extent)));
+            self.prefetch.ahead.push_back(Ahead {
+                index: next,
+                uid: self.uids[next],
+                tag,
+                extent,
+                cost,
+                early: None,
+            });
+            used += cost;
+            next += 1;
+        }
+    }
+
+    /// Reads the answers to the first `count` read-ahead fetches into memory.
+    fn drain(&mut self, count: usize) -> Result<(), Chunk> {
+        for _ in 0..count {
+            let Some(ahead) = self.prefetch.ahead.pop_front() else {
+                break;
+            };
+            let mut holder = Holder {
+                body: Vec::new(),
+                limit: ahead.limit(),
+                over: false,
+            };
+            let range = first_range(ahead.extent);
+            let others = &mut self.prefetch.ahead;
+            let read = read_fetch(
+                &mut self.connection,
+                &ahead.tag,
+                ahead.uid,
+                0,
+                range,
+                &mut holder,
+                others,
+            );
+            let body = match (read, ahead.early) {
+                (Ok(None), Some(Ok(body))) => Some(body),
+                (Ok(None), Some(Err(()))) => continue,
+                (Ok(Some(_)), _) if holder.over => continue,
+                (Ok(Some(_)), _) => Some(holder.body),
+                // Expunged by another client since the listing.
+                (Ok(None), None) | (Err(Chunk::No(..)), _) => None,
+                (Err(Chunk::Client(e)), _) => return Err(Chunk::Backend(e.to_string())),
+                (Err(e), _) => return Err(e),
+            };
+            let held = Held {
+                extent: ahead.extent,
+                body,
+            };
+            self.prefetch.held.insert(ahead.index, held);
+        }
+        Ok(())
+    }
+
+    /// A read-ahead failure met while serving a command: the connection is unusable.
+    fn failed(&mut self, error: Chunk) -> FetchError {
+        FetchError::Backend(self.lost_raw(error))
+    }
+
+    fn lose(&mut self, error: imap::Error) {
+        let _ = self.lost_raw(chunk(error));
+    }
+
     /// Fails at once when an earlier command left the connection unusable, unless the
     /// session could log in again.
     fn usable(&mut self) -> Result<(), BackendError> {
@@ -771,32 +1187,32 @@ impl ImapMaildrop {
     /// lock is this process's and stays held. Tried once per loss: a timeout or a cut the
     /// server did not make is not retried, and neither is a failed attempt.
     fn log_in_again(&mut self) -> bool {
-        let (Some(why), true, Some(relogin)) = (&self.broken, self.ended_by_server, &self.relogin)
+        let (Some(why), true, Some(relogin)) =
+            (&self.broken, self.ended_by_server, &mut self.relogin)
         else {
             return false;
         };
         let why = why.clone();
         self.ended_by_server = false;
-        let again = oauth2_session(&relogin.server, &mut relogin.account.borrow_mut()).and_then(
-            |(mut session, raw, _)| {
-                let selected = select_mailbox(&mut session, &self.settings)?;
-                match selected.uid_validity == Some(self.uid_validity) {
-                    true => Ok((session, raw)),
-                    false => Err(OpenError::Permanent(
-                        "the mailbox's UIDVALIDITY changed, so the session's messages are \
-                         no longer the same"
-                            .into(),
-                    )),
-                }
-            },
-        );
+        let again = relogin().and_then(|mut connection| {
+            let selected = select_mailbox(&mut connection, &self.settings)?;
+            match selected.uid_validity == Some(self.uid_validity) {
+                true => Ok(connection),
+                false => Err(OpenError::Permanent(
+                    "the mailbox's UIDVALIDITY changed, so the session's messages are \
+                     no longer the same"
+                        .into(),
+                )),
+            }
+        });
         match again {
-            Ok((session, raw)) => {
+            Ok(connection) => {
                 log::info!(
                     "the IMAP server ended the session ({why}); logged in again with the OAuth2 account"
                 );
-                self.session = session;
-                self.raw = raw;
+                self.connection = connection;
+                // Those fetches were on the old connection; what was read of them holds.
+                self.prefetch.ahead.clear();
                 self.broken = None;
                 true
             }
@@ -809,8 +1225,8 @@ impl ImapMaildrop {
         }
     }
 
-    /// Applies the delete policy to the UIDs in `set` (UPDATE state, RFC 1939 §6), on the
-    /// raw connection, so that `[TRYCREATE]` is read from the wire.
+    /// Applies the delete policy to the UIDs in `set` (UPDATE state, RFC 1939 §6), so that
+    /// `[TRYCREATE]` is read from the wire.
     fn apply_delete(&mut self, set: &str) -> Result<(), Chunk> {
         match self.settings.policy {
             DeletePolicy::Keep => {}
@@ -823,7 +1239,7 @@ impl ImapMaildrop {
                 self.run(&format!("UID EXPUNGE {set}"))?;
             }
             DeletePolicy::Trash => {
-                let trash = quoted(&self.settings.trash_mailbox);
+                let trash = quoted_mailbox(&self.settings.trash_mailbox);
                 match self.move_to(set, &trash) {
                     // RFC 3501 §6.4.7: the trash mailbox does not exist yet. Only then is
                     // a retry safe: after another NO, a COPY may already have happened.
@@ -848,14 +1264,16 @@ impl ImapMaildrop {
         self.run(&format!("UID EXPUNGE {set}"))
     }
 
-    /// Runs `command` on the raw connection: `Ok` for OK, [`Chunk::No`] when the server
-    /// refused it (NO or BAD: the connection goes on).
+    /// Runs `command` (one whose untagged data we do not use): `Ok` for OK, [`Chunk::No`]
+    /// when the server refused it (NO or BAD: the connection goes on). Read-ahead answers
+    /// on the wire before it are read into memory first.
     fn run(&mut self, command: &str) -> Result<(), Chunk> {
-        self.fetches += 1;
-        let mut raw = RawCommand::new(&self.raw, format!("L{}", self.fetches));
-        let result = raw.simple(command);
-        raw.finish();
-        let status = result?;
+        let tag = self.connection.send(command);
+        self.drain(self.prefetch.ahead.len())?;
+        let status = self
+            .connection
+            .read_to(&tag, &mut KeepAll, |_, _| {})
+            .map_err(chunk)?;
         match status.kind {
             StatusKind::Ok => Ok(()),
             _ => {
@@ -865,24 +1283,24 @@ impl ImapMaildrop {
         }
     }
 
-    /// The error of a raw command; unless the server answered it, the connection is now
+    /// The error of a command; unless the server answered it, the connection is now
     /// unusable.
     fn lost_raw(&mut self, error: Chunk) -> BackendError {
         if let Chunk::Backend(why) = &error {
             self.broken = Some(why.clone());
-            self.ended_by_server = why == SERVER_CLOSED;
+            self.ended_by_server = why == CLOSED;
         }
         BackendError(error.into_text())
     }
 }
 
-/// A mailbox name as an IMAP quoted string. The imap crate quotes the mailbox for UID MOVE
-/// and CREATE but not for UID COPY, where "Deleted Items" would otherwise name "Deleted".
-fn quoted(mailbox: &str) -> String {
-    format!("\"{}\"", mailbox.replace('\\', "\\\\").replace('"', "\\\""))
+/// A mailbox name as an IMAP quoted string. Names with CR, LF or NUL are refused when the
+/// options are read, so the fallback never applies.
+fn quoted_mailbox(mailbox: &str) -> String {
+    quoted(mailbox).unwrap_or_else(|| "\"\"".into())
 }
 
-/// How a raw command failed.
+/// How a command failed.
 enum Chunk {
     /// The server answered NO (or, to a delete command, BAD): the connection is in step.
     No(String, Status),
@@ -900,8 +1318,12 @@ impl Chunk {
     }
 }
 
-/// Why a raw command failed when the server closed the connection (after `* BYE`).
-const SERVER_CLOSED: &str = "the IMAP server closed the connection";
+fn chunk(error: imap::Error) -> Chunk {
+    match error {
+        imap::Error::Handler(e) => Chunk::Client(e),
+        other => Chunk::Backend(other.to_string()),
+    }
+}
 
 /// Records whether any of a message reached the sink, which decides whether a failed
 /// fetch may start over.
@@ -920,186 +1342,106 @@ impl MessageSink for Watched<'_> {
     }
 }
 
-/// One command run on the raw connection and read with [`imap_wire::Reader`], not the
-/// `imap` crate: a body fetch, streamed, the message list, parsed response by response, and
-/// the commands whose response codes matter (`[TRYCREATE]`). Generic over the stream only
-/// so that [`read_listing`] and [`read_body`] can run it over bytes.
-struct RawCommand<S = Shared> {
-    reader: Reader<BufReader<S>>,
-    tag: String,
-}
-
-impl RawCommand {
-    fn new(raw: &Shared, tag: String) -> RawCommand {
-        RawCommand {
-            reader: Reader::new(BufReader::with_capacity(64 * 1024, raw.clone())),
-            tag,
-        }
-    }
-
-    /// Hands bytes read past the tagged response back to the connection.
-    fn finish(self) {
-        let input = self.reader.into_inner();
-        let rest = input.buffer().to_vec();
-        if !rest.is_empty() {
-            let raw = input.into_inner();
-            let mut inner = raw.0.borrow_mut();
-            let mut unread = rest;
-            unread.append(&mut inner.unread);
-            inner.unread = unread;
-        }
-    }
-}
-
-impl<S: Read + Write> RawCommand<S> {
-    fn send(&mut self, command: &str) -> Result<(), Chunk> {
-        let backend = |e: io::Error| Chunk::Backend(describe_io(&e));
-        let stream = self.reader.get_mut().get_mut();
-        stream
-            .write_all(format!("{} {command}\r\n", self.tag).as_bytes())
-            .map_err(backend)?;
-        stream.flush().map_err(backend)
-    }
-
-    /// Reads responses up to this command's tagged one and returns its status. Each
-    /// untagged response goes to `each` with `state`, which also decides about literals.
-    /// Unsolicited responses (EXISTS, EXPUNGE, a flag change, an ALERT) may come anywhere.
-    fn read_to_tagged<L: Literals>(
-        &mut self,
-        command: &str,
-        state: &mut L,
-        mut each: impl FnMut(&mut L, Response),
-    ) -> Result<Status, Chunk> {
-        loop {
-            match self.reader.next(state) {
-                Ok(Response::Tagged { tag, status }) if tag == self.tag => return Ok(status),
-                Ok(Response::Tagged { tag, status }) => {
-                    return Err(Chunk::Backend(format!(
-                        "{command}: an answer to a command never sent ({tag} {status})"
-                    )));
-                }
-                Ok(Response::Continuation(text)) => {
-                    return Err(Chunk::Backend(format!(
-                        "{command}: an unexpected continuation request ({text})"
-                    )));
-                }
-                // The server closes the connection next; reading on finds that.
-                Ok(Response::Condition(status)) if status.kind == StatusKind::Bye => {
-                    log::info!("the IMAP server ends the session: {status}");
-                }
-                Ok(response) => each(state, response),
-                Err(imap_wire::Error::Handler(e)) => return Err(Chunk::Client(e)),
-                Err(imap_wire::Error::Closed) => return Err(Chunk::Backend(SERVER_CLOSED.into())),
-                Err(imap_wire::Error::Io(e)) => return Err(Chunk::Backend(describe_io(&e))),
-                Err(e) => return Err(Chunk::Backend(format!("{command}: {e}"))),
-            }
-        }
-    }
-
-    /// Runs a command whose untagged data we do not use (UID STORE, UID EXPUNGE, UID COPY,
-    /// UID MOVE, CREATE, NOOP): its tagged status, code and all.
-    fn simple(&mut self, command: &str) -> Result<Status, Chunk> {
-        self.send(command)?;
-        let verb = command.split(' ').take(2).collect::<Vec<_>>().join(" ");
-        self.read_to_tagged(&verb, &mut KeepAll, |_, _| {})
-    }
-
-    /// `UID FETCH 1:* (UID RFC822.SIZE FLAGS)`: (UID, size) of every message without the
-    /// keyword `hide`, in the server's order. Each response is parsed as it comes: one
-    /// round trip, and no memory or time spent on a whole parsed response (through the
-    /// crate, 20,000 messages took 55 MiB at once, or 20 round trips in batches, and most
-    /// of the login's CPU time went to imap-proto's parser and malloc).
-    fn list(&mut self, hide: Option<&str>) -> Result<Vec<(u32, u64)>, String> {
-        let text = Chunk::into_text;
-        self.send("UID FETCH 1:* (UID RFC822.SIZE FLAGS)")
-            .map_err(text)?;
-        let mut listed = Vec::new();
-        let status = self
-            .read_to_tagged("UID FETCH", &mut KeepAll, |_, response| {
-                // FETCH responses without both numbers are unsolicited (a flag change).
-                if let Response::Message {
-                    data: MessageData::Fetch(fetch),
-                    ..
-                } = response
-                {
-                    listed.extend(listing_item(&fetch, hide));
-                }
-            })
-            .map_err(text)?;
-        match status.kind {
-            StatusKind::Ok => Ok(listed),
-            _ => Err(format!("UID FETCH: {status}")),
-        }
-    }
-
-    /// Dovecot's GUID of `mailbox` (`STATUS mailbox (X-GUID)`), `None` from a server that
-    /// does not know the item (it answers BAD, and the connection goes on).
-    fn mailbox_guid(&mut self, mailbox: &str) -> Result<Option<String>, String> {
-        let text = Chunk::into_text;
-        self.send(&format!("STATUS {} (X-GUID)", quoted(mailbox)))
-            .map_err(text)?;
-        let mut guid = None;
-        self.read_to_tagged("STATUS", &mut KeepAll, |_, response| {
-            if let Response::Data { name, values } = response
-                && name == "STATUS"
-                && guid.is_none()
-            {
-                guid = status_guid(&values);
-            }
-        })
-        .map_err(text)?;
-        Ok(guid)
-    }
-
-    /// `UID FETCH uid (UID BODY.PEEK[])`, or the partial range `<offset.length>`, read to
-    /// its tagged response. Returns the body's length and whether the sink wants more, or
-    /// `None` when no body came. The body goes to `sink` as it arrives, but only the body
-    /// of `uid`: see [`BodyTaker`].
-    fn fetch(
-        &mut self,
-        uid: u32,
-        offset: usize,
-        range: Option<usize>,
-        sink: &mut dyn MessageSink,
-    ) -> Result<Option<(usize, bool)>, Chunk> {
-        let section = match range {
-            None => "BODY.PEEK[]".to_string(),
-            Some(length) => format!("BODY.PEEK[]<{offset}.{length}>"),
-        };
-        // UID first: a server that answers in the order asked names the message before
-        // its body, so a wrong one is refused before any of it reaches the client.
-        self.send(&format!("UID FETCH {uid} (UID {section})"))?;
-        let mut body = BodyTaker {
-            uid,
-            offset: offset as u64,
-            range: range.map(|r| r as u64),
-            first: offset == 0,
-            sink,
-            taken: None,
-            checked: false,
-            more: true,
-            wrong: None,
-        };
-        let status = self.read_to_tagged("UID FETCH", &mut body, |body, response| {
+/// Reads the answer to a body fetch (tag `tag`, of `uid` from `offset`, `range` octets or
+/// all) to its tagged response. Returns the body's length and whether the sink wants
+/// more, or `None` when no body came. The body goes to `sink` as it arrives, but only the
+/// body of `uid`: see [`BodyTaker`].
+///
+/// Bodies of read-ahead fetches in `others` that come first (a server that runs pipelined
+/// FETCHes at once, as Dovecot does) are told apart by the UID sent before them and kept
+/// with their fetch.
+fn read_fetch<S: Read + Write>(
+    connection: &mut Connection<S>,
+    tag: &str,
+    uid: u32,
+    offset: usize,
+    range: Option<usize>,
+    sink: &mut dyn MessageSink,
+    others: &mut VecDeque<Ahead>,
+) -> Result<Option<(usize, bool)>, Chunk> {
+    let body = BodyTaker {
+        uid,
+        offset: offset as u64,
+        range: range.map(|r| r as u64),
+        first: offset == 0,
+        sink,
+        taken: None,
+        checked: false,
+        more: true,
+        wrong: None,
+    };
+    let mut demux = Demux {
+        body,
+        others,
+        routed: None,
+    };
+    let status = connection
+        .read_to(tag, &mut demux, |demux, response| {
             if let Response::Message {
                 number,
                 data: MessageData::Fetch(fetch),
             } = response
             {
-                body.check_uid(number, &fetch);
+                demux.body.check_uid(number, &fetch);
             }
-        })?;
-        if let Some(why) = body.wrong {
-            log::error!(
-                "IMAP protocol error in the answer to UID FETCH {uid}: {why}; the message is \
-                 not passed on (a message already begun is cut, without its final \".\")"
-            );
-            return Err(Chunk::Backend(why));
+        })
+        .map_err(chunk)?;
+    let body = demux.body;
+    if let Some(why) = body.wrong {
+        log::error!(
+            "IMAP protocol error in the answer to UID FETCH {uid}: {why}; the message is \
+             not passed on (a message already begun is cut, without its final \".\")"
+        );
+        return Err(Chunk::Backend(why));
+    }
+    match status.kind {
+        StatusKind::Ok => Ok(body.taken.map(|(length, _)| (length as usize, body.more))),
+        StatusKind::No => Err(Chunk::No(format!("UID FETCH: {status}"), status)),
+        _ => Err(Chunk::Backend(format!("UID FETCH: {status}"))),
+    }
+}
+
+/// Sends each body literal to the fetch it answers: one of `others` when the UID before it
+/// names one of theirs, else the fetch being read.
+struct Demux<'a, 'b> {
+    body: BodyTaker<'a>,
+    others: &'b mut VecDeque<Ahead>,
+    /// Which of `others` takes the literal being read.
+    routed: Option<usize>,
+}
+
+impl Literals for Demux<'_, '_> {
+    fn offer(&mut self, number: u32, name: &str, before: &Fetch, length: u64) -> io::Result<bool> {
+        self.routed = None;
+        let whole_from_start = matches!(body_origin(name), Some(None | Some(0)));
+        if let Some(uid) = before
+            .uid()
+            .filter(|&uid| uid != self.body.uid && whole_from_start)
+            && let Some(at) = self
+                .others
+                .iter()
+                .position(|a| a.uid == uid && a.early.is_none())
+        {
+            let ahead = &mut self.others[at];
+            ahead.early = match length as usize <= ahead.limit() {
+                true => Some(Ok(Vec::with_capacity(length as usize))),
+                false => Some(Err(())),
+            };
+            self.routed = Some(at);
+            return Ok(true);
         }
-        match status.kind {
-            StatusKind::Ok => Ok(body.taken.map(|(length, _)| (length as usize, body.more))),
-            StatusKind::No => Err(Chunk::No(format!("UID FETCH: {status}"), status)),
-            _ => Err(Chunk::Backend(format!("UID FETCH: {status}"))),
+        self.body.offer(number, name, before, length)
+    }
+
+    fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self.routed {
+            Some(at) => {
+                if let Some(Ok(body)) = &mut self.others[at].early {
+                    body.extend_from_slice(bytes);
+                }
+                Ok(())
+            }
+            None => self.body.data(bytes),
         }
     }
 }
@@ -1214,7 +1556,7 @@ fn body_origin(name: &str) -> Option<Option<u64>> {
     }
 }
 
-/// A server's side of the connection as bytes: what [`RawCommand`] writes is dropped.
+/// A server's side of the connection as bytes: what the client writes is dropped.
 struct Recorded<R>(R);
 
 impl<R: Read> Read for Recorded<R> {
@@ -1236,11 +1578,12 @@ impl<R> Write for Recorded<R> {
 /// after the command: (UID, size) per listed message, or why it failed. For the fuzzer
 /// (tests/fuzz), which has no server.
 pub fn read_listing(response: impl Read, hide: Option<&str>) -> Result<Vec<(u32, u64)>, String> {
-    RawCommand {
-        reader: Reader::new(BufReader::new(Recorded(response))),
-        tag: "L0".into(),
-    }
-    .list(hide)
+    let mut connection = Connection::with_tags(Recorded(response), "L", 0);
+    let tag = connection.send(LISTING);
+    read_listing_of(&mut connection, &tag, hide).map_err(|e| match e {
+        Listing::Refused(why) => why,
+        Listing::Broken(e) => e.to_string(),
+    })
 }
 
 /// What one body fetch of UID 1 (tag `L1`) makes of `response`: the body's length and
@@ -1251,11 +1594,10 @@ pub fn read_body(
     range: Option<usize>,
     sink: &mut dyn MessageSink,
 ) -> Result<Option<(usize, bool)>, FetchError> {
-    let mut command = RawCommand {
-        reader: Reader::new(BufReader::new(Recorded(response))),
-        tag: "L1".into(),
-    };
-    command.fetch(1, 0, range, sink).map_err(|e| match e {
+    let mut connection = Connection::with_tags(Recorded(response), "L", 1);
+    let tag = connection.send(&fetch_command(1, 0, range));
+    let mut others = VecDeque::new();
+    read_fetch(&mut connection, &tag, 1, 0, range, sink, &mut others).map_err(|e| match e {
         Chunk::Client(e) => FetchError::Client(e),
         Chunk::No(why, _) | Chunk::Backend(why) => FetchError::Backend(BackendError(why)),
     })
@@ -1276,21 +1618,13 @@ fn listing_item(fetch: &Fetch, hide: Option<&str>) -> Option<(u32, u64)> {
     (!hidden).then_some((uid, size))
 }
 
-fn describe_io(error: &io::Error) -> String {
-    match error.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            "timed out waiting for the IMAP server".into()
-        }
-        _ => format!("IMAP connection failed: {error}"),
-    }
-}
-
 #[cfg(test)]
 mod oauth2_tests {
     //! The OAuth2 login against a scripted IMAP server: the retry on the same or a new
     //! connection, and what the session is told.
 
     use super::*;
+    use crate::net::{Timeouts, TlsMode};
     use crate::oauth2::TokenError;
     use crate::oauth2::login::testing::Tokens;
     use crate::pop3::fake_imap::{FakeImap, Script};
@@ -1331,8 +1665,10 @@ mod oauth2_tests {
                 mark_seen: false,
                 lock_dir: None,
                 lock_user_domain: lock::UserDomain::Keep,
+                prefetch_window: DEFAULT_PREFETCH_WINDOW,
             },
             oauth2: Some(Rc::new(RefCell::new(tokens.account()))),
+            early: None,
         }
     }
 
@@ -1348,16 +1684,39 @@ mod oauth2_tests {
     }
 
     #[test]
+    fn the_early_connection_is_made_before_the_login_and_used_by_it() {
+        let fake = FakeImap::start(script(&ALL, &["t1"]));
+        let tokens = Tokens::new("alice@example.com", &["t1"]);
+        let mut opener = opener(&fake, &tokens);
+        opener.connect_early();
+        // Polled: the server sees the connection before any credentials exist.
+        let started = std::time::Instant::now();
+        while fake.journal().connects == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no early connection"
+            );
+            std::thread::yield_now();
+        }
+        assert!(fake.journal().commands.is_empty());
+        open(&mut opener, "alice", "pw").unwrap();
+        let journal = fake.journal();
+        assert_eq!(journal.connects, 1, "the login used the early connection");
+        assert_eq!(journal.commands[0], "AUTHENTICATE");
+    }
+
+    #[test]
     fn a_valid_token_logs_in_with_sasl_ir_in_one_round_trip() {
         let fake = FakeImap::start(script(&ALL, &["t1"]));
         let tokens = Tokens::new("alice@example.com", &["t1"]);
         open(&mut opener(&fake, &tokens), "alice", "pw").unwrap();
         assert_eq!(presented(&fake), [("t1".to_string(), true)]);
         let journal = fake.journal();
-        // CAPABILITY only for the LOGINDISABLED check of a plain connection.
+        // No CAPABILITY: the greeting told what the LOGINDISABLED check and SASL-IR need.
+        // EXAMINE and the listing go in one flight.
         assert_eq!(
             journal.commands,
-            ["CAPABILITY", "AUTHENTICATE", "EXAMINE", "LOGOUT"]
+            ["AUTHENTICATE", "EXAMINE", "UID", "LOGOUT"]
         );
         assert_eq!(tokens.renewals(), 0);
     }
@@ -1484,12 +1843,12 @@ mod oauth2_tests {
         maildrop.fetch(0, Extent::Whole, &mut sink).map(|()| sink.0)
     }
 
-    // The first session's commands: CAPABILITY, AUTHENTICATE, EXAMINE, UID FETCH 1:*; the
-    // fifth is the one the server ends the session at.
+    // The first session's commands: AUTHENTICATE, EXAMINE, UID FETCH 1:*; the fourth is
+    // the one the server ends the session at.
 
     #[test]
     fn a_session_the_server_ends_when_its_token_expires_logs_in_again_for_retr() {
-        let (fake, _tokens, mut maildrop) = ending_session(5, &["t1"]);
+        let (fake, _tokens, mut maildrop) = ending_session(4, &["t1"]);
         assert_eq!(retr(&mut maildrop).unwrap(), MESSAGE.as_bytes());
         let journal = fake.journal();
         assert_eq!(journal.connects, 2);
@@ -1499,7 +1858,7 @@ mod oauth2_tests {
 
     #[test]
     fn a_session_the_server_ends_during_a_keepalive_goes_on_with_the_next_command() {
-        let (fake, _tokens, mut maildrop) = ending_session(5, &["t1"]);
+        let (fake, _tokens, mut maildrop) = ending_session(4, &["t1"]);
         maildrop.keepalive().unwrap();
         assert_eq!(retr(&mut maildrop).unwrap(), MESSAGE.as_bytes());
         assert_eq!(fake.journal().connects, 2);
@@ -1509,7 +1868,7 @@ mod oauth2_tests {
     #[test]
     fn logging_in_again_is_tried_once_per_loss_and_its_failure_is_an_error() {
         // The token the new session gets is refused, and so is the renewed one.
-        let (fake, tokens, mut maildrop) = ending_session(5, &["t1", "t2", "t3"]);
+        let (fake, tokens, mut maildrop) = ending_session(4, &["t1", "t2", "t3"]);
         tokens.state.borrow_mut().current = 1;
         assert!(matches!(retr(&mut maildrop), Err(FetchError::Backend(_))));
         let connects = fake.journal().connects;
@@ -1756,3 +2115,7 @@ mod reader_tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "prefetch_tests.rs"]
+mod prefetch_tests;

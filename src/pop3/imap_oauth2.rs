@@ -2,19 +2,18 @@
 //! with the initial response on the command line when the server has SASL-IR (RFC 4959):
 //! one round trip instead of two.
 //!
-//! Driven through the `imap` crate's `authenticate`, which has no SASL-IR but sends its
-//! mechanism argument as given: `OAUTHBEARER <base64>` is exactly RFC 4959's form. Its
-//! handshake then answers continuation requests through an [`imap::Authenticator`]: without
-//! SASL-IR the first (empty) one gets the initial response, and an error challenge gets
-//! the mechanism's error response so that the server can send its tagged NO. On NO the
-//! crate hands the client back, so a retry can use the same connection.
+//! Runs on [`crate::imap::Connection`]'s AUTHENTICATE: without SASL-IR the first (empty)
+//! continuation request gets the initial response, and an error challenge gets the
+//! mechanism's error response so that the server can send its tagged NO. After NO the
+//! connection can take another AUTHENTICATE, so a retry can use it.
 //! Generic over the stream, so byte transcripts test it.
 
 use super::maildrop::OpenError;
+use crate::imap::{Connection, capability_code};
+use crate::imap_wire::{Status, StatusKind};
 use crate::oauth2::AccessToken;
 use crate::oauth2::login::Refusal;
 use crate::oauth2::sasl::{self, Mechanism, Target, Verdict};
-use std::cell::RefCell;
 use std::io::{Read, Write};
 
 /// RFC 7162 §4: servers should take command lines of 8192 octets, and clients keep to
@@ -46,118 +45,81 @@ impl Offers {
 
     /// From the greeting's `[CAPABILITY …]` response code, if it has one (Dovecot's does;
     /// Exchange's and Gmail's do not, and then CAPABILITY is asked).
-    pub fn from_greeting(greeting: &[u8]) -> Option<Offers> {
-        let text = std::str::from_utf8(greeting).ok()?;
-        let start = text.to_ascii_uppercase().find("[CAPABILITY ")? + "[CAPABILITY ".len();
-        let end = start + text[start..].find(']')?;
-        let names: Vec<&str> = text[start..end].split_ascii_whitespace().collect();
-        Some(Offers::from_names(&names))
+    pub fn from_greeting(greeting: &Status) -> Option<Offers> {
+        Some(Offers::from_names(&capability_code(greeting)?))
     }
 }
 
-/// Answers the server's continuation requests.
-struct Responder {
-    mechanism: Mechanism,
-    /// The initial response, until it is sent (SASL-IR sends it with the command).
-    initial: RefCell<Option<Vec<u8>>>,
-    /// The error challenge, once the server sent one.
-    challenge: RefCell<Option<Vec<u8>>>,
-}
-
-impl imap::Authenticator for Responder {
-    type Response = Vec<u8>;
-
-    fn process(&self, challenge: &[u8]) -> Vec<u8> {
-        if challenge.is_empty()
-            && let Some(initial) = self.initial.borrow_mut().take()
-        {
-            return initial;
-        }
-        self.challenge
-            .borrow_mut()
-            .get_or_insert(challenge.to_vec());
-        self.mechanism.error_response().to_vec()
-    }
-}
-
-/// A failed attempt, and the client when its connection can take another AUTHENTICATE.
-pub type Failed<T> = (Refusal<OpenError>, Option<imap::Client<T>>);
+/// A failed attempt, and whether the connection can take another AUTHENTICATE.
+pub type Failed = (Refusal<OpenError>, bool);
 
 /// Authenticates with `token` for `user`. A rejected token is [`Refusal::Rejected`]; the
-/// client comes back with every refusal the server answered with a tagged response.
-pub fn authenticate<T: Read + Write>(
-    client: imap::Client<T>,
+/// connection stays usable after every refusal the server answered with a tagged response.
+pub fn authenticate<S: Read + Write>(
+    connection: &mut Connection<S>,
     offers: &Offers,
     user: &str,
     token: &AccessToken,
     target: Target<'_>,
-) -> Result<imap::Session<T>, Failed<T>> {
+) -> Result<(), Failed> {
     let Some(mechanism) = offers.mechanism else {
         let why = format!(
             "{}:{} offers neither AUTH=OAUTHBEARER nor AUTH=XOAUTH2",
             target.host, target.port
         );
-        return Err((Refusal::Failed(OpenError::Permanent(why)), Some(client)));
+        return Err((Refusal::Failed(OpenError::Permanent(why)), true));
     };
     let initial = match mechanism.initial_response(user, token, target) {
         Ok(initial) => initial,
         Err(e) => {
             let why = OpenError::Temporary(format!("AUTHENTICATE {mechanism}: {e}"));
-            return Err((Refusal::Failed(why), Some(client)));
+            return Err((Refusal::Failed(why), true));
         }
-    };
-    let responder = Responder {
-        mechanism,
-        initial: RefCell::new(None),
-        challenge: RefCell::new(None),
     };
     let encoded = crate::base64::encode(&initial);
     // "a1 AUTHENTICATE " and CRLF around the argument.
     let fits = encoded.len() + mechanism.name().len() + 32 <= MAX_COMMAND_LINE;
-    let command = match offers.sasl_ir && fits {
+    let (arguments, mut unsent) = match offers.sasl_ir && fits {
         // RFC 4959 §3: the initial response, base64, after the mechanism name.
-        true => format!("{mechanism} {encoded}"),
-        false => {
-            *responder.initial.borrow_mut() = Some(initial);
-            mechanism.to_string()
+        true => (format!("{mechanism} {encoded}"), None),
+        false => (mechanism.to_string(), Some(initial)),
+    };
+    let mut challenge = None;
+    let result = connection.authenticate(&arguments, |sent| {
+        if sent.is_empty()
+            && let Some(initial) = unsent.take()
+        {
+            return initial;
+        }
+        challenge.get_or_insert(sent.to_vec());
+        mechanism.error_response().to_vec()
+    });
+    let command = format!("AUTHENTICATE {mechanism}");
+    let status = match result {
+        Ok(status) if status.kind == StatusKind::Ok => return Ok(()),
+        Ok(status) => status,
+        // Not answered: a cut, a timeout or an unreadable response. Not the token, and the
+        // connection is out of step.
+        Err(e) => {
+            return Err((
+                Refusal::Failed(OpenError::Temporary(format!("{command}: {e}"))),
+                false,
+            ));
         }
     };
-    let (error, client) = match client.authenticate(command, &responder) {
-        Ok(session) => return Ok(session),
-        Err(failed) => failed,
-    };
-    // A tagged answer leaves the connection in step; anything else (a cut, a timeout, an
-    // unreadable response) does not.
-    let usable = matches!(error, imap::Error::No(_) | imap::Error::Bad(_));
-    let challenge = responder.challenge.borrow_mut().take();
-    let refusal = refusal(mechanism, error, challenge.as_deref());
-    Err((refusal, usable.then_some(client)))
+    Err((refusal(&command, &status, challenge.as_deref()), true))
 }
 
-/// Sorts a failed AUTHENTICATE: the error challenge says best whether the token was the
+/// Sorts a refused AUTHENTICATE: the error challenge says best whether the token was the
 /// problem; without one, the tagged NO's response code does (RFC 5530).
-fn refusal(
-    mechanism: Mechanism,
-    error: imap::Error,
-    challenge: Option<&[u8]>,
-) -> Refusal<OpenError> {
-    let command = format!("AUTHENTICATE {mechanism}");
-    let no = match error {
-        imap::Error::No(no) => no,
-        imap::Error::Bad(bad) => {
-            return Refusal::Failed(OpenError::Permanent(format!(
-                "{command}: the server did not understand it: {}",
-                bad.information
-            )));
-        }
-        other => {
-            return Refusal::Failed(OpenError::Temporary(format!(
-                "{command}: {}",
-                super::imap::describe(&other)
-            )));
-        }
-    };
-    let said = format!("{command}: {}", no.information);
+fn refusal(command: &str, status: &Status, challenge: Option<&[u8]>) -> Refusal<OpenError> {
+    if status.kind != StatusKind::No {
+        return Refusal::Failed(OpenError::Permanent(format!(
+            "{command}: the server did not understand it: {}",
+            super::imap::said(status)
+        )));
+    }
+    let said = format!("{command}: {}", super::imap::said(status));
     match challenge.map(sasl::judge_challenge) {
         Some(Verdict::TokenRejected) => Refusal::Rejected(said),
         Some(Verdict::InsufficientScope { scope }) => {
@@ -173,9 +135,8 @@ fn refusal(
         // No challenge (Exchange sends none): the NO's code decides, as for LOGIN; an
         // expired "passphrase" (RFC 5530 EXPIRED) is an expired token here.
         None => {
-            let (code, _) = crate::imap_wire::parse_resp_text(&no.information);
-            let expired = code.is_some_and(|code| code.name == "EXPIRED");
-            match super::imap::login_error(imap::Error::No(no)) {
+            let expired = status.has_code("EXPIRED");
+            match super::imap::refused(command, status) {
                 OpenError::Auth(_) => Refusal::Rejected(said),
                 OpenError::Permanent(_) if expired => Refusal::Rejected(said),
                 OpenError::Permanent(_) => Refusal::Failed(OpenError::Permanent(said)),
@@ -189,36 +150,10 @@ fn refusal(
 mod tests {
     use super::*;
     use crate::base64;
-    use std::io;
+    use std::cell::RefCell;
     use std::rc::Rc;
 
-    /// A server side given in advance, read in pieces of `chunk` bytes; records what the
-    /// client writes.
-    struct Transcript {
-        server: Vec<u8>,
-        read: usize,
-        chunk: usize,
-        client: Rc<RefCell<Vec<u8>>>,
-    }
-
-    impl Read for Transcript {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let n = buf.len().min(self.chunk).min(self.server.len() - self.read);
-            buf[..n].copy_from_slice(&self.server[self.read..self.read + n]);
-            self.read += n;
-            Ok(n)
-        }
-    }
-
-    impl Write for Transcript {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.client.borrow_mut().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::imap::tests::Transcript;
 
     const TARGET: Target = Target {
         host: "server.example.com",
@@ -243,17 +178,12 @@ mod tests {
                 client: Rc::clone(&written),
             };
             let token = AccessToken::new(TOKEN.into());
-            let result = authenticate(
-                imap::Client::new(stream),
-                offers,
-                "user@example.com",
-                &token,
-                TARGET,
-            );
+            let mut connection = Connection::new(stream);
+            let result = authenticate(&mut connection, offers, "user@example.com", &token, TARGET);
             let result = match result {
-                Ok(_) => Ok(()),
-                Err((refusal, client)) => {
-                    let kept = if client.is_some() { "kept" } else { "dropped" };
+                Ok(()) => Ok(()),
+                Err((refusal, usable)) => {
+                    let kept = if usable { "kept" } else { "dropped" };
                     Err(format!("{refusal:?} {kept}"))
                 }
             };
@@ -311,7 +241,7 @@ mod tests {
         };
         let token = AccessToken::new(long.clone());
         let offers = offers(Mechanism::XOAuth2, true);
-        let result = authenticate(imap::Client::new(stream), &offers, "u", &token, TARGET);
+        let result = authenticate(&mut Connection::new(stream), &offers, "u", &token, TARGET);
         assert!(result.is_ok());
         let written = String::from_utf8(written.take()).unwrap();
         assert!(
@@ -381,17 +311,30 @@ mod tests {
 
     #[test]
     fn capabilities_come_from_the_greeting_when_it_has_them() {
+        let greeting = |bytes: &[u8]| {
+            let stream = Transcript {
+                server: bytes.to_vec(),
+                read: 0,
+                chunk: 64,
+                client: Rc::default(),
+            };
+            Connection::new(stream).greeting().unwrap()
+        };
         let dovecot = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER] Dovecot ready.\r\n";
         assert_eq!(
-            Offers::from_greeting(dovecot),
+            Offers::from_greeting(&greeting(dovecot)),
             Some(offers(Mechanism::OAuthBearer, true))
         );
         assert_eq!(
-            Offers::from_greeting(b"* OK [capability IMAP4rev1 auth=xoauth2] hi\r\n"),
+            Offers::from_greeting(&greeting(
+                b"* OK [capability IMAP4rev1 auth=xoauth2] hi\r\n"
+            )),
             Some(offers(Mechanism::XOAuth2, false))
         );
         assert_eq!(
-            Offers::from_greeting(b"* OK The Microsoft Exchange IMAP4 service is ready.\r\n"),
+            Offers::from_greeting(&greeting(
+                b"* OK The Microsoft Exchange IMAP4 service is ready.\r\n"
+            )),
             None
         );
     }

@@ -13,7 +13,6 @@ pub mod maildrop;
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod reply;
-pub mod selected;
 pub mod session;
 #[cfg(test)]
 mod transcript_tests;
@@ -211,6 +210,19 @@ pub struct Args {
     #[command(flatten)]
     pub client_tls: crate::options::ClientTlsOptions,
 
+    /// Bytes of the next messages fetched ahead while a client reads one (RETR or TOP in
+    /// order), so that its next command costs no round trip to the IMAP server. Takes a
+    /// number of bytes or K, M, G (binary); 0 turns read-ahead off. A message larger than
+    /// the window is fetched only when asked for.
+    #[arg(
+        long,
+        env = "LMP_PREFETCH_WINDOW",
+        default_value = "4M",
+        value_name = "SIZE",
+        value_parser = parse_size
+    )]
+    pub prefetch_window: u64,
+
     /// Advertise RFC 2449 EXPIRE with this value (days, or NEVER) when the IMAP server's
     /// retention policy is known. Not advertised by default.
     #[arg(long, env = "LMP_CAPA_EXPIRE", value_name = "DAYS|NEVER")]
@@ -224,7 +236,10 @@ pub fn serve(args: Args) -> ExitCode {
     let started = std::time::Instant::now();
     let mut ending = Ending::Served;
     let mut opener: Box<dyn Opener> = match imap_opener(&args) {
-        Ok(opener) => Box::new(opener),
+        Ok(mut opener) => {
+            opener.connect_early();
+            Box::new(opener)
+        }
         Err(e) => {
             ending = Ending::NotServed;
             // The client still gets a POP3 dialogue and a clear -ERR at login, and the
@@ -287,6 +302,27 @@ pub fn serve(args: Args) -> ExitCode {
         ending = Ending::Broken;
     }
     exit_code(ending)
+}
+
+/// A size in bytes: digits, optionally followed by K, M or G (powers of 1024; `KiB`,
+/// `MB` and the like read the same).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (bytes, or a number with K, M or G)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Answers every login with `[SYS/PERM]` when the configuration is unusable.
@@ -422,7 +458,9 @@ fn imap_opener(args: &Args) -> anyhow::Result<ImapOpener> {
             mark_seen: args.mark_seen,
             lock_dir: (!args.no_lock).then(|| args.lock_dir.clone()),
             lock_user_domain: args.lock_user_domain.into(),
+            prefetch_window: args.prefetch_window,
         },
+        early: None,
     })
 }
 
@@ -484,6 +522,25 @@ mod tests {
         );
         let args = args_of(&["--auth-failure-delay", "60"]).unwrap();
         assert_eq!(args.login_limits.delay(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn prefetch_window_sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        for bad in ["", "M", "4X", "-1", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let opener = opener_of(&[]).unwrap();
+        assert_eq!(
+            opener.settings.prefetch_window,
+            imap::DEFAULT_PREFETCH_WINDOW
+        );
+        let opener = opener_of(&["--prefetch-window", "0"]).unwrap();
+        assert_eq!(opener.settings.prefetch_window, 0);
     }
 
     #[test]

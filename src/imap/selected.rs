@@ -3,8 +3,9 @@
 //! Dovecot's mailbox GUID, `STATUS mailbox (X-GUID)` (Dovecot 2.2 and 2.3, which have no
 //! OBJECTID; unadvertised, and answered BAD by servers without it).
 //!
-//! Read from the raw response with [`crate::imap_wire`]'s grammar rather than through the
-//! `imap` crate, which drops response codes it does not know, `MAILBOXID` among them.
+//! Read with [`crate::imap_wire`]'s grammar, response by response as the answer comes off
+//! a [`super::Connection`] ([`Selected::apply`]), so that no response code is lost
+//! (`MAILBOXID` among them, which the `imap` crate used to drop).
 
 use crate::imap_wire::{Code, KeepAll, MessageData, Reader, Response, Status, StatusKind, Value};
 
@@ -32,23 +33,29 @@ impl Selected {
         let mut selected = Selected::default();
         let mut reader = Reader::new(response);
         while let Ok(response) = reader.next(&mut KeepAll) {
-            match response {
-                Response::Message {
-                    number,
-                    data: MessageData::Exists,
-                } => selected.exists = number,
-                Response::Condition(Status {
-                    kind: StatusKind::Ok,
-                    code: Some(code),
-                    ..
-                }) => selected.note(&code),
-                Response::Tagged { status, .. } => {
-                    selected.read_only = status.has_code("READ-ONLY");
-                }
-                _ => {}
-            }
+            selected.apply(&response);
         }
         selected
+    }
+
+    /// Takes in one response to SELECT or EXAMINE (the tagged one last), read as it comes
+    /// off a connection where other commands' answers follow it.
+    pub fn apply(&mut self, response: &Response) {
+        match response {
+            Response::Message {
+                number,
+                data: MessageData::Exists,
+            } => self.exists = *number,
+            Response::Condition(Status {
+                kind: StatusKind::Ok,
+                code: Some(code),
+                ..
+            }) => self.note(code),
+            Response::Tagged { status, .. } => {
+                self.read_only = status.has_code("READ-ONLY");
+            }
+            _ => {}
+        }
     }
 
     /// What an untagged OK's response code says about the mailbox.
