@@ -327,7 +327,7 @@ impl SmtpRelay {
                 "{at}: AUTH {mechanism} as {user}: {e}"
             )))
         })?;
-        let reply = reply_of(&reply);
+        let reply = reply.with_enhanced_default();
         let said = format!("{at}: AUTH {mechanism} as {user}: {}", reply.summary());
         match (reply.code, challenge.as_deref().map(sasl::judge_challenge)) {
             (235, _) => Ok(()),
@@ -475,7 +475,7 @@ impl SmtpRelay {
             }
             sent = self.mail_and_rcpt(from, to);
         }
-        self.in_transaction = self.conn.is_some() && matches!(&sent.0, Ok(r) if r.is_success());
+        self.in_transaction = self.conn.is_some() && matches!(&sent.0, Ok(r) if r.is_positive());
         sent
     }
 
@@ -497,7 +497,7 @@ impl SmtpRelay {
             true => self.send_group(&[mail, Command::Rcpt(to)], Stage::Mail),
             false => self.command(mail, Stage::Mail),
         };
-        let accepted = matches!(&mail_reply, Ok(reply) if reply.is_success());
+        let accepted = matches!(&mail_reply, Ok(reply) if reply.is_positive());
         let rcpt_reply = if pipelining {
             // The RCPT reply comes even when MAIL was refused (then a 503 that means
             // nothing to our client); it is read either way to keep the dialogue in step.
@@ -515,13 +515,9 @@ impl SmtpRelay {
 
     /// Turns the client's result into a reply judged for `stage`. No reply, or a reply
     /// that does not fit, loses the connection.
-    fn judge(
-        &mut self,
-        result: Result<submission::Reply, submission::Error>,
-        stage: Stage,
-    ) -> RelayResult {
+    fn judge(&mut self, result: Result<Reply, submission::Error>, stage: Stage) -> RelayResult {
         let reply = match result {
-            Ok(reply) => reply_of(&reply),
+            Ok(reply) => reply.with_enhanced_default(),
             Err(e) => {
                 let why = format!("{}: {stage}: {e}", self.backend.at());
                 self.drop_connection();
@@ -645,7 +641,7 @@ fn authenticate(
     login: &Login,
 ) -> Result<Reply, OpenError> {
     let reply = match conn.login(&login.user, &login.password) {
-        Ok(reply) => reply_of(&reply),
+        Ok(reply) => reply.with_enhanced_default(),
         Err(e @ submission::Error::Unsendable(_)) => {
             return Err(OpenError::Failed(RelayError::Protocol(format!(
                 "{at}: {e}"
@@ -799,10 +795,6 @@ where
             RelayError::Protocol(format!("AUTH answered {}", reply.summary())).into(),
         ),
     }
-}
-
-fn reply_of(reply: &submission::Reply) -> Reply {
-    Reply::from_backend(reply.code, &reply.lines)
 }
 
 #[cfg(test)]
