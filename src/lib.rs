@@ -21,6 +21,7 @@ pub mod pop3;
 pub mod queue;
 pub mod secret;
 pub mod smtp;
+pub mod smtp_wire;
 pub mod starttls;
 pub mod submission;
 pub mod tls;

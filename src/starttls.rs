@@ -10,6 +10,7 @@
 //! an implicit-TLS port.
 
 use crate::net::read_line_unbuffered;
+use crate::smtp_wire::{Reply, ReplyBuilder};
 use anyhow::{Context, bail, ensure};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -121,7 +122,7 @@ fn imap(server: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
 fn smtp(server: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
     let greeting = read_reply(server)?;
     ensure!(
-        greeting.code == 220,
+        greeting.reply.code == 220,
         "greeting is not 220: {}",
         show(&greeting.raw)
     );
@@ -129,71 +130,55 @@ fn smtp(server: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
     send(server, ehlo.as_bytes())?;
     let extensions = read_reply(server)?;
     ensure!(
-        extensions.code == 250,
+        extensions.reply.code == 250,
         "server refused EHLO: {}",
         show(&extensions.raw)
     );
     ensure!(
-        extensions.has_keyword(b"STARTTLS"),
+        extensions.has_keyword("STARTTLS"),
         "server does not offer STARTTLS: {}",
         show(&extensions.raw)
     );
     send(server, b"STARTTLS\r\n")?;
     let go = read_reply(server)?;
-    ensure!(go.code == 220, "server refused STARTTLS: {}", show(&go.raw));
+    ensure!(
+        go.reply.code == 220,
+        "server refused STARTTLS: {}",
+        show(&go.raw)
+    );
     Ok(greeting.raw)
 }
 
-/// One SMTP reply (RFC 5321 §4.2): one or more lines sharing a code, all but the last with
-/// a `-` after the code.
-struct Reply {
-    code: u16,
-    /// The lines exactly as received, CRLFs included.
+/// One SMTP reply as read before TLS: the reply, and its lines exactly as received.
+struct RawReply {
+    reply: Reply,
+    /// The lines exactly as received, CRLFs included: the greeting is replayed to the
+    /// client byte for byte.
     raw: Vec<u8>,
-    /// The text of each line, after the code and separator.
-    texts: Vec<Vec<u8>>,
 }
 
-impl Reply {
+impl RawReply {
     /// An EHLO keyword (RFC 5321 §4.1.1.1): the first word of a line's text.
-    fn has_keyword(&self, keyword: &[u8]) -> bool {
-        self.texts.iter().any(|text| {
-            let word = text.split(|&b| b == b' ').next().unwrap_or_default();
+    fn has_keyword(&self, keyword: &str) -> bool {
+        self.reply.lines.iter().any(|text| {
+            let word = text.split(' ').next().unwrap_or_default();
             word.eq_ignore_ascii_case(keyword)
         })
     }
 }
 
-fn read_reply(server: &mut impl Read) -> anyhow::Result<Reply> {
-    let mut reply = Reply {
-        code: 0,
-        raw: Vec::new(),
-        texts: Vec::new(),
-    };
+/// Reads one reply a line at a time (never past its last line) through the one SMTP reply
+/// reader, [`ReplyBuilder`], so a line is judged here as the submission client judges it.
+fn read_reply(server: &mut impl Read) -> anyhow::Result<RawReply> {
+    let mut builder = ReplyBuilder::default();
+    let mut raw = Vec::new();
     for _ in 0..MAX_LINES {
         let line = read_line(server)?;
-        reply.raw.extend_from_slice(&line);
+        raw.extend_from_slice(&line);
         let content = line.strip_suffix(b"\n").unwrap_or(&line);
         let content = content.strip_suffix(b"\r").unwrap_or(content);
-        let code = content
-            .get(..3)
-            .filter(|c| c.iter().all(u8::is_ascii_digit))
-            .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u16>().ok())
-            .with_context(|| format!("not an SMTP reply: {}", show(&line)))?;
-        ensure!(
-            reply.code == 0 || reply.code == code,
-            "reply changes its code mid-way: {}",
-            show(&reply.raw)
-        );
-        reply.code = code;
-        let separator = content.get(3).copied();
-        reply
-            .texts
-            .push(content.get(4..).unwrap_or_default().to_vec());
-        match separator {
-            Some(b'-') => continue,
-            None | Some(b' ') => return Ok(reply),
-            Some(_) => bail!("not an SMTP reply: {}", show(&line)),
+        if let Some(reply) = builder.line(content).map_err(anyhow::Error::msg)? {
+            return Ok(RawReply { reply, raw });
         }
     }
     bail!("reply longer than {MAX_LINES} lines")
@@ -202,7 +187,7 @@ fn read_reply(server: &mut impl Read) -> anyhow::Result<Reply> {
 /// Reads one SMTP reply as the STARTTLS exchange does: its code and its lines exactly as
 /// received. For the fuzzer (tests/fuzz), which has no server.
 pub fn read_smtp_reply(server: &mut impl Read) -> anyhow::Result<(u16, Vec<u8>)> {
-    read_reply(server).map(|reply| (reply.code, reply.raw))
+    read_reply(server).map(|read| (read.reply.code, read.raw))
 }
 
 /// EHLO's argument: our own address as an address literal (RFC 5321 §4.1.3), which is
@@ -448,6 +433,36 @@ mod tests {
                 show(&server.join().unwrap()),
                 show(b""),
                 "{protocol}: {why}"
+            );
+        }
+    }
+
+    /// STARTTLS and the submission client read replies with the one reader, so a server's
+    /// reply is accepted or refused alike by both, with the same code and text.
+    #[test]
+    fn starttls_reads_replies_as_the_submission_client_does() {
+        use crate::submission::Client;
+        use crate::submission::transcript::Transcript;
+        for input in [
+            "220 mail.example ESMTP\r\n",
+            "220-mail.example\r\n220 2.0.0 ready\r\n",
+            "220\r\n",
+            "220 x\n",
+            "150 not a completion code\r\n",
+            "000 zero\r\n",
+            "999 too high\r\n",
+            "220-first\r\n250 second\r\n",
+            "220x\r\n",
+            "22\r\n",
+            "hello\r\n",
+        ] {
+            let starttls = read_smtp_reply(&mut input.as_bytes()).map(|(code, _)| code);
+            let mut client = Client::new(Transcript::new(&[input], 64));
+            let submission = client.read_reply().map(|reply| reply.code);
+            assert_eq!(
+                starttls.as_ref().ok(),
+                submission.as_ref().ok(),
+                "{input:?}: {starttls:?} / {submission:?}"
             );
         }
     }

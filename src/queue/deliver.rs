@@ -142,7 +142,7 @@ fn send(
         // of its sender.
         relay.route_to(locked.envelope.account.as_deref());
         match relay.mail(&locked.envelope.from) {
-            Ok(reply) if reply.is_success() => {}
+            Ok(reply) if reply.is_positive() => {}
             Ok(reply) if reply.is_transient() => return Ok(Some(reply.summary())),
             Ok(reply) => {
                 relay.reset();
@@ -157,7 +157,7 @@ fn send(
         let mut recipients = std::mem::take(&mut locked.envelope.to).into_iter();
         for recipient in recipients.by_ref() {
             match relay.rcpt(&recipient) {
-                Ok(reply) if reply.is_success() => accepted.push(recipient),
+                Ok(reply) if reply.is_positive() => accepted.push(recipient),
                 Ok(reply) if reply.is_transient() => {
                     log::warn!("queue {id}: <{recipient}> deferred: {}", reply.summary());
                     error = Some(reply.summary());
@@ -193,7 +193,7 @@ fn send(
         first: true,
     };
     match relay.data(&mut reader, len) {
-        Ok(reply) if reply.is_success() => {
+        Ok(reply) if reply.is_positive() => {
             super::crash_point("upstream-accepted");
             log::info!(
                 "queue {id}: accepted for {} recipient(s): {}",
@@ -326,7 +326,7 @@ fn send_dsn(relay: &mut dyn Relay, to: &str, report: &[u8]) -> Result<Reply, Ref
 
 fn judge(relay: &mut dyn Relay, result: Result<Reply, RelayError>) -> Result<Reply, Refusal> {
     match result {
-        Ok(reply) if reply.is_success() => Ok(reply),
+        Ok(reply) if reply.is_positive() => Ok(reply),
         Ok(reply) => {
             relay.reset();
             if reply.is_transient() {

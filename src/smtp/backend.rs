@@ -136,7 +136,7 @@ pub struct SmtpRelay {
     backend: Backend,
     conn: Option<Connection>,
     /// The connection being opened since the process started ([`SmtpRelay::warm_up`]).
-    warming: Option<JoinHandle<Result<Warm, OpenError>>>,
+    warming: Option<JoinHandle<Result<Warm, LoginError>>>,
     /// A warm connection without login, for the first login to use.
     spare: Option<Connection>,
     /// Credentials a passthrough client logged in with.
@@ -155,9 +155,11 @@ struct PendingMail {
     refused: Option<Reply>,
 }
 
-/// Why opening a connection failed.
+/// Why a backend connection could not be opened and logged in, as the relay judges it.
+/// Not [`submission::OpenError`], which says only why the connection itself failed (and
+/// becomes [`LoginError::Failed`] here): the relay also needs the AUTH refusal as a reply.
 #[derive(Debug)]
-enum OpenError {
+enum LoginError {
     Failed(RelayError),
     /// The backend answered AUTH with this reply.
     AuthRefused(Reply),
@@ -212,9 +214,9 @@ impl SmtpRelay {
 
     /// The warm-up's result, once it is needed: a connection the server has closed
     /// meanwhile (idle limits, a 421 sent while the client typed) is thrown away.
-    fn take_warm(&mut self) -> Option<Result<Warm, OpenError>> {
+    fn take_warm(&mut self) -> Option<Result<Warm, LoginError>> {
         let result = self.warming.take()?.join().unwrap_or_else(|_| {
-            Err(OpenError::Failed(RelayError::Local(
+            Err(LoginError::Failed(RelayError::Local(
                 "the connection thread failed".into(),
             )))
         });
@@ -228,7 +230,7 @@ impl SmtpRelay {
     }
 
     /// A connection without login: the warm one if there is one, else a new one.
-    fn connect(&mut self) -> Result<Connection, OpenError> {
+    fn connect(&mut self) -> Result<Connection, LoginError> {
         if let Some(warm) = self.take_warm() {
             match warm {
                 Ok(warm) if !warm.logged_in => return Ok(warm.conn),
@@ -242,7 +244,7 @@ impl SmtpRelay {
         {
             return Ok(spare);
         }
-        let endpoint = self.backend.endpoint().map_err(OpenError::Failed)?;
+        let endpoint = self.backend.endpoint().map_err(LoginError::Failed)?;
         open(&endpoint)
     }
 
@@ -251,7 +253,7 @@ impl SmtpRelay {
     fn open_with(
         &mut self,
         login: Option<&Login>,
-    ) -> Result<(Connection, Option<Reply>), OpenError> {
+    ) -> Result<(Connection, Option<Reply>), LoginError> {
         let mut conn = self.connect()?;
         let Some(login) = login else {
             return Ok((conn, None));
@@ -327,7 +329,7 @@ impl SmtpRelay {
                 "{at}: AUTH {mechanism} as {user}: {e}"
             )))
         })?;
-        let reply = reply_of(&reply);
+        let reply = reply.with_enhanced_default();
         let said = format!("{at}: AUTH {mechanism} as {user}: {}", reply.summary());
         match (reply.code, challenge.as_deref().map(sasl::judge_challenge)) {
             (235, _) => Ok(()),
@@ -391,14 +393,14 @@ impl SmtpRelay {
     }
 
     /// The relay error for a connection that could not be opened and logged in.
-    fn login_error(&self, error: OpenError) -> RelayError {
+    fn login_error(&self, error: LoginError) -> RelayError {
         match error {
-            OpenError::Failed(e) => e,
-            OpenError::AuthRefused(reply) if reply.is_transient() => {
+            LoginError::Failed(e) => e,
+            LoginError::AuthRefused(reply) if reply.is_transient() => {
                 RelayError::Unavailable(format!("login deferred: {}", reply.summary()))
             }
             // RFC 4954 §6: only 535 says the credentials are wrong.
-            OpenError::AuthRefused(reply) if reply.code == 535 => {
+            LoginError::AuthRefused(reply) if reply.code == 535 => {
                 RelayError::LoginRefused(format!(
                     "{} user {}: {}",
                     self.backend.at(),
@@ -407,7 +409,7 @@ impl SmtpRelay {
                 ))
             }
             // 534 (mechanism too weak), 538 (encryption required), 530…: a setup problem.
-            OpenError::AuthRefused(reply) => RelayError::Protocol(format!(
+            LoginError::AuthRefused(reply) => RelayError::Protocol(format!(
                 "{} refused the login of user {} for a reason other than the password: {}",
                 self.backend.at(),
                 self.login_name(),
@@ -475,7 +477,7 @@ impl SmtpRelay {
             }
             sent = self.mail_and_rcpt(from, to);
         }
-        self.in_transaction = self.conn.is_some() && matches!(&sent.0, Ok(r) if r.is_success());
+        self.in_transaction = self.conn.is_some() && matches!(&sent.0, Ok(r) if r.is_positive());
         sent
     }
 
@@ -497,7 +499,7 @@ impl SmtpRelay {
             true => self.send_group(&[mail, Command::Rcpt(to)], Stage::Mail),
             false => self.command(mail, Stage::Mail),
         };
-        let accepted = matches!(&mail_reply, Ok(reply) if reply.is_success());
+        let accepted = matches!(&mail_reply, Ok(reply) if reply.is_positive());
         let rcpt_reply = if pipelining {
             // The RCPT reply comes even when MAIL was refused (then a 503 that means
             // nothing to our client); it is read either way to keep the dialogue in step.
@@ -515,13 +517,9 @@ impl SmtpRelay {
 
     /// Turns the client's result into a reply judged for `stage`. No reply, or a reply
     /// that does not fit, loses the connection.
-    fn judge(
-        &mut self,
-        result: Result<submission::Reply, submission::Error>,
-        stage: Stage,
-    ) -> RelayResult {
+    fn judge(&mut self, result: Result<Reply, submission::Error>, stage: Stage) -> RelayResult {
         let reply = match result {
-            Ok(reply) => reply_of(&reply),
+            Ok(reply) => reply.with_enhanced_default(),
             Err(e) => {
                 let why = format!("{}: {stage}: {e}", self.backend.at());
                 self.drop_connection();
@@ -629,38 +627,38 @@ impl SmtpRelay {
 }
 
 /// Connects, secures and says EHLO.
-fn open(endpoint: &Endpoint) -> Result<Connection, OpenError> {
+fn open(endpoint: &Endpoint) -> Result<Connection, LoginError> {
     endpoint
         .open()
-        .map_err(|e| OpenError::Failed(RelayError::Unavailable(e.to_string())))
+        .map_err(|e| LoginError::Failed(RelayError::Unavailable(e.to_string())))
 }
 
 /// AUTH PLAIN, or LOGIN for servers such as Exchange that lack PLAIN (RFC 4954). A coded
-/// refusal is [`OpenError::AuthRefused`]; a cut or a stall is [`RelayError::Lost`], never a
+/// refusal is [`LoginError::AuthRefused`]; a cut or a stall is [`RelayError::Lost`], never a
 /// wrong password; a server that offers neither mechanism is a setup problem.
 fn authenticate(
     conn: &mut Connection,
     at: &str,
     shown_user: &str,
     login: &Login,
-) -> Result<Reply, OpenError> {
+) -> Result<Reply, LoginError> {
     let reply = match conn.login(&login.user, &login.password) {
-        Ok(reply) => reply_of(&reply),
+        Ok(reply) => reply.with_enhanced_default(),
         Err(e @ submission::Error::Unsendable(_)) => {
-            return Err(OpenError::Failed(RelayError::Protocol(format!(
+            return Err(LoginError::Failed(RelayError::Protocol(format!(
                 "{at}: {e}"
             ))));
         }
         Err(e) => {
-            return Err(OpenError::Failed(RelayError::Lost(format!(
+            return Err(LoginError::Failed(RelayError::Lost(format!(
                 "{at}: logging in as {shown_user}: {e}"
             ))));
         }
     };
     match reply.code {
         235 => Ok(reply),
-        _ if reply.is_refusal() => Err(OpenError::AuthRefused(reply)),
-        _ => Err(OpenError::Failed(RelayError::Protocol(format!(
+        _ if reply.is_refusal() => Err(LoginError::AuthRefused(reply)),
+        _ => Err(LoginError::Failed(RelayError::Protocol(format!(
             "{at}: AUTH answered {}",
             reply.summary()
         )))),
@@ -676,7 +674,7 @@ impl Relay for SmtpRelay {
         };
         let early = self.warming.is_some();
         let mut opened = self.open_with(Some(&login));
-        if early && matches!(&opened, Err(OpenError::Failed(RelayError::Lost(_)))) {
+        if early && matches!(&opened, Err(LoginError::Failed(RelayError::Lost(_)))) {
             // The early connection died while the client typed: once more, anew.
             opened = self.open_with(Some(&login));
         }
@@ -686,8 +684,8 @@ impl Relay for SmtpRelay {
                 self.client_login = Some(login);
                 Ok(reply.unwrap_or_else(|| Reply::from_backend(235, &["2.7.0 Authenticated"])))
             }
-            Err(OpenError::AuthRefused(reply)) => Ok(reply),
-            Err(OpenError::Failed(e)) => Err(e),
+            Err(LoginError::AuthRefused(reply)) => Ok(reply),
+            Err(LoginError::Failed(e)) => Err(e),
         }
     }
 
@@ -789,20 +787,16 @@ impl SmtpRelay {
 }
 
 /// The relay error of a failed connection attempt (no AUTH was tried yet).
-fn open_failure<E>(error: OpenError) -> Refusal<E>
+fn open_failure<E>(error: LoginError) -> Refusal<E>
 where
     E: From<RelayError>,
 {
     match error {
-        OpenError::Failed(e) => Refusal::Failed(e.into()),
-        OpenError::AuthRefused(reply) => Refusal::Failed(
+        LoginError::Failed(e) => Refusal::Failed(e.into()),
+        LoginError::AuthRefused(reply) => Refusal::Failed(
             RelayError::Protocol(format!("AUTH answered {}", reply.summary())).into(),
         ),
     }
-}
-
-fn reply_of(reply: &submission::Reply) -> Reply {
-    Reply::from_backend(reply.code, &reply.lines)
 }
 
 #[cfg(test)]

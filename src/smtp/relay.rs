@@ -88,7 +88,7 @@ impl fmt::Display for Stage {
 pub fn check(stage: Stage, reply: Reply) -> RelayResult {
     let expected = match stage {
         Stage::Data => reply.code == 354,
-        _ => reply.is_success(),
+        _ => reply.is_positive(),
     };
     let refusable = matches!(
         stage,

@@ -1,69 +1,16 @@
-//! SMTP replies as values, with the one serializer that knows the wire format.
+//! The SMTP front end's side of the one reply type ([`crate::smtp_wire::Reply`]): the one
+//! serializer that knows the wire format our client sees, and the rules for relaying a
+//! backend's reply. The type and its reader live in `smtp_wire`, shared with the submission
+//! client and STARTTLS; what only the front end needs is here, as methods on that type.
 //!
 //! RFC 5321 §4.2 (reply lines, multi-line replies with `-`), §4.5.3.1.5 (a reply line is at
 //! most 512 octets), RFC 2034 §3 and RFC 3463 (the enhanced status code that prefixes the
 //! text once ENHANCEDSTATUSCODES is advertised). Backend replies are parsed into the same
 //! type, so what the client sees is the backend's own code, enhanced code and text.
 
-use std::fmt;
 use std::io::{self, Write};
 
-/// An RFC 3463 enhanced status code, `class.subject.detail`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Enhanced {
-    pub class: u8,
-    pub subject: u16,
-    pub detail: u16,
-}
-
-impl Enhanced {
-    pub const fn new(class: u8, subject: u16, detail: u16) -> Self {
-        Enhanced {
-            class,
-            subject,
-            detail,
-        }
-    }
-
-    /// Parses `2.1.0`: class 2, 4 or 5; subject and detail of 1 to 3 digits (RFC 3463 §2).
-    pub fn parse(word: &str) -> Option<Self> {
-        let mut parts = word.split('.');
-        let (class, subject, detail) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
-        let digits = |s: &str, max: usize| {
-            (1..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
-        };
-        if !(digits(class, 1) && digits(subject, 3) && digits(detail, 3)) {
-            return None;
-        }
-        let class: u8 = class.parse().ok()?;
-        if !matches!(class, 2 | 4 | 5) {
-            return None;
-        }
-        Some(Enhanced::new(
-            class,
-            subject.parse().ok()?,
-            detail.parse().ok()?,
-        ))
-    }
-}
-
-impl fmt::Display for Enhanced {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
-    }
-}
-
-/// One SMTP reply: a code, an optional enhanced code, and one or more text lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    pub enhanced: Option<Enhanced>,
-    /// Text lines without code or enhanced code; never empty.
-    pub lines: Vec<String>,
-}
+pub use crate::smtp_wire::{Enhanced, Reply};
 
 /// RFC 5321 §4.5.3.1.5: 512 octets including the code and CRLF.
 const MAX_LINE: usize = 512;
@@ -98,56 +45,21 @@ impl Reply {
         }
     }
 
-    /// Builds a reply from a backend's code and text lines. The enhanced code is taken from
-    /// the first word of the first line, and its repetitions at the start of later lines are
-    /// dropped. A backend without ENHANCEDSTATUSCODES gets the generic `X.0.0` of its class,
-    /// because we advertise the extension and every reply must then carry one.
+    /// Builds a reply from a backend's code and text lines (see [`Reply::from_lines`]). A
+    /// backend without ENHANCEDSTATUSCODES gets the generic `X.0.0` of its class, because we
+    /// advertise the extension and every reply must then carry one.
     pub fn from_backend<S: AsRef<str>>(code: u16, text: &[S]) -> Self {
-        let mut lines: Vec<String> = text.iter().map(|l| l.as_ref().to_string()).collect();
-        if lines.is_empty() {
-            lines.push(String::new());
+        Reply::from_lines(code, text).with_enhanced_default()
+    }
+
+    /// The reply with the generic `X.0.0` of its class when the server sent no enhanced
+    /// code: what a reply read by the submission client needs before our client sees it.
+    pub fn with_enhanced_default(mut self) -> Self {
+        let class = (self.code / 100) as u8;
+        if self.enhanced.is_none() && matches!(class, 2 | 4 | 5) {
+            self.enhanced = Some(Enhanced::new(class, 0, 0));
         }
-        let class = (code / 100) as u8;
-        let found = lines[0]
-            .split(' ')
-            .next()
-            .and_then(Enhanced::parse)
-            .filter(|e| e.class == class);
-        let enhanced = match found {
-            Some(e) => {
-                let prefix = e.to_string();
-                for line in &mut lines {
-                    if let Some(rest) = line.strip_prefix(prefix.as_str())
-                        && (rest.is_empty() || rest.starts_with(' '))
-                    {
-                        *line = rest.trim_start_matches(' ').to_string();
-                    }
-                }
-                Some(e)
-            }
-            None if matches!(class, 2 | 4 | 5) => Some(Enhanced::new(class, 0, 0)),
-            None => None,
-        };
-        Reply {
-            code,
-            enhanced,
-            lines,
-        }
-    }
-
-    /// A positive completion reply (2yz, RFC 5321 §4.2.1). 3yz is only an intermediate
-    /// step (354 to DATA, 334 to AUTH) and never means a command succeeded.
-    pub fn is_success(&self) -> bool {
-        (200..300).contains(&self.code)
-    }
-
-    pub fn is_transient(&self) -> bool {
-        (400..500).contains(&self.code)
-    }
-
-    /// A refusal: 4yz (transient) or 5yz (permanent).
-    pub fn is_refusal(&self) -> bool {
-        (400..600).contains(&self.code)
+        self
     }
 
     /// The reply as the client gets it when it came from the backend. A backend `421` means
@@ -189,28 +101,6 @@ impl Reply {
             buf.extend_from_slice(b"\r\n");
         }
         out.write_all(&buf)
-    }
-
-    /// One line for logs: `550 5.1.1 text more text`.
-    pub fn summary(&self) -> String {
-        let mut s = self.code.to_string();
-        if let Some(e) = self.enhanced {
-            s.push(' ');
-            s.push_str(&e.to_string());
-        }
-        for line in &self.lines {
-            if !line.is_empty() {
-                s.push(' ');
-                s.push_str(line);
-            }
-        }
-        s
-    }
-}
-
-impl fmt::Display for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.summary())
     }
 }
 
@@ -272,17 +162,5 @@ mod tests {
     fn backend_421_reaches_the_client_as_451() {
         let r = Reply::from_backend(421, &["4.4.2 timeout"]).relayed();
         assert_eq!(wire(&r), "451 4.4.2 timeout\r\n");
-    }
-
-    #[test]
-    fn enhanced_code_syntax() {
-        assert_eq!(Enhanced::parse("5.7.1"), Some(Enhanced::new(5, 7, 1)));
-        assert_eq!(
-            Enhanced::parse("2.100.999"),
-            Some(Enhanced::new(2, 100, 999))
-        );
-        for bad in ["3.0.0", "5.1", "5.1.1.1", "5.1000.1", "a.b.c", "5..1", ""] {
-            assert_eq!(Enhanced::parse(bad), None, "{bad}");
-        }
     }
 }

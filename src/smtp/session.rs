@@ -174,7 +174,7 @@ enum Outcome {
 
 impl Outcome {
     fn of(reply: &Reply) -> Outcome {
-        if reply.is_success() {
+        if reply.is_positive() {
             Outcome::Sent
         } else if reply.is_transient() {
             Outcome::Deferred
@@ -561,7 +561,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let result = self.relay.mail(&upstream);
         let queueing = self.config.queue.is_some();
         match result {
-            Ok(reply) if reply.is_success() => {
+            Ok(reply) if reply.is_positive() => {
                 self.state = State::Mail(Transaction::new(mail.address, upstream));
                 self.ok(reply.relayed())
             }
@@ -604,7 +604,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         self.idle.backend_used();
         let queueing = self.config.queue.is_some();
         match self.relay.rcpt(to) {
-            Ok(reply) if reply.is_success() => {
+            Ok(reply) if reply.is_positive() => {
                 tx.accepted += 1;
                 tx.to.push(to.to_string());
                 self.ok(reply.relayed())
@@ -688,7 +688,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
         let live = matches!(&self.state, State::Mail(tx) if tx.offline.is_none());
         // RFC 5321 §4.1.1.4: after the reply to the final dot the transaction is over.
         self.state = State::Ready;
-        if reply.is_success() {
+        if reply.is_positive() {
             self.errors = 0;
             self.junk_commands = 0;
         }
@@ -1011,7 +1011,7 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
     /// had it (a device that gave up waiting: its socket is in CLOSE-WAIT here). The reply
     /// is still sent, for a client that only half-closed, but it may never be read.
     fn log_fate_unseen(&self, reply: &Reply) {
-        let fate = if reply.is_success() {
+        let fate = if reply.is_positive() {
             "the backend accepted it; the client may not know, and may send it again"
         } else if reply.is_transient() {
             "the backend deferred it; the client may never learn of it"

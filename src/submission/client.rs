@@ -7,8 +7,9 @@
 //! buffered when TLS starts).
 
 use super::dot::DotStuffer;
-use super::reply::{Extensions, MAX_REPLY_LINE, Reply, ReplyBuilder};
+use super::reply::{Extensions, Reply};
 use crate::oauth2::sasl::Mechanism as OAuth2Mechanism;
+use crate::smtp_wire::{MAX_REPLY_LINE, ReplyBuilder};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::time::Duration;

@@ -10,7 +10,8 @@
 //! byte-at-a-time dot-stuffing was a third of the CPU on large messages. Each of these
 //! workarounds cost more than the code here, so nothing of lettre remains in the program.
 //!
-//! - `reply`: replies and the EHLO extensions (RFC 5321 §4.2, §4.1.1.1);
+//! - `reply`: the EHLO extensions (RFC 5321 §4.1.1.1); the reply type and reader are
+//!   [`crate::smtp_wire`]'s;
 //! - `client`: commands, pipelined groups, AUTH, DATA and BDAT over any [`Transport`];
 //! - `dot`: dot-stuffing (RFC 5321 §4.5.2);
 //! - `connect`: TCP, TLS, STARTTLS, greeting and EHLO on a real socket.
