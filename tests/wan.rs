@@ -216,6 +216,22 @@ fn relay_counts_the_legs_of_a_scripted_conversation() {
     assert_eq!(overlapped.legs, 3 + 1 + 1 + 1 + 1, "{overlapped:?}");
 }
 
+/// A fast sequential client without delay: every exchange is two legs, none lost to the
+/// race between the relay handing an answer over and the client's next question.
+#[test]
+fn relay_counts_every_exchange_of_a_fast_sequential_client() {
+    let relay = LatencyRelay::start(scripted(line_server), Duration::ZERO);
+    let (mut reader, conn) = connect(&relay);
+    read_line(&mut reader);
+    let exchanges = 3000;
+    for i in 0..exchanges {
+        writeln!(reader.get_mut(), "{i}").unwrap();
+        read_line(&mut reader);
+    }
+    drop((reader, conn));
+    assert_eq!(settled(&relay).legs, 3 + 1 + 2 * exchanges);
+}
+
 /// 50 MB each way through a 40 ms relay: the delay is paid once, not per chunk (a relay
 /// that slept 40 ms per 64 KiB chunk would take over 30 s).
 #[test]
