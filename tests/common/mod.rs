@@ -19,6 +19,8 @@
 //! - [`oauth2()`] starts, on first use, the OAuth2 world (see `oauth2.rs`): a real
 //!   authorization server (oidc-provider on Node.js) and a second Dovecot and Postfix that
 //!   accept its tokens (XOAUTH2, OAUTHBEARER), on the same accounts and Maildirs.
+//! - [`LatencyRelay`] (`latency.rs`) puts a wide-area link between a client and a server:
+//!   a delay each way, no bandwidth limit, and a count of the link's round trips (issue 14).
 //! - Cleanup: every server runs under a wrapper that kills its process group when this
 //!   process exits (see `process.rs`); a last helper then removes the directory. Set
 //!   `LMP_TEST_KEEP=1` to keep the directory (and its logs) for debugging.
@@ -35,6 +37,7 @@ mod exim;
 mod fault;
 mod gateway;
 mod inetd;
+mod latency;
 mod oauth2;
 mod opensmtpd;
 mod pop3_transcript;
@@ -72,6 +75,8 @@ pub use fault::{FaultProxy, line_filter, without_capability};
 pub use gateway::{Gateway, gateway};
 #[allow(unused_imports)]
 pub use inetd::Inetd;
+#[allow(unused_imports)]
+pub use latency::{LatencyRelay, LinkStats};
 #[allow(unused_imports)]
 pub use oauth2::{
     CONFIDENTIAL_CLIENT_ID, GrantLogEntry, Idp, OAuth2World, PUBLIC_CLIENT_ID, REDIRECT_URI,
