@@ -138,7 +138,6 @@ fn curl_list(url: &str, user: &User, extra: &[&str]) -> Output {
 /// fetchmail with `tls_options` ("ssl" for POP3S, "sslproto TLS1.2+" for STLS), keeping
 /// the mail; returns the mbox it wrote.
 fn fetchmail(port: u16, user: &User, tls_options: &str) -> Vec<u8> {
-    let fetchmail = require_client("fetchmail");
     let dir = servers().dir.join(format!("fetchmail-tls-{}", user.name));
     std::fs::create_dir_all(&dir).unwrap();
     let rc = dir.join("fetchmailrc");
@@ -154,23 +153,7 @@ fn fetchmail(port: u16, user: &User, tls_options: &str) -> Vec<u8> {
         ),
     )
     .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = Command::new(&fetchmail)
-        // As root, fetchmail's lock is the machine-wide /var/run/fetchmail.pid, whatever
-        // HOME says: another test's fetchmail running at the same time would make this
-        // one refuse to start ("another foreground fetchmail is running", seen here).
-        .args([
-            "-f",
-            rc.to_str().unwrap(),
-            "--nodetach",
-            "--all",
-            "--pidfile",
-        ])
-        .arg(dir.join("fetchmail.pid"))
-        .env("HOME", &dir)
-        .output()
-        .unwrap();
+    let out = common::run_fetchmail(&rc, &dir, &[]);
     assert_eq!(out.status.code(), Some(0), "fetchmail: {}", text(&out));
     std::fs::read(mbox).unwrap()
 }

@@ -862,7 +862,6 @@ fn poplib_curl_and_fetchmail_work_through_an_inetd_socket() {
         .unwrap();
     assert_eq!(retr.stdout, normalized(&reference[2].1));
     // fetchmail, keeping: everything arrives, nothing leaves the server.
-    let fetchmail = common::require_client("fetchmail");
     let dir = servers().dir.join(format!("fetchmail-{}", user.name));
     std::fs::create_dir_all(&dir).unwrap();
     let run_fetchmail = |keep: bool| {
@@ -879,24 +878,8 @@ fn poplib_curl_and_fetchmail_work_through_an_inetd_socket() {
             ),
         )
         .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let out = Command::new(&fetchmail)
-            .args([
-                "-f",
-                rc.to_str().unwrap(),
-                "-i",
-                dir.join("ids").to_str().unwrap(),
-                "--nodetach",
-                "--all",
-                // As root, fetchmail's lock is the machine-wide /var/run/fetchmail.pid
-                // (see tests/client_tls.rs): one of its own.
-                "--pidfile",
-                dir.join("fetchmail.pid").to_str().unwrap(),
-            ])
-            .env("HOME", &dir)
-            .output()
-            .unwrap();
+        let ids = dir.join("ids");
+        let out = common::run_fetchmail(&rc, &dir, &["-i", ids.to_str().unwrap()]);
         assert!(
             matches!(out.status.code(), Some(0)),
             "fetchmail failed: {}\n{}",

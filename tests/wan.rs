@@ -13,7 +13,6 @@ mod common;
 use common::{Inetd, LatencyRelay, LinkStats, corpus, normalized, postfix, servers};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -337,7 +336,6 @@ fn fetchmail_downloads_byte_exact_across_a_15_ms_link() {
     let reference = common::imap_fetch_all(&user);
     let relay = LatencyRelay::start(servers().imaps_port, Duration::from_millis(15));
     let inetd = pop3_proxy(&relay, &[]);
-    let fetchmail = common::require_client("fetchmail");
     let dir = servers().dir.join(format!("wan-fetchmail-{}", user.name));
     std::fs::create_dir_all(&dir).unwrap();
     let mbox = dir.join("delivered");
@@ -367,20 +365,8 @@ fn fetchmail_downloads_byte_exact_across_a_15_ms_link() {
         ),
     )
     .unwrap();
-    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = Command::new(&fetchmail)
-        .args([
-            "-f",
-            rc.to_str().unwrap(),
-            "--nodetach",
-            "--all",
-            "--invisible",
-        ])
-        .arg("-i")
-        .arg(dir.join("ids"))
-        .env("HOME", &dir)
-        .output()
-        .unwrap();
+    let ids = dir.join("ids");
+    let out = common::run_fetchmail(&rc, &dir, &["--invisible", "-i", ids.to_str().unwrap()]);
     assert_eq!(
         out.status.code(),
         Some(0),

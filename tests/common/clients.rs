@@ -452,3 +452,24 @@ pub fn wait_for_messages(user: &User, n: usize) {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs fetchmail once in the foreground on the control file `rc` (written 0600 here,
+/// as fetchmail insists), with `dir` as its HOME and `extra` arguments, and returns what
+/// it did. It gets a lock file of its own: as root fetchmail locks the machine-wide
+/// /var/run/fetchmail.pid whatever HOME says, and a second fetchmail running at the same
+/// time (another test, another suite) would refuse to start ("another foreground
+/// fetchmail is running", seen here).
+pub fn run_fetchmail(rc: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> Output {
+    use std::os::unix::fs::PermissionsExt;
+    let fetchmail = require_client("fetchmail");
+    std::fs::set_permissions(rc, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Command::new(fetchmail)
+        .arg("-f")
+        .arg(rc)
+        .args(["--nodetach", "--all", "--pidfile"])
+        .arg(dir.join("fetchmail.pid"))
+        .args(extra)
+        .env("HOME", dir)
+        .output()
+        .expect("run fetchmail")
+}

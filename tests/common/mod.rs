@@ -60,8 +60,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use clients::{
     dovecot_pop3_list, dovecot_pop3_uidl, imap_append_at, imap_fetch_all, imap_fetch_all_at,
     imap_fetch_all_in, imap_flags, imap_flags_at, imap_mailbox_list, missing_program_message,
-    proxy_bin, python, python_ok, require_client, run_proxy, server_env, wait_for_messages,
-    wait_until, which,
+    proxy_bin, python, python_ok, require_client, run_fetchmail, run_proxy, server_env,
+    wait_for_messages, wait_until, which,
 };
 #[allow(unused_imports)]
 pub use courier::{Courier, courier};
