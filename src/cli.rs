@@ -53,7 +53,7 @@ pub enum Command {
     /// Manage the OAuth2 accounts the backends log in with (run by the admin).
     Oauth2(crate::oauth2::admin::Args),
     /// Deliver and manage the queue of `smtp --queue-dir` (run by a timer, cron or the admin).
-    Queue(crate::queue::admin::Args),
+    Queue(crate::smtp::queue::admin::Args),
     /// Write a self-signed certificate and key for --client-tls (for a lab).
     MakeCert(crate::client_tls::make_cert::Args),
 }

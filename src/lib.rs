@@ -5,6 +5,7 @@
 //! behind a small trait.
 
 pub mod base64;
+pub mod calendar;
 pub mod cli;
 pub mod client_tls;
 pub mod frontend;
@@ -18,7 +19,6 @@ pub mod net;
 pub mod oauth2;
 pub mod options;
 pub mod pop3;
-pub mod queue;
 pub mod secret;
 pub mod smtp;
 pub mod smtp_wire;

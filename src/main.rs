@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use legacy_mail_proxy::cli::{Cli, Command};
-use legacy_mail_proxy::{client_tls, logging, oauth2, pop3, queue, smtp, tls, tunnel};
+use legacy_mail_proxy::{client_tls, logging, oauth2, pop3, smtp, tls, tunnel};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         Command::Smtp(args) => smtp::serve(*args),
         Command::Tunnel(args) => tunnel::serve(args),
         Command::Oauth2(args) => oauth2::admin::run(args),
-        Command::Queue(args) => queue::admin::run(args),
+        Command::Queue(args) => smtp::queue::admin::run(args),
         Command::MakeCert(args) => client_tls::make_cert::run(args),
     }
 }

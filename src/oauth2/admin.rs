@@ -465,7 +465,7 @@ fn describe_expiry(account: &Account) -> String {
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
 fn utc(seconds: u64) -> String {
-    let (year, month, day) = crate::smtp::headers::civil_from_days((seconds / 86_400) as i64);
+    let (year, month, day) = crate::calendar::civil_from_days((seconds / 86_400) as i64);
     let secs = seconds % 86_400;
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",

@@ -26,6 +26,7 @@ pub mod headers;
 /// in the release binary.
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
+pub mod queue;
 pub mod relay;
 pub mod reply;
 pub mod session;
@@ -235,7 +236,7 @@ pub struct Args {
     pub handler_timeout: u64,
 
     #[command(flatten)]
-    pub queue: crate::queue::admin::QueueOptions,
+    pub queue: crate::smtp::queue::admin::QueueOptions,
 
     #[command(flatten)]
     pub accounts: AccountsOptions,

@@ -8,8 +8,8 @@ use super::memory::MemoryRelay;
 use super::reply::Reply;
 use super::session::Config;
 use super::transcript_tests::{DATED, GREETING, config, feed, run_once};
-use crate::queue::deliver::{DEFAULT_LIFETIME, Policy};
-use crate::queue::{Envelope, Queue, QueueMode};
+use crate::smtp::queue::deliver::{DEFAULT_LIFETIME, Policy};
+use crate::smtp::queue::{Envelope, Queue, QueueMode};
 use std::path::PathBuf;
 
 struct QueuedRun {

@@ -23,7 +23,7 @@ use crate::client_tls::{NoTls, StartTls, login_allowed};
 use crate::frontend::idle::{Idle, Tick};
 use crate::frontend::login::{AfterFailure, FailedLogins, decode_plain};
 use crate::lines::{LineBuffer, LineStatus};
-use crate::queue::{Locked, NewMessage, QueueMode, StoreError, deliver};
+use crate::smtp::queue::{Locked, NewMessage, QueueMode, StoreError, deliver};
 use std::io::{self, BufRead, Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
