@@ -378,6 +378,14 @@ fn dated(subject: &str) -> String {
     )
 }
 
+/// The code of each reply's last line, in order: one per reply.
+fn final_codes(out: &str) -> Vec<&str> {
+    out.split("\r\n")
+        .filter(|l| l.len() > 3 && l.as_bytes()[3] == b' ')
+        .map(|l| &l[..3])
+        .collect()
+}
+
 fn queued_replies(out: &str) -> usize {
     out.matches(postfix_backend().queued).count()
 }
@@ -932,6 +940,75 @@ fn opensmtpd_a_pipelined_session_is_answered_in_order() {
     pipelined_session_is_answered_in_order(&opensmtpd_backend());
 }
 
+#[test]
+fn a_refused_recipient_answered_250_is_the_reply_to_the_final_dot_and_nothing_goes_out() {
+    refused_recipient_checked_with_the_message(&postfix_backend());
+}
+
+#[test]
+fn exim_a_refused_recipient_answered_250_is_the_reply_to_the_final_dot() {
+    refused_recipient_checked_with_the_message(&exim_backend());
+}
+
+#[test]
+fn without_chunking_a_refused_recipient_answered_250_is_the_reply_to_the_final_dot() {
+    refused_recipient_checked_with_the_message(&Backend {
+        submissions_port: postfix().no_chunking_submissions_port,
+        ..postfix_backend()
+    });
+}
+
+/// `--recipient-check with-message` (the default): a transaction's first RCPT is answered
+/// at once and sent with the message (Postfix and Exim: MAIL, RCPT, BDAT LAST and the
+/// message in one write; Postfix without CHUNKING: MAIL, RCPT and DATA). The server's
+/// refusal of it reaches the client at its final dot, the message goes to no one (also
+/// when a second recipient was accepted), and the session goes on in step. (OpenSMTPD
+/// 7.6 offers no PIPELINING: nothing can be held, each RCPT gets its own answer, as its
+/// unknown-recipient test shows.)
+fn refused_recipient_checked_with_the_message(backend: &Backend) {
+    let s = servers();
+    let sender = s.new_user("held-sender");
+    let rcpt = s.new_user("held-rcpt");
+    let ghost = format!("ghost-{}@example.test", rcpt.name);
+    let message = |n: &str| format!("{}\r\n{n}\r\n", dated(&format!("held-{n}")));
+    let mut input = Vec::new();
+    input.extend(transaction(
+        &sender.email,
+        &[&ghost],
+        message("one").as_bytes(),
+    ));
+    input.extend(transaction(
+        &sender.email,
+        &[&ghost, &rcpt.email],
+        message("two").as_bytes(),
+    ));
+    input.extend(transaction(
+        &sender.email,
+        &[&rcpt.email],
+        message("three").as_bytes(),
+    ));
+    let (out, log) = Proxy::implicit_to(backend, &sender).session(&wrap_session(&input));
+    let codes = final_codes(&out);
+    assert_eq!(
+        codes,
+        [
+            "220", "250", "250", "250", "354", "550", "250", "250", "250", "354", "550", "250",
+            "250", "354", "250", "221"
+        ],
+        "{out}\n{log}"
+    );
+    let refusal = (backend.unknown_recipient)(&ghost);
+    assert_eq!(out.matches(&refusal).count(), 2, "{out}");
+    assert!(
+        out.contains("250 2.1.5 Ok, checked when the message is sent\r\n"),
+        "{out}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&only_message(&rcpt)),
+        message("three")
+    );
+}
+
 fn pipelined_session_is_answered_in_order(backend: &Backend) {
     let s = servers();
     let sender = s.new_user("pipe-sender");
@@ -951,11 +1028,7 @@ fn pipelined_session_is_answered_in_order(backend: &Backend) {
     ));
     input.extend_from_slice(b"QUIT\r\n");
     let (out, log) = Proxy::implicit_to(backend, &sender).session(&input);
-    let codes: Vec<&str> = out
-        .split("\r\n")
-        .filter(|l| l.len() > 3 && l.as_bytes()[3] == b' ')
-        .map(|l| &l[..3])
-        .collect();
+    let codes = final_codes(&out);
     assert_eq!(
         codes,
         [
@@ -1803,22 +1876,40 @@ fn counted_session(
 }
 
 #[test]
-fn postfix_gets_each_message_as_one_bdat_in_two_round_trips() {
+fn postfix_gets_each_message_as_one_bdat_in_one_round_trip_or_two_when_checked_at_rcpt() {
     let s = servers();
+    let one = postfix_round_trips_per_message(s, "with-message");
+    let two = postfix_round_trips_per_message(s, "at-rcpt");
+    assert_eq!(
+        one, 1.0,
+        "MAIL, RCPT and BDAT LAST with the message in one flight"
+    );
+    assert_eq!(two, 2.0, "MAIL+RCPT in one flight, then BDAT LAST");
+}
+
+/// The link round trips per message through `--recipient-check {check}` to Postfix: the
+/// difference between sessions of 11 and of 1 message, over 10.
+fn postfix_round_trips_per_message(s: &common::Servers, check: &str) -> f64 {
     let mut per_run = Vec::new();
     for n in [1, 11] {
-        let sender = s.new_user(&format!("rt{n}-sender"));
-        let rcpt = s.new_user(&format!("rt{n}-rcpt"));
+        let sender = s.new_user(&format!("rt{n}-{check}-sender"));
+        let rcpt = s.new_user(&format!("rt{n}-{check}-rcpt"));
         let messages: Vec<Vec<u8>> = (0..n)
-            .map(|i| dotted_message(&format!("rt{n}-{i}"), 10_000))
+            .map(|i| dotted_message(&format!("rt{n}-{check}-{i}"), 10_000))
             .collect();
-        let (round_trips, out, log) = counted_session(
-            postfix().submissions_port,
-            "implicit",
-            &sender,
-            &rcpt.email,
-            &messages,
-        );
+        let relay = CountingRelay::start(postfix().submissions_port);
+        let mut input = Vec::new();
+        for message in &messages {
+            input.extend(transaction(
+                &sender.email,
+                &[&rcpt.email],
+                &stuffed(message),
+            ));
+        }
+        let (out, log) = Proxy::to(relay.port, "implicit", &sender)
+            .arg("--recipient-check", check)
+            .session(&wrap_session(&input));
+        let round_trips = relay.round_trips();
         assert_eq!(queued_replies(&out), n, "{out}\n{log}");
         // Postfix's own count of the session: one EHLO, and BDAT instead of DATA.
         assert_eq!(
@@ -1839,9 +1930,11 @@ fn postfix_gets_each_message_as_one_bdat_in_two_round_trips() {
         assert!(stored == sent, "the stored messages differ from those sent");
         per_run.push(round_trips);
     }
-    let per_message = (per_run[1] - per_run[0]) as f64 / 10.0;
-    eprintln!("Postfix (PIPELINING, CHUNKING): {per_run:?} round trips for 1 and 11 messages");
-    assert_eq!(per_message, 2.0, "MAIL+RCPT in one flight, then BDAT LAST");
+    eprintln!(
+        "Postfix (PIPELINING, CHUNKING), --recipient-check {check}: {per_run:?} round trips \
+         for 1 and 11 messages"
+    );
+    (per_run[1] - per_run[0]) as f64 / 10.0
 }
 
 #[test]
@@ -1850,9 +1943,9 @@ fn round_trips_per_message_without_pipelining_or_chunking() {
     let mut seen = Vec::new();
     for (extensions, expected) in [
         (vec![], 4.0),
-        (vec!["PIPELINING".to_string()], 3.0),
+        (vec!["PIPELINING".to_string()], 2.0),
         (vec!["CHUNKING".to_string()], 3.0),
-        (vec!["PIPELINING".to_string(), "CHUNKING".to_string()], 2.0),
+        (vec!["PIPELINING".to_string(), "CHUNKING".to_string()], 1.0),
     ] {
         let fake = FakeSmtp::start(Script {
             extensions: extensions.clone(),

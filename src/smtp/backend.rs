@@ -44,6 +44,34 @@ use std::time::Duration;
 /// 4xx for our client, which then sends it again.
 pub const END_OF_DATA_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// When a recipient is checked with the submission server (`--recipient-check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientCheck {
+    /// Every RCPT is answered with the server's own verdict: one backend round trip per
+    /// recipient, and the client learns of each refusal at its RCPT.
+    AtRcpt,
+    /// A transaction's first RCPT is answered here (to a server that offers PIPELINING)
+    /// and sent with what follows it: the next RCPT, or MAIL + RCPT + `BDAT LAST` + the
+    /// message in one write, so a one-recipient message costs one round trip. The server's
+    /// refusal of that recipient (or of the sender) becomes the reply to the final dot, and
+    /// then the message goes to no one: the client was told that recipient was fine.
+    WithMessage,
+}
+
+crate::options::value_enum!(RecipientCheck {
+    RecipientCheck::WithMessage => "with-message":
+        "The first recipient is checked together with the next RCPT or the message itself; \
+         one backend round trip per message. A refusal of it refuses the whole message",
+    RecipientCheck::AtRcpt => "at-rcpt":
+        "Every RCPT gets the server's own answer at once; one round trip more per message",
+});
+
+/// The largest message sent in the same write as its MAIL and RCPT under
+/// [`RecipientCheck::WithMessage`]: if the server then refuses the recipient, the upload was
+/// for nothing. A bigger message waits for the verdict first, one round trip that its own
+/// upload dwarfs.
+const ONE_FLIGHT_MAX: u64 = 1024 * 1024;
+
 /// Where and how to reach the submission server.
 pub struct Backend {
     pub host: String,
@@ -60,6 +88,7 @@ pub struct Backend {
     pub credentials: Option<(String, String)>,
     /// The proxy's own OAuth2 login (`--smtp-oauth2-account`), instead of `credentials`.
     pub oauth2: Option<Account>,
+    pub recipient_check: RecipientCheck,
 }
 
 impl Backend {
@@ -113,6 +142,7 @@ impl fmt::Debug for Backend {
             .field("hello", &self.hello)
             .field("user", &self.credentials.as_ref().map(|(user, _)| user))
             .field("oauth2_account", &self.oauth2.as_ref().map(Account::name))
+            .field("recipient_check", &self.recipient_check)
             .finish_non_exhaustive()
     }
 }
@@ -144,6 +174,10 @@ pub struct SmtpRelay {
     /// A MAIL answered here and held for the first RCPT, so that both reach a pipelining
     /// backend in one write: one backend round trip per message fewer (see [`Relay::mail`]).
     pending_mail: Option<PendingMail>,
+    /// The server's refusal of a recipient (or sender) the client was told was fine
+    /// ([`RecipientCheck::WithMessage`]): the reply to the final dot, and the message is
+    /// then not sent.
+    unconfirmed: Option<Reply>,
     in_transaction: bool,
 }
 
@@ -153,6 +187,8 @@ struct PendingMail {
     /// without asking again (repeated refusals count against the client at the backend:
     /// Postfix's smtpd_hard_error_limit).
     refused: Option<Reply>,
+    /// The first recipient, answered here and not yet sent ([`RecipientCheck::WithMessage`]).
+    held: Option<String>,
 }
 
 /// Why a backend connection could not be opened and logged in, as the relay judges it.
@@ -174,6 +210,7 @@ impl SmtpRelay {
             spare: None,
             client_login: None,
             pending_mail: None,
+            unconfirmed: None,
             in_transaction: false,
         }
     }
@@ -453,17 +490,17 @@ impl SmtpRelay {
         self.judge(result, stage)
     }
 
-    /// MAIL, then RCPT `to` when there is one: in one write if the backend pipelines.
-    /// Returns the MAIL reply and, if MAIL was accepted, the RCPT reply. A kept connection
-    /// that turns out dead (servers drop idle clients after a few minutes) is opened again
-    /// once.
+    /// MAIL, then RCPT for each of `to`: in one write if the backend pipelines. Returns
+    /// the MAIL reply and, if MAIL was accepted, one RCPT reply per recipient. A kept
+    /// connection that turns out dead (servers drop idle clients after a few minutes) is
+    /// opened again once.
     fn open_transaction(
         &mut self,
         from: &str,
-        to: Option<&str>,
+        to: &[&str],
         reused: bool,
-    ) -> (RelayResult, Option<RelayResult>) {
-        let mut sent = self.mail_and_rcpt(from, to);
+    ) -> (RelayResult, Vec<RelayResult>) {
+        let mut sent = self.mail_and_rcpts(from, to);
         let dead = match &sent.0 {
             Err(RelayError::Unavailable(_) | RelayError::Lost(_)) => true,
             Ok(reply) => reply.code == 421,
@@ -473,46 +510,60 @@ impl SmtpRelay {
             log::info!("smtp: the kept backend connection was closed while idle; reconnecting");
             self.drop_connection();
             if let Err(e) = self.connect_for_mail() {
-                return (Err(e), None);
+                return (Err(e), Vec::new());
             }
-            sent = self.mail_and_rcpt(from, to);
+            sent = self.mail_and_rcpts(from, to);
         }
         self.in_transaction = self.conn.is_some() && matches!(&sent.0, Ok(r) if r.is_positive());
         sent
     }
 
-    fn mail_and_rcpt(
-        &mut self,
-        from: &str,
-        to: Option<&str>,
-    ) -> (RelayResult, Option<RelayResult>) {
+    fn mail_and_rcpts(&mut self, from: &str, to: &[&str]) -> (RelayResult, Vec<RelayResult>) {
         let mail = Command::Mail {
             from,
             eight_bit: self.offered(|e| e.eight_bit_mime),
         };
-        let Some(to) = to else {
-            return (self.command(mail, Stage::Mail), None);
-        };
         // The current connection's: one opened again may have lost PIPELINING.
-        let pipelining = self.offered(|e| e.pipelining);
-        let mail_reply = match pipelining {
-            true => self.send_group(&[mail, Command::Rcpt(to)], Stage::Mail),
-            false => self.command(mail, Stage::Mail),
-        };
-        let accepted = matches!(&mail_reply, Ok(reply) if reply.is_positive());
-        let rcpt_reply = if pipelining {
-            // The RCPT reply comes even when MAIL was refused (then a 503 that means
-            // nothing to our client); it is read either way to keep the dialogue in step.
-            match &mail_reply {
-                Ok(reply) if reply.code != 421 => Some(self.pipelined_reply(Stage::Rcpt)),
-                _ => None,
+        if to.is_empty() || !self.offered(|e| e.pipelining) {
+            let mail_reply = self.command(mail, Stage::Mail);
+            if !matches!(&mail_reply, Ok(reply) if reply.is_positive()) {
+                return (mail_reply, Vec::new());
             }
-        } else if accepted {
-            Some(self.command(Command::Rcpt(to), Stage::Rcpt))
-        } else {
-            None
+            let rcpt_replies = to
+                .iter()
+                .map(|to| self.command(Command::Rcpt(to), Stage::Rcpt))
+                .collect();
+            return (mail_reply, rcpt_replies);
+        }
+        let mut group = vec![mail];
+        group.extend(to.iter().map(|to| Command::Rcpt(to)));
+        let mail_reply = self.send_group(&group, Stage::Mail);
+        // The RCPT replies come even when MAIL was refused (then 503s that mean nothing to
+        // our client); they are read either way to keep the dialogue in step.
+        let rcpt_replies = match &mail_reply {
+            Ok(reply) if reply.code != 421 => self.pipelined_replies(to.len(), Stage::Rcpt),
+            _ => Vec::new(),
         };
-        (mail_reply, rcpt_reply.filter(|_| accepted))
+        match &mail_reply {
+            Ok(reply) if reply.is_positive() => (mail_reply, rcpt_replies),
+            _ => (mail_reply, Vec::new()),
+        }
+    }
+
+    /// Reads `n` replies to commands sent earlier in the same write. Once one cannot be
+    /// read, or says the server is closing (421), the rest are errors too.
+    fn pipelined_replies(&mut self, n: usize, stage: Stage) -> Vec<RelayResult> {
+        let mut replies = Vec::with_capacity(n);
+        while replies.len() < n {
+            let reply = match replies.last() {
+                Some(Err(_)) | Some(Ok(Reply { code: 421, .. })) => {
+                    Err(RelayError::Lost("backend connection lost".into()))
+                }
+                _ => self.pipelined_reply(stage),
+            };
+            replies.push(reply);
+        }
+        replies
     }
 
     /// Turns the client's result into a reply judged for `stage`. No reply, or a reply
@@ -564,7 +615,162 @@ impl SmtpRelay {
                 return Ok(reply);
             }
         }
+        self.write_message(&[], chunking, message, len)?;
+        let (_, end) = self.end_of_data_replies(&[], chunking)?;
+        Ok(end)
+    }
+
+    /// Sends a transaction whose only recipient was answered here
+    /// ([`RecipientCheck::WithMessage`]) and returns the reply the client gets for its
+    /// final dot: the server's refusal of the sender or the recipient, or its reply to the
+    /// message. To a pipelining server with CHUNKING, MAIL, RCPT, `BDAT n LAST` and the
+    /// message go in one write (one round trip); without CHUNKING, MAIL, RCPT and DATA go
+    /// in one write, then the message (two). A message over [`ONE_FLIGHT_MAX`] waits for
+    /// the verdict on MAIL and RCPT first.
+    fn send_held(&mut self, from: &str, to: &str, message: &mut dyn Read, len: u64) -> RelayResult {
+        // A connection the server closed while the client sent its message is replaced
+        // now: once the message is written it cannot be read again.
+        if !self.conn.as_ref().is_some_and(Connection::is_quiet) {
+            if self.conn.is_some() {
+                log::info!("smtp: the backend closed the connection meanwhile; reconnecting");
+            }
+            self.drop_connection();
+            self.connect_for_mail()?;
+        }
+        let chunking = self.offered(|e| e.chunking);
+        if !self.offered(|e| e.pipelining) || (chunking && len > ONE_FLIGHT_MAX) {
+            let (mail, rcpts) = self.open_transaction(from, &[to], false);
+            let verdict = rcpts.into_iter().next().unwrap_or(mail)?;
+            if !verdict.is_positive() {
+                self.reset();
+                return Ok(verdict);
+            }
+            return self.send_message(message, len);
+        }
+        let envelope = [
+            Command::Mail {
+                from,
+                eight_bit: self.offered(|e| e.eight_bit_mime),
+            },
+            Command::Rcpt(to),
+        ];
+        if !chunking {
+            return self.send_held_with_data(&envelope, message, len);
+        }
+        self.write_message(&envelope, true, message, len)?;
+        let (envelope, end) = self.end_of_data_replies(&[Stage::Mail, Stage::Rcpt], true)?;
+        match envelope.into_iter().find(|reply| !reply.is_positive()) {
+            Some(refusal) => {
+                if end.is_positive() {
+                    // A server that takes a message without a recipient: nobody gets it.
+                    log::warn!(
+                        "smtp: {}: accepted a message after refusing its envelope ({}): {}",
+                        self.backend.at(),
+                        refusal.summary(),
+                        end.summary()
+                    );
+                }
+                Ok(refusal)
+            }
+            None => Ok(end),
+        }
+    }
+
+    /// [`Self::send_held`] to a pipelining server without CHUNKING: MAIL, RCPT and DATA in
+    /// one write (RFC 2920 §3.1: DATA may end a group), then the message after `354`.
+    fn send_held_with_data(
+        &mut self,
+        envelope: &[Command<'_>],
+        message: &mut dyn Read,
+        len: u64,
+    ) -> RelayResult {
+        let mut group = envelope.to_vec();
+        group.push(Command::Data);
+        let mut replies = vec![self.send_group(&group, Stage::Mail)?];
+        for stage in [Stage::Rcpt, Stage::Data] {
+            if replies.last().is_some_and(|r| r.code == 421) {
+                return Ok(replies.pop().expect("just seen"));
+            }
+            replies.push(self.pipelined_reply(stage)?);
+        }
+        let data = replies.pop().expect("three replies");
+        self.in_transaction = replies[0].is_positive();
+        let refusal = replies.into_iter().find(|reply| !reply.is_positive());
+        match (refusal, data.code == 354) {
+            (None, true) => {
+                self.write_message(&[], false, message, len)?;
+                let (_, end) = self.end_of_data_replies(&[], false)?;
+                Ok(end)
+            }
+            (None, false) => {
+                // As in send_message: RSET closes what the refused DATA left open.
+                self.reset();
+                Ok(data)
+            }
+            (Some(refusal), false) => {
+                self.reset();
+                Ok(refusal)
+            }
+            (Some(refusal), true) => {
+                // A server that wants a message for no recipient: it gets none, and the
+                // connection ends mid-DATA so that nothing is completed.
+                log::warn!(
+                    "smtp: {}: answered DATA with 354 after refusing its envelope ({})",
+                    self.backend.at(),
+                    refusal.summary()
+                );
+                self.drop_connection();
+                Ok(refusal)
+            }
+        }
+    }
+
+    /// Writes the message: after DATA's `354`, dot-stuffed with the final dot; with
+    /// CHUNKING, `BDAT len LAST` and the message as it is, after the commands in `group`
+    /// in the same write. The transaction is no longer open for RSET once this starts.
+    fn write_message(
+        &mut self,
+        group: &[Command<'_>],
+        chunking: bool,
+        message: &mut dyn Read,
+        len: u64,
+    ) -> Result<(), RelayError> {
         self.in_transaction = false;
+        let at = self.backend.at();
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(RelayError::Lost("backend connection lost".into()));
+        };
+        let sent = match chunking {
+            true => conn.send_bdat_last(group, message, len),
+            false => conn.send_data(message, len),
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(SendError::Source { error, sent }) => {
+                // The socket was cut before the end of data: the backend saw the
+                // connection end mid-message and discards it.
+                self.drop_connection();
+                Err(RelayError::Local(format!(
+                    "reading the spooled message failed after {sent} of {len} bytes: {error}; \
+                     the backend connection was cut before the end of data"
+                )))
+            }
+            Err(SendError::Connection(e)) => {
+                self.drop_connection();
+                Err(RelayError::Lost(format!("{at}: sending the message: {e}")))
+            }
+        }
+    }
+
+    /// Reads the replies owed for a message just written: one per stage in `envelope`
+    /// (MAIL and RCPT sent in the same write), then the reply to its end, all with the
+    /// long end-of-data wait (a pipelining server may hold the first ones until it has
+    /// taken the message). A `421` ends the reading early and is the end reply.
+    fn end_of_data_replies(
+        &mut self,
+        envelope: &[Stage],
+        chunking: bool,
+    ) -> Result<(Vec<Reply>, Reply), RelayError> {
         let io_timeout = self.backend.timeouts.io;
         // The reply to the end of data is waited for in full even if the client has gone,
         // so that the session can log the message's fate. Nothing is locked meanwhile:
@@ -574,55 +780,48 @@ impl SmtpRelay {
         // ends.
         let wait = self.backend.end_of_data_timeout.max(io_timeout);
         let at = self.backend.at();
-        let conn = self.conn.as_mut().expect("checked by the caller");
-        let sent = match chunking {
-            true => conn.send_bdat_last(message, len),
-            false => conn.send_data(message, len),
-        };
-        match sent {
-            Ok(()) => {}
-            Err(SendError::Source { error, sent }) => {
-                // The socket was cut before the end of data: the backend saw the
-                // connection end mid-message and discards it.
+        let mut replies = Vec::with_capacity(envelope.len() + 1);
+        for &stage in envelope.iter().chain([&Stage::EndOfData]) {
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(RelayError::Lost("backend connection lost".into()));
+            };
+            if let Err(e) = conn.set_timeout(wait) {
                 self.drop_connection();
-                return Err(RelayError::Local(format!(
-                    "reading the spooled message failed after {sent} of {len} bytes: {error}; \
-                     the backend connection was cut before the end of data"
-                )));
+                return Err(RelayError::Lost(format!("setting a timeout: {e}")));
             }
-            Err(SendError::Connection(e)) => {
+            let result = conn.read_reply();
+            if let Err(e) = &result
+                && e.is_timeout()
+            {
+                let why = format!(
+                    "no reply to the end of data within {}s: the backend may have accepted the \
+                     message, and the client, told to retry, may send it again (a duplicate)",
+                    wait.as_secs()
+                );
+                log::warn!("smtp: {at}: {why}");
                 self.drop_connection();
-                return Err(RelayError::Lost(format!("{at}: sending the message: {e}")));
+                return Err(RelayError::Lost(why));
+            }
+            let reply = self.judge(result, stage)?;
+            let closing = reply.code == 421;
+            replies.push(reply);
+            if closing {
+                break;
             }
         }
-        if let Err(e) = conn.set_timeout(wait) {
-            self.drop_connection();
-            return Err(RelayError::Lost(format!("setting a timeout: {e}")));
-        }
-        let result = conn.read_reply();
-        if let Err(e) = &result
-            && e.is_timeout()
+        if let Some(conn) = self.conn.as_mut()
+            && conn.set_timeout(io_timeout).is_err()
         {
-            let why = format!(
-                "no reply to the end of data within {}s: the backend may have accepted the \
-                 message, and the client, told to retry, may send it again (a duplicate)",
-                wait.as_secs()
-            );
-            log::warn!("smtp: {at}: {why}");
-            self.drop_connection();
-            return Err(RelayError::Lost(why));
-        }
-        if conn.set_timeout(io_timeout).is_err() {
             self.drop_connection();
         }
-        let reply = self.judge(result, Stage::EndOfData)?;
-        if chunking && reply.is_refusal() && reply.code != 421 {
+        let end = replies.pop().expect("at least the end reply was read");
+        if chunking && end.is_refusal() && end.code != 421 {
             // RFC 3030 §2: the transaction failed; RSET makes sure the server agrees
             // before the next MAIL.
             self.in_transaction = true;
             self.reset();
         }
-        Ok(reply)
+        Ok((replies, end))
     }
 }
 
@@ -691,6 +890,7 @@ impl Relay for SmtpRelay {
 
     fn mail(&mut self, from: &str) -> RelayResult {
         self.pending_mail = None;
+        self.unconfirmed = None;
         let mut reused = self.conn.is_some();
         if !reused {
             // Connecting now, not at RCPT: an unreachable backend is reported at MAIL.
@@ -700,14 +900,15 @@ impl Relay for SmtpRelay {
             self.pending_mail = Some(PendingMail {
                 from: from.to_string(),
                 refused: None,
+                held: None,
             });
             return Ok(Reply::new(250, Enhanced::new(2, 1, 0), "Ok"));
         }
-        self.open_transaction(from, None, reused).0
+        self.open_transaction(from, &[], reused).0
     }
 
     fn rcpt(&mut self, to: &str) -> RelayResult {
-        let Some(pending) = &self.pending_mail else {
+        let Some(pending) = &mut self.pending_mail else {
             return self.command(Command::Rcpt(to), Stage::Rcpt);
         };
         if let Some(refusal) = &pending.refused {
@@ -715,24 +916,64 @@ impl Relay for SmtpRelay {
             // from a server that checks senders at RCPT time, like Postfix).
             return Ok(refusal.clone());
         }
+        if pending.held.is_none() && self.backend.recipient_check == RecipientCheck::WithMessage {
+            pending.held = Some(to.to_string());
+            return Ok(Reply::new(
+                250,
+                Enhanced::new(2, 1, 5),
+                "Ok, checked when the message is sent",
+            ));
+        }
         let from = pending.from.clone();
+        let held = pending.held.take();
+        let recipients: Vec<&str> = held.iter().map(String::as_str).chain([to]).collect();
         // Nothing is open at the backend yet, so a connection found dead here (idle since
         // an earlier transaction, or since this MAIL) can always be replaced, once.
-        match self.open_transaction(&from, Some(to), true) {
-            (Ok(refusal), None) if refusal.code != 421 && self.conn.is_some() => {
-                if let Some(pending) = &mut self.pending_mail {
+        let (mail_reply, mut rcpt_replies) = self.open_transaction(&from, &recipients, true);
+        if rcpt_replies.is_empty() {
+            if matches!(&mail_reply, Ok(r) if r.code != 421) && self.conn.is_some() {
+                let refusal = mail_reply.clone();
+                if let (Some(pending), Ok(refusal)) = (&mut self.pending_mail, refusal) {
                     pending.refused = Some(refusal.clone());
+                    if held.is_some() {
+                        self.unconfirmed = Some(refusal);
+                    }
                 }
-                Ok(refusal)
-            }
-            (mail_reply, rcpt_reply) => {
+            } else {
                 self.pending_mail = None;
-                rcpt_reply.unwrap_or(mail_reply)
             }
+            return mail_reply;
         }
+        self.pending_mail = None;
+        let reply = rcpt_replies.pop().expect("one reply per recipient");
+        if let (Some(held), Some(Ok(verdict))) = (&held, rcpt_replies.pop())
+            && !verdict.is_positive()
+        {
+            log::info!(
+                "smtp: <{held}>, answered 250 here, was refused by the backend: {}; the \
+                 message will be refused as a whole",
+                verdict.summary()
+            );
+            self.unconfirmed = Some(verdict);
+        }
+        reply
     }
 
     fn data(&mut self, message: &mut dyn Read, len: u64) -> RelayResult {
+        if let Some(refusal) = self.unconfirmed.take() {
+            // The client believes every recipient was accepted: sending to the others only
+            // would lose the message for this one without anyone knowing.
+            self.reset();
+            return Ok(refusal);
+        }
+        if let Some(PendingMail {
+            from,
+            held: Some(to),
+            ..
+        }) = self.pending_mail.take()
+        {
+            return self.send_held(&from, &to, message, len);
+        }
         if self.conn.is_none() {
             return Err(RelayError::Lost("backend connection lost".into()));
         }
@@ -753,6 +994,7 @@ impl Relay for SmtpRelay {
 
     fn reset(&mut self) {
         self.pending_mail = None;
+        self.unconfirmed = None;
         if self.in_transaction {
             self.in_transaction = false;
             // A failed RSET has already dropped the connection; the next MAIL reconnects.
@@ -782,6 +1024,7 @@ impl SmtpRelay {
             let _ = conn.command(Command::Quit);
         }
         self.pending_mail = None;
+        self.unconfirmed = None;
         self.in_transaction = false;
     }
 }
@@ -822,6 +1065,7 @@ mod tests {
             hello: "proxy.test".into(),
             credentials: None,
             oauth2: None,
+            recipient_check: RecipientCheck::AtRcpt,
         })
     }
 
@@ -1392,5 +1636,218 @@ mod tests {
         relay.quit();
         let journal = journal_when(&fake, |j| j.commands.len() >= 3);
         assert_eq!(journal.commands, ["*CONNECT", "EHLO proxy.test", "QUIT"]);
+    }
+
+    // ---- RecipientCheck::WithMessage --------------------------------------------------
+
+    fn checking_with_message(fake: &FakeSmtp) -> SmtpRelay {
+        let mut relay = relay_to(fake);
+        relay.backend.recipient_check = RecipientCheck::WithMessage;
+        relay
+    }
+
+    fn unknown(script: Script) -> Script {
+        Script {
+            rcpt: vec![("x@d.test".into(), "550 5.1.1 <x@d.test>: unknown".into())],
+            ..script
+        }
+    }
+
+    /// The commands of each transaction after EHLO, the message's bytes left out.
+    fn after_ehlo(fake: &FakeSmtp) -> Vec<String> {
+        let commands = fake.commands();
+        let at = commands.iter().position(|c| c.starts_with("EHLO")).unwrap();
+        commands[at + 1..].to_vec()
+    }
+
+    #[test]
+    fn one_recipient_goes_with_mail_and_the_message_in_one_write() {
+        let fake = FakeSmtp::start(chunking(Script::default()));
+        let mut relay = checking_with_message(&fake);
+        for message in [&b"1\r\n"[..], b"2\r\n"] {
+            assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+            assert_eq!(
+                relay.rcpt("b@d.test").unwrap().summary(),
+                "250 2.1.5 Ok, checked when the message is sent"
+            );
+            let reply = send(&mut relay, message).unwrap();
+            assert!(
+                reply.summary().starts_with("250 2.0.0 Ok: queued"),
+                "{reply:?}"
+            );
+        }
+        let journal = fake.journal();
+        assert_eq!(
+            after_ehlo(&fake),
+            [
+                "MAIL FROM:<a@c.test> BODY=8BITMIME",
+                "RCPT TO:<b@d.test>",
+                "BDAT 3 LAST",
+                "MAIL FROM:<a@c.test> BODY=8BITMIME",
+                "RCPT TO:<b@d.test>",
+                "BDAT 3 LAST",
+            ]
+        );
+        // RCPT and BDAT were waiting behind MAIL: one write each time.
+        assert_eq!(
+            journal.pipelined,
+            [
+                "RCPT TO:<b@d.test>",
+                "BDAT 3 LAST",
+                "RCPT TO:<b@d.test>",
+                "BDAT 3 LAST"
+            ]
+        );
+        assert_eq!(journal.messages, [b"1\r\n".to_vec(), b"2\r\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_refused_only_recipient_is_the_reply_to_the_message_and_nothing_is_delivered() {
+        for script in [
+            chunking(unknown(Script::default())),
+            pipelining(unknown(Script::default())),
+        ] {
+            let fake = FakeSmtp::start(script);
+            let mut relay = checking_with_message(&fake);
+            assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+            assert_eq!(relay.rcpt("x@d.test").unwrap().code, 250);
+            assert_eq!(
+                send(&mut relay, b"lost?\r\n").unwrap().summary(),
+                "550 5.1.1 <x@d.test>: unknown"
+            );
+            assert!(fake.journal().messages.is_empty());
+            // The connection is in step for the next transaction.
+            open_transaction(&mut relay);
+            assert_eq!(send(&mut relay, b"next\r\n").unwrap().code, 250);
+            let journal = fake.journal();
+            assert_eq!(journal.messages, [b"next\r\n".to_vec()]);
+            assert_eq!(connects(&journal.commands), 1);
+        }
+    }
+
+    #[test]
+    fn a_refused_sender_is_the_reply_to_the_message() {
+        let refusal = "553 5.7.1 <a@c.test>: Sender address rejected: not owned by user gw";
+        for script in [chunking(Script::default()), pipelining(Script::default())] {
+            let fake = FakeSmtp::start(Script {
+                mail: vec![refusal.into()],
+                ..script
+            });
+            let mut relay = checking_with_message(&fake);
+            open_transaction(&mut relay);
+            assert_eq!(send(&mut relay, b"1\r\n").unwrap().summary(), refusal);
+            open_transaction(&mut relay);
+            assert_eq!(send(&mut relay, b"2\r\n").unwrap().code, 250);
+            assert_eq!(fake.journal().messages, [b"2\r\n".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn with_several_recipients_the_first_goes_with_the_second_and_each_refusal_counts() {
+        let fake = FakeSmtp::start(chunking(unknown(Script::default())));
+        let mut relay = checking_with_message(&fake);
+        // A refused second recipient: its own reply, and the others get the message.
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("x@d.test").unwrap().code, 550);
+        assert_eq!(relay.rcpt("e@d.test").unwrap().code, 250);
+        assert_eq!(send(&mut relay, b"1\r\n").unwrap().code, 250);
+        assert!(
+            fake.journal()
+                .pipelined
+                .contains(&"RCPT TO:<x@d.test>".to_string())
+        );
+        // A refused first recipient, told 250 here: the message goes to no one, and the
+        // client hears the refusal at its final dot.
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("x@d.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+        assert_eq!(
+            send(&mut relay, b"2\r\n").unwrap().summary(),
+            "550 5.1.1 <x@d.test>: unknown"
+        );
+        let journal = fake.journal();
+        assert_eq!(journal.messages, [b"1\r\n".to_vec()]);
+        assert_eq!(journal.commands.last().unwrap(), "RSET");
+        // And the connection goes on.
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"3\r\n").unwrap().code, 250);
+        assert_eq!(fake.journal().messages.len(), 2);
+    }
+
+    #[test]
+    fn a_big_message_waits_for_the_verdict_on_its_recipient() {
+        let fake = FakeSmtp::start(chunking(unknown(Script::default())));
+        let mut relay = checking_with_message(&fake);
+        let big = vec![b'x'; ONE_FLIGHT_MAX as usize + 1];
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("x@d.test").unwrap().code, 250);
+        assert_eq!(send(&mut relay, &big).unwrap().code, 550);
+        assert!(
+            !fake.commands().iter().any(|c| c.starts_with("BDAT")),
+            "not uploaded for nothing"
+        );
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, &big).unwrap().code, 250);
+        let journal = fake.journal();
+        assert!(!journal.pipelined.iter().any(|c| c.starts_with("BDAT")));
+        assert_eq!(journal.messages.len(), 1);
+    }
+
+    #[test]
+    fn without_chunking_mail_rcpt_and_data_go_in_one_write() {
+        let fake = FakeSmtp::start(pipelining(Script::default()));
+        let mut relay = checking_with_message(&fake);
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        let journal = fake.journal();
+        assert_eq!(
+            after_ehlo(&fake),
+            ["MAIL FROM:<a@c.test>", "RCPT TO:<b@d.test>", "DATA"]
+        );
+        assert_eq!(journal.pipelined, ["RCPT TO:<b@d.test>", "DATA"]);
+        assert_eq!(journal.messages, [b"x\r\n".to_vec()]);
+        // A refused DATA is the reply, and RSET closes the transaction.
+        let fake = FakeSmtp::start(pipelining(Script {
+            data: vec!["451 4.3.0 busy".into()],
+            ..Script::default()
+        }));
+        let mut relay = checking_with_message(&fake);
+        open_transaction(&mut relay);
+        assert_eq!(
+            send(&mut relay, b"x\r\n").unwrap().summary(),
+            "451 4.3.0 busy"
+        );
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"y\r\n").unwrap().code, 250);
+        assert!(fake.commands().contains(&"RSET".to_string()));
+        assert_eq!(fake.journal().messages, [b"y\r\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_connection_the_server_closed_while_the_client_typed_is_replaced_before_the_message() {
+        let fake = FakeSmtp::start(chunking(Script {
+            idle_limit: Some(Duration::from_millis(200)),
+            ..Script::default()
+        }));
+        let mut relay = checking_with_message(&fake);
+        open_transaction(&mut relay);
+        journal_when(&fake, |j| j.commands.contains(&"*TIMEOUT".to_string()));
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        let journal = fake.journal();
+        assert_eq!(connects(&journal.commands), 2);
+        assert_eq!(journal.messages, [b"x\r\n".to_vec()]);
+    }
+
+    #[test]
+    fn the_setting_leaves_a_server_without_pipelining_one_command_at_a_time() {
+        let fake = FakeSmtp::start(unknown(Script::default()));
+        let mut relay = checking_with_message(&fake);
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        // Without PIPELINING nothing can be held: RCPT gets the server's own answer.
+        assert_eq!(relay.rcpt("x@d.test").unwrap().code, 550);
+        assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        assert!(fake.journal().pipelined.is_empty());
     }
 }

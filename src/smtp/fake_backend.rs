@@ -103,6 +103,9 @@ struct Connection {
     script: Arc<Mutex<Script>>,
     journal: Arc<Mutex<Journal>>,
     in_transaction: bool,
+    /// Recipients accepted in the open transaction: without one, DATA and BDAT are
+    /// refused as Postfix does (`554 5.5.1 Error: no valid recipients`).
+    recipients: usize,
     /// The BDAT chunks of the message so far (RFC 3030).
     chunks: Vec<u8>,
 }
@@ -133,6 +136,7 @@ impl Connection {
             script,
             journal,
             in_transaction: false,
+            recipients: 0,
             chunks: Vec::new(),
         }
     }
@@ -217,6 +221,7 @@ impl Connection {
                         }
                     };
                     self.in_transaction = reply.starts_with('2');
+                    self.recipients = 0;
                     self.send(&reply)?
                 }
                 "RCPT" if !self.in_transaction => {
@@ -229,6 +234,9 @@ impl Connection {
                         .iter()
                         .find(|(address, _)| line.contains(&format!("<{address}>")))
                         .map_or("250 2.1.5 Ok".to_string(), |(_, reply)| reply.clone());
+                    if reply.starts_with('2') {
+                        self.recipients += 1;
+                    }
                     self.send(&reply)?;
                     if reply.starts_with("421") {
                         return Err(End::Closed);
@@ -253,6 +261,9 @@ impl Connection {
     }
 
     fn data(&mut self) -> Result<(), End> {
+        if let Some(refusal) = self.no_recipient() {
+            return self.send(refusal);
+        }
         let reply = {
             let mut script = self.script();
             match script.data.is_empty() {
@@ -307,8 +318,8 @@ impl Connection {
                 Ok(n) => got += n,
             }
         }
-        if !self.in_transaction {
-            return self.send("503 5.5.1 Error: need RCPT command");
+        if let Some(refusal) = self.no_recipient() {
+            return self.send(refusal);
         }
         self.chunks.extend_from_slice(&chunk);
         if !last {
@@ -317,6 +328,15 @@ impl Connection {
         self.in_transaction = false;
         let message = std::mem::take(&mut self.chunks);
         self.complete(message)
+    }
+
+    /// Postfix's refusal of DATA or BDAT in a transaction without an accepted recipient.
+    fn no_recipient(&self) -> Option<&'static str> {
+        match (self.in_transaction, self.recipients) {
+            (false, _) => Some("503 5.5.1 Error: need RCPT command"),
+            (true, 0) => Some("554 5.5.1 Error: no valid recipients"),
+            _ => None,
+        }
     }
 
     /// A message completed (by the final dot or the last BDAT chunk): kept, and answered

@@ -86,6 +86,20 @@ pub struct Args {
     #[command(flatten)]
     pub backend: BackendOptions,
 
+    /// When each recipient is checked with the submission server. `with-message`: one
+    /// backend round trip per message (see the README's "Round trips"); if the server
+    /// refuses the first recipient, the client hears it as the reply to its final dot and
+    /// the message goes to no one. `at-rcpt`: each RCPT gets the server's answer at once.
+    /// With --queue-dir, always at-rcpt.
+    #[arg(
+        long,
+        env = "LMP_RECIPIENT_CHECK",
+        value_enum,
+        default_value = "with-message",
+        value_name = "WHEN"
+    )]
+    pub recipient_check: backend::RecipientCheck,
+
     /// User the proxy logs in to the submission server as (also BACKEND_SMTP_USER). Its
     /// password comes from --smtp-password-file, LMP_SMTP_PASSWORD, BACKEND_SMTP_PASS or the
     /// systemd credential `smtp-password`. Without it the proxy does not log in (unless
@@ -694,6 +708,13 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
         );
     }
 
+    // Queued messages are accepted by the queue whatever the backend says; the client
+    // should still hear of a refused recipient at its RCPT, and a queue run must know
+    // each recipient's fate to deliver to the others.
+    let recipient_check = match config.queue {
+        Some(_) => backend::RecipientCheck::AtRcpt,
+        None => args.recipient_check,
+    };
     let backend = match target {
         Some((host, port, tls, tls_connector)) => Some(Backend {
             host,
@@ -705,6 +726,7 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
             hello: hostname.clone(),
             credentials,
             oauth2,
+            recipient_check,
         }),
         None => {
             anyhow::ensure!(
@@ -727,6 +749,7 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
             timeouts: args.backend.timeouts(),
             hello: hostname,
             oauth2_dir: args.oauth2.oauth2_dir.clone(),
+            recipient_check,
         },
         pop_dir: args.accounts.pop_before_smtp_dir.clone(),
     });

@@ -403,11 +403,21 @@ impl<S: Transport> Client<S> {
     }
 
     /// `BDAT len LAST` and the message as it is (RFC 3030 §2: no stuffing, no final dot),
-    /// the BDAT line and the first piece of the message in one write. The reply is left
-    /// for the caller. If `message` fails, the socket is cut, so the server never has
-    /// `len` bytes and never completes the message.
-    pub fn send_bdat_last(&mut self, message: &mut dyn Read, len: u64) -> Result<(), SendError> {
-        let head = format!("BDAT {len} LAST\r\n");
+    /// after the commands of `group` (pipelined before it, RFC 2920), the commands, the BDAT
+    /// line and the first piece of the message in one write. The replies are left for the
+    /// caller. If `message` fails, the socket is cut, so the server never has `len` bytes
+    /// and never completes the message.
+    pub fn send_bdat_last(
+        &mut self,
+        group: &[Command<'_>],
+        message: &mut dyn Read,
+        len: u64,
+    ) -> Result<(), SendError> {
+        let mut head = String::new();
+        for command in group {
+            head.push_str(&command.line().map_err(SendError::Connection)?);
+        }
+        head.push_str(&format!("BDAT {len} LAST\r\n"));
         // One buffer for the whole message, the BDAT line at its start the first time.
         let mut buffer = vec![0; head.len() + MESSAGE_PIECE];
         buffer[..head.len()].copy_from_slice(head.as_bytes());

@@ -252,7 +252,7 @@ fn data_is_dot_stuffed_across_piece_boundaries_and_ends_with_one_dot() {
 fn bdat_sends_the_message_as_it_is() {
     let message = dotted_message();
     let mut c = client(&[GREETING, "250 2.0.0 queued\r\n"], 64);
-    c.send_bdat_last(&mut &message[..], message.len() as u64)
+    c.send_bdat_last(&[], &mut &message[..], message.len() as u64)
         .unwrap();
     assert_eq!(c.read_reply().unwrap().code, 250);
     let t = c.stream();
@@ -261,7 +261,7 @@ fn bdat_sends_the_message_as_it_is() {
     assert_eq!(t.round_trips, 1);
     // Empty messages are legal BDAT chunks too.
     let mut c = client(&[GREETING, "250 ok\r\n"], 64);
-    c.send_bdat_last(&mut &b""[..], 0).unwrap();
+    c.send_bdat_last(&[], &mut &b""[..], 0).unwrap();
     assert_eq!(c.stream().text(), "BDAT 0 LAST\r\n");
 }
 
@@ -282,7 +282,7 @@ fn a_spool_that_fails_mid_message_cuts_the_connection_before_the_end() {
         assert!(t.written.len() <= b"DATA\r\n".len() + good);
 
         let mut c = client(&[GREETING], 64);
-        let result = c.send_bdat_last(&mut FailingSpool { good }, len);
+        let result = c.send_bdat_last(&[], &mut FailingSpool { good }, len);
         assert!(
             matches!(result, Err(SendError::Source { .. })),
             "{result:?}"
@@ -316,7 +316,7 @@ fn a_server_dying_mid_data_or_mid_bdat_is_a_connection_error() {
 
         let mut c = client(&[GREETING], 64);
         set_dies_after(&mut c, dies_after);
-        let result = c.send_bdat_last(&mut &message[..], message.len() as u64);
+        let result = c.send_bdat_last(&[], &mut &message[..], message.len() as u64);
         assert!(
             matches!(result, Err(SendError::Connection(Error::Io(_)))),
             "{result:?}"

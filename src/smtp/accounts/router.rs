@@ -320,6 +320,7 @@ pub struct Defaults {
     /// --hostname, for EHLO when the account has no `localhostname`.
     pub hello: String,
     pub oauth2_dir: std::path::PathBuf,
+    pub recipient_check: crate::smtp::backend::RecipientCheck,
 }
 
 impl Defaults {
@@ -359,6 +360,7 @@ impl Defaults {
                 .as_ref()
                 .map(|(user, password)| (user.clone(), password.value.clone())),
             oauth2,
+            recipient_check: self.recipient_check,
         })
     }
 

@@ -436,6 +436,7 @@ fn an_accounts_backend_takes_the_command_line_only_where_the_file_is_silent() {
         },
         hello: "gw.test".into(),
         oauth2_dir: "/nonexistent".into(),
+        recipient_check: crate::smtp::backend::RecipientCheck::WithMessage,
     };
     let foo = defaults.backend(&accounts.accounts[0]).unwrap();
     assert_eq!((foo.host.as_str(), foo.port), ("smtp.one.example", 465));
