@@ -38,6 +38,22 @@ impl Transport for Stream {
         let quiet = matches!(tcp.peek(&mut [0]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
         tcp.set_nonblocking(false).is_ok() && quiet
     }
+
+    fn ack_at_once(&mut self) {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor and a c_int option of the right size. A failure
+        // (not TCP, an old kernel) only leaves the normal delayed ACKs.
+        unsafe {
+            libc::setsockopt(
+                tcp_of(self).as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                std::ptr::addr_of!(on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
 }
 
 /// The TCP socket under `stream`.

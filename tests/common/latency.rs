@@ -17,6 +17,15 @@
 //!   and the first bytes of a client-first protocol (a TLS ClientHello) ride with the ACK,
 //!   as on a real link.
 //!
+//! - **Acknowledgements.** The relay's sockets acknowledge at once (TCP_QUICKACK before every
+//!   read): a link adds no delay but the configured one, and the delayed-ACK timer (up to
+//!   40 ms) of a TCP endpoint that is not there in reality would hold a sender that has
+//!   Nagle's algorithm on. One effect of the real link is therefore not modelled: such a
+//!   sender (Postfix's smtpd, which flushes the replies to pipelined MAIL and RCPT early
+//!   when the message that follows them is longer than its 4 KiB read buffer) waits for the
+//!   far end's ACK of its first segment before it sends its last small one, and across a
+//!   real link that ACK takes the return trip. See tests/bench/RESULTS-wan.md.
+//!
 //! What it counts ([`LinkStats`], summed over all connections, read with
 //! [`LatencyRelay::stats`]): connections, bytes each way, and the link's **legs**
 //! (one-way trips), from which round trips = legs ÷ 2:
@@ -246,6 +255,7 @@ impl Connection {
     fn read_side(&self, mut from: TcpStream, direction: usize, queue: &SyncSender<Chunk>) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
+            ack_at_once(&from);
             let n = from.read(&mut buf).unwrap_or(0);
             let due = Instant::now() + self.one_way;
             if n > 0 {
@@ -308,5 +318,23 @@ fn sleep_until(when: Instant) {
     let now = Instant::now();
     if when > now {
         thread::sleep(when - now);
+    }
+}
+
+/// TCP_QUICKACK: what arrives next is acknowledged at once (see the module header). The
+/// kernel drops back to delayed ACKs by itself, hence before every read.
+fn ack_at_once(socket: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option of the right size; a failure only leaves
+    // the kernel's usual delayed ACKs.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            std::ptr::addr_of!(on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
