@@ -37,7 +37,7 @@ use crate::submission::{self, Client, Command, Endpoint, Security, SendError};
 use std::fmt;
 use std::io::Read;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// RFC 5321 §4.5.3.2.6: a client waits 10 minutes for the reply to the final dot. The
 /// server may be scanning the message; giving up earlier turns a message it queued into a
@@ -53,18 +53,26 @@ pub enum RecipientCheck {
     /// A transaction's first RCPT is answered here (to a server that offers PIPELINING)
     /// and sent with what follows it: the next RCPT, or MAIL + RCPT + `BDAT LAST` + the
     /// message in one write, so a one-recipient message costs one round trip. The server's
-    /// refusal of that recipient (or of the sender) becomes the reply to the final dot, and
-    /// then the message goes to no one: the client was told that recipient was fine.
+    /// refusal of that recipient (or of the sender) becomes the reply to DATA (when the
+    /// next RCPT brought it) or to the final dot, and the message goes to no one: the
+    /// client was told that recipient was fine.
     WithMessage,
 }
 
 crate::options::value_enum!(RecipientCheck {
     RecipientCheck::WithMessage => "with-message":
-        "The first recipient is checked together with the next RCPT or the message itself; \
-         one backend round trip per message. A refusal of it refuses the whole message",
+        "The first recipient is checked together with the next RCPT or the message itself \
+         (one backend round trip for a one-recipient message); a refusal of it refuses the \
+         whole message",
     RecipientCheck::AtRcpt => "at-rcpt":
         "Every RCPT gets the server's own answer at once; one round trip more per message",
 });
+
+/// How long a kept connection may have been silent and still carry a whole transaction in
+/// one write: one that died without a word (a NAT or firewall forgetting it) would only be
+/// noticed after the long end-of-data wait, so after a quiet spell MAIL and RCPT go first,
+/// under the normal timeout, and a dead connection is replaced at once.
+const ONE_FLIGHT_QUIET_MAX: Duration = Duration::from_secs(30);
 
 /// The largest message sent in the same write as its MAIL and RCPT under
 /// [`RecipientCheck::WithMessage`]: if the server then refuses the recipient, the upload was
@@ -179,6 +187,8 @@ pub struct SmtpRelay {
     /// then not sent.
     unconfirmed: Option<Reply>,
     in_transaction: bool,
+    /// When the server last answered on the current connection (or it was taken into use).
+    last_heard: Option<Instant>,
 }
 
 struct PendingMail {
@@ -212,6 +222,7 @@ impl SmtpRelay {
             pending_mail: None,
             unconfirmed: None,
             in_transaction: false,
+            last_heard: None,
         }
     }
 
@@ -423,6 +434,7 @@ impl SmtpRelay {
         match opened {
             Ok((conn, _)) => {
                 self.conn = Some(conn);
+                self.last_heard = Some(Instant::now());
                 Ok(early)
             }
             Err(e) => Err(self.login_error(e)),
@@ -570,7 +582,10 @@ impl SmtpRelay {
     /// that does not fit, loses the connection.
     fn judge(&mut self, result: Result<Reply, submission::Error>, stage: Stage) -> RelayResult {
         let reply = match result {
-            Ok(reply) => reply.with_enhanced_default(),
+            Ok(reply) => {
+                self.last_heard = Some(Instant::now());
+                reply.with_enhanced_default()
+            }
             Err(e) => {
                 let why = format!("{}: {stage}: {e}", self.backend.at());
                 self.drop_connection();
@@ -625,8 +640,9 @@ impl SmtpRelay {
     /// final dot: the server's refusal of the sender or the recipient, or its reply to the
     /// message. To a pipelining server with CHUNKING, MAIL, RCPT, `BDAT n LAST` and the
     /// message go in one write (one round trip); without CHUNKING, MAIL, RCPT and DATA go
-    /// in one write, then the message (two). A message over [`ONE_FLIGHT_MAX`] waits for
-    /// the verdict on MAIL and RCPT first.
+    /// in one write, then the message (two). A message over [`ONE_FLIGHT_MAX`], or on a
+    /// connection quiet for over [`ONE_FLIGHT_QUIET_MAX`], waits for the verdict on MAIL
+    /// and RCPT first.
     fn send_held(&mut self, from: &str, to: &str, message: &mut dyn Read, len: u64) -> RelayResult {
         // A connection the server closed while the client sent its message is replaced
         // now: once the message is written it cannot be read again.
@@ -638,8 +654,13 @@ impl SmtpRelay {
             self.connect_for_mail()?;
         }
         let chunking = self.offered(|e| e.chunking);
-        if !self.offered(|e| e.pipelining) || (chunking && len > ONE_FLIGHT_MAX) {
-            let (mail, rcpts) = self.open_transaction(from, &[to], false);
+        let quiet_for = self.last_heard.map_or(Duration::MAX, |at| at.elapsed());
+        if !self.offered(|e| e.pipelining)
+            || (chunking && len > ONE_FLIGHT_MAX)
+            || quiet_for > ONE_FLIGHT_QUIET_MAX
+        {
+            // A kept connection found dead here is replaced once: nothing is open yet.
+            let (mail, rcpts) = self.open_transaction(from, &[to], true);
             let verdict = rcpts.into_iter().next().unwrap_or(mail)?;
             if !verdict.is_positive() {
                 self.reset();
@@ -931,16 +952,20 @@ impl Relay for SmtpRelay {
         // an earlier transaction, or since this MAIL) can always be replaced, once.
         let (mail_reply, mut rcpt_replies) = self.open_transaction(&from, &recipients, true);
         if rcpt_replies.is_empty() {
-            if matches!(&mail_reply, Ok(r) if r.code != 421) && self.conn.is_some() {
-                let refusal = mail_reply.clone();
-                if let (Some(pending), Ok(refusal)) = (&mut self.pending_mail, refusal) {
+            // MAIL was refused, or the connection failed.
+            if let Ok(refusal) = &mail_reply
+                && refusal.code != 421
+                && held.is_some()
+            {
+                // Also when the connection broke after the refusal: the client was told
+                // the first recipient was fine, and must hear otherwise before DATA.
+                self.unconfirmed = Some(refusal.clone());
+            }
+            match (&mail_reply, &mut self.pending_mail) {
+                (Ok(refusal), Some(pending)) if refusal.code != 421 && self.conn.is_some() => {
                     pending.refused = Some(refusal.clone());
-                    if held.is_some() {
-                        self.unconfirmed = Some(refusal);
-                    }
                 }
-            } else {
-                self.pending_mail = None;
+                _ => self.pending_mail = None,
             }
             return mail_reply;
         }
@@ -957,6 +982,10 @@ impl Relay for SmtpRelay {
             self.unconfirmed = Some(verdict);
         }
         reply
+    }
+
+    fn refusal_before_data(&self) -> Option<Reply> {
+        self.unconfirmed.clone()
     }
 
     fn data(&mut self, message: &mut dyn Read, len: u64) -> RelayResult {
@@ -1751,17 +1780,30 @@ mod tests {
         assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
         assert_eq!(relay.rcpt("x@d.test").unwrap().code, 550);
         assert_eq!(relay.rcpt("e@d.test").unwrap().code, 250);
+        assert_eq!(relay.refusal_before_data(), None);
         assert_eq!(send(&mut relay, b"1\r\n").unwrap().code, 250);
+        assert_eq!(
+            after_ehlo(&fake),
+            [
+                "MAIL FROM:<a@c.test> BODY=8BITMIME",
+                "RCPT TO:<b@d.test>",
+                "RCPT TO:<x@d.test>",
+                "RCPT TO:<e@d.test>",
+                "BDAT 3 LAST",
+            ]
+        );
         assert!(
             fake.journal()
                 .pipelined
                 .contains(&"RCPT TO:<x@d.test>".to_string())
         );
         // A refused first recipient, told 250 here: the message goes to no one, and the
-        // client hears the refusal at its final dot.
+        // client hears the refusal at DATA (or, if it sends the message anyway, at its end).
         assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
         assert_eq!(relay.rcpt("x@d.test").unwrap().code, 250);
         assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+        let refusal = relay.refusal_before_data().expect("known before DATA");
+        assert_eq!(refusal.summary(), "550 5.1.1 <x@d.test>: unknown");
         assert_eq!(
             send(&mut relay, b"2\r\n").unwrap().summary(),
             "550 5.1.1 <x@d.test>: unknown"
@@ -1849,5 +1891,66 @@ mod tests {
         assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
         assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
         assert!(fake.journal().pipelined.is_empty());
+    }
+
+    #[test]
+    fn a_refused_sender_with_two_recipients_is_known_before_data_and_reset_forgets_it() {
+        let refusal = "553 5.7.1 <a@c.test>: Sender address rejected: not owned by user gw";
+        let fake = FakeSmtp::start(chunking(Script {
+            mail: vec![refusal.into()],
+            ..Script::default()
+        }));
+        let mut relay = checking_with_message(&fake);
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("b@d.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("e@d.test").unwrap().summary(), refusal);
+        assert_eq!(relay.refusal_before_data().unwrap().summary(), refusal);
+        // The client gives up (RSET): nothing of it is left for the next transaction.
+        relay.reset();
+        assert_eq!(relay.refusal_before_data(), None);
+        open_transaction(&mut relay);
+        assert_eq!(relay.rcpt("e@d.test").unwrap().code, 250);
+        assert_eq!(relay.refusal_before_data(), None);
+        assert_eq!(send(&mut relay, b"x\r\n").unwrap().code, 250);
+        assert_eq!(fake.journal().messages, [b"x\r\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_connection_quiet_for_long_gets_mail_and_rcpt_first() {
+        let fake = FakeSmtp::start(chunking(Script::default()));
+        let mut relay = checking_with_message(&fake);
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"1\r\n").unwrap().code, 250);
+        // As if the connection had been idle since: it might have died without a word.
+        relay.last_heard = Some(Instant::now() - ONE_FLIGHT_QUIET_MAX - Duration::from_secs(1));
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"2\r\n").unwrap().code, 250);
+        let journal = fake.journal();
+        // The first message in one write, the second after the verdict on MAIL and RCPT.
+        assert_eq!(
+            journal.pipelined,
+            ["RCPT TO:<b@d.test>", "BDAT 3 LAST", "RCPT TO:<b@d.test>"]
+        );
+        assert_eq!(journal.messages.len(), 2);
+    }
+
+    #[test]
+    fn a_server_closing_at_the_held_rcpt_is_the_reply_and_the_next_message_reconnects() {
+        let fake = FakeSmtp::start(chunking(Script {
+            rcpt: vec![("x@d.test".into(), "421 4.3.2 shutting down".into())],
+            ..Script::default()
+        }));
+        let mut relay = checking_with_message(&fake);
+        assert_eq!(relay.mail("a@c.test").unwrap().code, 250);
+        assert_eq!(relay.rcpt("x@d.test").unwrap().code, 250);
+        assert_eq!(
+            send(&mut relay, b"1\r\n").unwrap().summary(),
+            "421 4.3.2 shutting down"
+        );
+        open_transaction(&mut relay);
+        assert_eq!(send(&mut relay, b"2\r\n").unwrap().code, 250);
+        let journal = fake.journal();
+        assert_eq!(connects(&journal.commands), 2);
+        assert_eq!(journal.messages, [b"2\r\n".to_vec()]);
     }
 }

@@ -86,19 +86,14 @@ pub struct Args {
     #[command(flatten)]
     pub backend: BackendOptions,
 
-    /// When each recipient is checked with the submission server. `with-message`: one
-    /// backend round trip per message (see the README's "Round trips"); if the server
-    /// refuses the first recipient, the client hears it as the reply to its final dot and
-    /// the message goes to no one. `at-rcpt`: each RCPT gets the server's answer at once.
-    /// With --queue-dir, always at-rcpt.
-    #[arg(
-        long,
-        env = "LMP_RECIPIENT_CHECK",
-        value_enum,
-        default_value = "with-message",
-        value_name = "WHEN"
-    )]
-    pub recipient_check: backend::RecipientCheck,
+    /// When each recipient is checked with the submission server [default: with-message;
+    /// at-rcpt with --queue-dir]. `with-message`: a transaction's first RCPT is answered at
+    /// once and goes upstream with the next RCPT or with the message (one backend round
+    /// trip for a one-recipient message); if the server refuses it, the client hears that
+    /// at DATA or at its final dot, and the message goes to no one. `at-rcpt`: each RCPT
+    /// gets the server's own answer at once.
+    #[arg(long, env = "LMP_RECIPIENT_CHECK", value_enum, value_name = "WHEN")]
+    pub recipient_check: Option<backend::RecipientCheck>,
 
     /// User the proxy logs in to the submission server as (also BACKEND_SMTP_USER). Its
     /// password comes from --smtp-password-file, LMP_SMTP_PASSWORD, BACKEND_SMTP_PASS or the
@@ -711,9 +706,15 @@ pub(crate) fn settings(args: Args, client: &str) -> anyhow::Result<Settings> {
     // Queued messages are accepted by the queue whatever the backend says; the client
     // should still hear of a refused recipient at its RCPT, and a queue run must know
     // each recipient's fate to deliver to the others.
-    let recipient_check = match config.queue {
-        Some(_) => backend::RecipientCheck::AtRcpt,
-        None => args.recipient_check,
+    let recipient_check = match (&config.queue, args.recipient_check) {
+        (None, check) => check.unwrap_or(backend::RecipientCheck::WithMessage),
+        (Some(_), Some(backend::RecipientCheck::WithMessage)) => {
+            log::warn!(
+                "smtp: --recipient-check with-message does not go with --queue-dir: at-rcpt"
+            );
+            backend::RecipientCheck::AtRcpt
+        }
+        (Some(_), _) => backend::RecipientCheck::AtRcpt,
     };
     let backend = match target {
         Some((host, port, tls, tls_connector)) => Some(Backend {
@@ -923,6 +924,25 @@ mod tests {
             args.extend(extra);
             assert!(settings_of(&args).is_err(), "{extra:?}");
         }
+    }
+
+    #[test]
+    fn recipients_are_checked_with_the_message_unless_asked_or_queueing() {
+        use backend::RecipientCheck::{AtRcpt, WithMessage};
+        let pw = password_file("rcpt-check");
+        let own_login = ["--smtp-user", "gw", "--smtp-password-file", &pw];
+        let check = |extra: &[&str]| {
+            let mut args = own_login.to_vec();
+            args.extend(["--client-auth", "none"]);
+            args.extend(extra);
+            settings_of(&args).unwrap().1.recipient_check
+        };
+        assert_eq!(check(&[]), WithMessage);
+        assert_eq!(check(&["--recipient-check", "at-rcpt"]), AtRcpt);
+        assert_eq!(check(&["--queue-dir", "/var/q"]), AtRcpt);
+        // Overruled (with a warning): the queue must know each recipient's fate.
+        let queued = ["--queue-dir", "/var/q", "--recipient-check", "with-message"];
+        assert_eq!(check(&queued), AtRcpt);
     }
 
     #[test]

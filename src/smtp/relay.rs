@@ -113,11 +113,23 @@ pub trait Relay {
     /// Opens a transaction: connects and logs in when there is no live connection, then
     /// sends `MAIL FROM:<from>` (empty `from` is the null path). A relay may instead answer
     /// `250` itself and send MAIL with the first RCPT (pipelining); the backend's verdict on
-    /// the sender is then that RCPT's reply.
+    /// the sender is then that RCPT's reply, or the reply to the message (below).
     fn mail(&mut self, from: &str) -> RelayResult;
 
     /// `RCPT TO:<to>`. A rejected recipient leaves the transaction open for the others.
+    /// A relay may answer a transaction's first RCPT `250` itself and send it later, with
+    /// the next RCPT or with the message (`--recipient-check with-message`); the backend's
+    /// refusal of it is then [`Relay::refusal_before_data`] or the reply to the message,
+    /// and the message goes to no one.
     fn rcpt(&mut self, to: &str) -> RelayResult;
+
+    /// A refusal the open transaction already has although the client was told otherwise
+    /// (a recipient answered `250` here, then refused by the backend when the next RCPT
+    /// went up with it): the session answers DATA with it instead of `354`, so the client
+    /// sends no message that would go nowhere. Asking does not end the transaction.
+    fn refusal_before_data(&self) -> Option<Reply> {
+        None
+    }
 
     /// `DATA`, then the message: `len` bytes from `message`, CRLF lines, not dot-stuffed.
     /// The reply is the backend's answer to the final dot (or its refusal of DATA itself,

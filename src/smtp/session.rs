@@ -665,6 +665,18 @@ impl<'a, R: BufRead, W: Write> Session<'a, R, W> {
             self.end_transaction();
             return self.ok(lost_backend());
         }
+        if let Some(refusal) = self.relay.refusal_before_data() {
+            // A recipient the client was told was fine has been refused since
+            // (`--recipient-check with-message`): the message would go to no one, so the
+            // client is stopped before it sends it, and no handler runs.
+            log::info!(
+                "smtp: client={} DATA refused, the backend refused a recipient answered 250: {}",
+                self.config.client,
+                refusal.summary()
+            );
+            self.end_transaction();
+            return self.bad(&refusal.relayed());
+        }
         let mut spool = self.spool.take().unwrap_or_else(|| {
             Spool::with_head_max(
                 &self.config.spool_dir,

@@ -39,6 +39,7 @@ impl Transport for Stream {
         tcp.set_nonblocking(false).is_ok() && quiet
     }
 
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn ack_at_once(&mut self) {
         use std::os::fd::AsRawFd;
         let on: libc::c_int = 1;

@@ -323,6 +323,7 @@ fn sleep_until(when: Instant) {
 
 /// TCP_QUICKACK: what arrives next is acknowledged at once (see the module header). The
 /// kernel drops back to delayed ACKs by itself, hence before every read.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 fn ack_at_once(socket: &TcpStream) {
     use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
@@ -338,3 +339,6 @@ fn ack_at_once(socket: &TcpStream) {
         );
     }
 }
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn ack_at_once(_: &TcpStream) {}

@@ -81,6 +81,13 @@ impl AccountRouter {
         }
     }
 
+    fn current_ref(&self) -> Option<&dyn Relay> {
+        match self.route? {
+            Route::Default => self.default.as_deref(),
+            Route::Account(i) => self.relays.get(i).map(|(_, relay)| relay.as_ref()),
+        }
+    }
+
     fn current_account(&self) -> Option<&Account> {
         let Some(Route::Account(i)) = self.route else {
             return None;
@@ -258,6 +265,10 @@ impl Relay for AccountRouter {
             Some(relay) => relay.data(message, len),
             None => Err(RelayError::Local("DATA without a transaction".into())),
         }
+    }
+
+    fn refusal_before_data(&self) -> Option<Reply> {
+        self.current_ref()?.refusal_before_data()
     }
 
     fn keepalive(&mut self) -> Result<(), RelayError> {
