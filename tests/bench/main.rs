@@ -1118,7 +1118,12 @@ fn results(
              gateways (the Dovecot gateway's imapc, its `passdb imap` login check and its \
              submission relay; the proxy's IMAP and submission). Each byte is delayed by \
              the one-way time in each direction, with no bandwidth limit; the TCP handshake \
-             costs 1.5 round trips before the server accepts.\n\
+             costs 1.5 round trips before the server accepts. The relay acknowledges what \
+             it reads at once (TCP_QUICKACK), so no delayed-ACK timer of its own holds a \
+             sender; what it cannot show is a sender with Nagle's algorithm on waiting for \
+             the far end's ACK to cross the link (Postfix's reply to a message sent in one \
+             flight with MAIL and RCPT, over 4 KiB: up to one more round trip per message \
+             across a real link).\n\
              - Round trips (RT): the relays count one-way legs, 3 per connection for the \
              handshake, then one each time data turns the conversation round while nothing \
              is on the link; RT = legs ÷ 2, summed over the column's connections in the \
