@@ -1,5 +1,6 @@
 //! `legacy-mail-proxy pop3` against the other IMAP servers of issue 13's matrix (Cyrus
-//! IMAP, and Courier IMAP over implicit TLS and plain IMAP; tests/pop3.rs covers Dovecot):
+//! IMAP and Courier IMAP, each over implicit TLS, STARTTLS and plain IMAP; tests/pop3.rs
+//! covers Dovecot):
 //! the same corpus served byte-exact over each TLS
 //! mode, UIDL stability, the delete policies, `[IN-USE]`, `[AUTH]` and `[SYS/TEMP]`
 //! (the server gone before login, or dying during RETR), through the real binary. The reference for every byte is what the server itself returns for `BODY[]`
@@ -43,8 +44,7 @@ fn courier_server() -> ImapServer {
         name: "courier",
         imap_port: c.imap_port,
         imaps_port: c.imaps_port,
-        // No STARTTLS: see tests/common/courier.rs.
-        tls_modes: &[Tls::Implicit, Tls::Plain],
+        tls_modes: &[Tls::Implicit, Tls::Starttls, Tls::Plain],
         trash: "INBOX.Trash",
         seed: |user, messages| courier().seed(user, messages),
     }
@@ -295,6 +295,14 @@ fn cyrus_a_second_session_on_the_same_mailbox_gets_in_use() {
 #[test]
 fn courier_retr_matches_the_server_over_implicit_tls() {
     retr_matches_the_server(&courier_server(), Tls::Implicit);
+}
+
+/// Courier's STARTTLS (on the plain port, as Debian's `IMAPDSTARTTLS=YES`): couriertls is
+/// started by imaplogin after its tagged OK, under the `courier` user (see
+/// tests/common/courier.rs).
+#[test]
+fn courier_retr_matches_the_server_over_starttls() {
+    retr_matches_the_server(&courier_server(), Tls::Starttls);
 }
 
 #[test]
