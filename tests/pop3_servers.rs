@@ -454,3 +454,49 @@ fn cyrus_sys_temp_when_the_server_goes_away() {
 fn courier_sys_temp_when_the_server_goes_away() {
     sys_temp_when_the_server_goes_away(&courier_server());
 }
+
+/// What Courier sent while its couriertls could not start (the user `courier` missing; see
+/// tests/common/courier.rs), replayed byte for byte by a one-connection stand-in: the tagged
+/// OK, then its failure in plain text where the TLS handshake was due. The client gets
+/// `[SYS/TEMP]`, and the log says the server's TLS side failed after agreeing, rather than
+/// suggesting another `--imap-tls` mode.
+#[test]
+fn starttls_ok_then_plain_text_is_logged_as_the_server_tls_side_failing() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (socket, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(socket.try_clone().unwrap());
+        let mut writer = socket;
+        writer
+            .write_all(
+                b"* OK [CAPABILITY IMAP4rev1 UIDPLUS CHILDREN NAMESPACE SORT QUOTA IDLE STARTTLS \
+                  ENABLE UTF8=ACCEPT] Courier-IMAP ready.\r\n",
+            )
+            .unwrap();
+        let mut command = String::new();
+        reader.read_line(&mut command).unwrap();
+        let tag = command.split(' ').next().unwrap().to_string();
+        let reply = format!(
+            "{tag} OK Begin SSL/TLS negotiation now.\r\n\
+             {tag} NO STARTTLS failed: 500 Error starting couriertls.\r\n\
+             * NO Error in IMAP command received by server.\r\n"
+        );
+        // The proxy may already have closed after its failed handshake.
+        let _ = writer.write_all(reply.as_bytes());
+        command
+    });
+    let locks = servers().dir.join("pop3-locks-starttls-plain-text");
+    let args = common::pop3_proxy_args(port, "starttls", &locks);
+    let user = servers().new_user("starttls-plain-text");
+    let (out, log) = dialogue(&args, &format!("{}QUIT\r\n", login(&user)));
+    let command = server.join().unwrap();
+    assert!(command.ends_with(" STARTTLS\r\n"), "{command:?}");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("\r\n-ERR [SYS/TEMP] "), "{text}");
+    assert!(
+        log.contains("wrong version number") && log.contains("said OK to STARTTLS"),
+        "{log}"
+    );
+}
