@@ -541,6 +541,39 @@ fn courier_serves_appended_messages_byte_exact_and_refuses_wrong_passwords() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("Login failed."));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains("/etc/courier"), "{mounts}");
+    assert!(!mounts.contains(" /etc/passwd "), "{mounts}");
+}
+
+/// Courier's STARTTLS on the plain port completes with a client that is not ours (Python's
+/// imaplib, trusting only the harness CA), and LOGIN then works over TLS. This is the
+/// harness set-up check: it failed with "wrong version number" while the user `courier`,
+/// which imaplogin drops to before it runs couriertls, was missing.
+#[test]
+fn courier_starttls_completes_with_a_standard_client() {
+    let c = courier();
+    let user = servers().new_user("courier-starttls");
+    c.account(&user);
+    let out = python(
+        "import imaplib, os, ssl\n\
+         ctx = ssl.create_default_context(cafile=os.environ['CA'])\n\
+         m = imaplib.IMAP4('localhost', int(os.environ['PORT']))\n\
+         print(m.starttls(ssl_context=ctx)[0], m.sock.version())\n\
+         print(m.login(os.environ['U'], os.environ['P'])[0])\n\
+         m.logout()",
+        &[
+            ("CA", servers().tls.ca_cert.to_str().unwrap()),
+            ("PORT", &c.imap_port.to_string()),
+            ("U", &user.name),
+            ("P", &user.password),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("OK TLSv1.") && stdout.ends_with("\nOK\n"),
+        "stdout: {stdout}\nstderr: {}\nCourier logs: {}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
 }
 
 #[test]

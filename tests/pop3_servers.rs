@@ -1,5 +1,6 @@
 //! `legacy-mail-proxy pop3` against the other IMAP servers of issue 13's matrix (Cyrus
-//! IMAP, and Courier IMAP over implicit TLS and plain IMAP; tests/pop3.rs covers Dovecot):
+//! IMAP and Courier IMAP, each over implicit TLS, STARTTLS and plain IMAP; tests/pop3.rs
+//! covers Dovecot):
 //! the same corpus served byte-exact over each TLS
 //! mode, UIDL stability, the delete policies, `[IN-USE]`, `[AUTH]` and `[SYS/TEMP]`
 //! (the server gone before login, or dying during RETR), through the real binary. The reference for every byte is what the server itself returns for `BODY[]`
@@ -43,8 +44,7 @@ fn courier_server() -> ImapServer {
         name: "courier",
         imap_port: c.imap_port,
         imaps_port: c.imaps_port,
-        // No STARTTLS: see tests/common/courier.rs.
-        tls_modes: &[Tls::Implicit, Tls::Plain],
+        tls_modes: &[Tls::Implicit, Tls::Starttls, Tls::Plain],
         trash: "INBOX.Trash",
         seed: |user, messages| courier().seed(user, messages),
     }
@@ -297,6 +297,14 @@ fn courier_retr_matches_the_server_over_implicit_tls() {
     retr_matches_the_server(&courier_server(), Tls::Implicit);
 }
 
+/// Courier's STARTTLS (on the plain port, as Debian's `IMAPDSTARTTLS=YES`): couriertls is
+/// started by imaplogin after its tagged OK, under the `courier` user (see
+/// tests/common/courier.rs).
+#[test]
+fn courier_retr_matches_the_server_over_starttls() {
+    retr_matches_the_server(&courier_server(), Tls::Starttls);
+}
+
 #[test]
 fn courier_retr_matches_the_server_over_plain_imap() {
     retr_matches_the_server(&courier_server(), Tls::Plain);
@@ -445,4 +453,50 @@ fn cyrus_sys_temp_when_the_server_goes_away() {
 #[test]
 fn courier_sys_temp_when_the_server_goes_away() {
     sys_temp_when_the_server_goes_away(&courier_server());
+}
+
+/// What Courier sent while its couriertls could not start (the user `courier` missing; see
+/// tests/common/courier.rs), replayed byte for byte by a one-connection stand-in: the tagged
+/// OK, then its failure in plain text where the TLS handshake was due. The client gets
+/// `[SYS/TEMP]`, and the log says the server's TLS side failed after agreeing, rather than
+/// suggesting another `--imap-tls` mode.
+#[test]
+fn starttls_ok_then_plain_text_is_logged_as_the_server_tls_side_failing() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (socket, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(socket.try_clone().unwrap());
+        let mut writer = socket;
+        writer
+            .write_all(
+                b"* OK [CAPABILITY IMAP4rev1 UIDPLUS CHILDREN NAMESPACE SORT QUOTA IDLE STARTTLS \
+                  ENABLE UTF8=ACCEPT] Courier-IMAP ready.\r\n",
+            )
+            .unwrap();
+        let mut command = String::new();
+        reader.read_line(&mut command).unwrap();
+        let tag = command.split(' ').next().unwrap().to_string();
+        let reply = format!(
+            "{tag} OK Begin SSL/TLS negotiation now.\r\n\
+             {tag} NO STARTTLS failed: 500 Error starting couriertls.\r\n\
+             * NO Error in IMAP command received by server.\r\n"
+        );
+        // The proxy may already have closed after its failed handshake.
+        let _ = writer.write_all(reply.as_bytes());
+        command
+    });
+    let locks = servers().dir.join("pop3-locks-starttls-plain-text");
+    let args = common::pop3_proxy_args(port, "starttls", &locks);
+    let user = servers().new_user("starttls-plain-text");
+    let (out, log) = dialogue(&args, &format!("{}QUIT\r\n", login(&user)));
+    let command = server.join().unwrap();
+    assert!(command.ends_with(" STARTTLS\r\n"), "{command:?}");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("\r\n-ERR [SYS/TEMP] "), "{text}");
+    assert!(
+        log.contains("wrong version number") && log.contains("said OK to STARTTLS"),
+        "{log}"
+    );
 }

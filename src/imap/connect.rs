@@ -95,16 +95,46 @@ pub fn connect(server: &Server) -> Result<Connected, Error> {
     Ok((connection, Some(greeting)))
 }
 
-/// The usual cause of two puzzling failures: a TLS mode that does not fit the port.
+/// The usual cause of three puzzling failures: a TLS mode that does not fit the port, or a
+/// server whose TLS side fails after it agreed to STARTTLS.
 fn mode_hint(mode: TlsMode, error: &str) -> &'static str {
     let timed_out = error.contains("temporarily unavailable") || error.contains("timed out");
+    let plain_text = error.contains("wrong version number");
     match mode {
-        TlsMode::Implicit if error.contains("wrong version number") => {
+        TlsMode::Implicit if plain_text => {
             " (the server did not start TLS: a plain port? try --imap-tls starttls)"
+        }
+        // We stop reading at the tagged OK, so these bytes came after the server's go-ahead:
+        // Courier, for one, says OK and then reports in plain text that its couriertls
+        // helper failed to start (e.g. its user `courier` is missing).
+        TlsMode::Starttls if plain_text => {
+            " (the server said OK to STARTTLS, then sent plain text instead of TLS: its TLS \
+             side failed to start; see the server's log)"
         }
         TlsMode::Starttls | TlsMode::None if timed_out => {
             " (timed out: if this port speaks TLS from the start, use --imap-tls implicit)"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAIN_TEXT_ERROR: &str = "TLS handshake with localhost failed: error:0A00010B:SSL \
+        routines:ssl3_get_record:wrong version number:../ssl/record/ssl3_record.c:350:";
+
+    #[test]
+    fn plain_text_after_a_starttls_ok_blames_the_server_tls_side() {
+        let hint = mode_hint(TlsMode::Starttls, PLAIN_TEXT_ERROR);
+        assert!(hint.contains("said OK to STARTTLS"), "{hint:?}");
+        assert!(hint.contains("server's log"), "{hint:?}");
+    }
+
+    #[test]
+    fn plain_text_on_implicit_tls_suggests_starttls() {
+        let hint = mode_hint(TlsMode::Implicit, PLAIN_TEXT_ERROR);
+        assert!(hint.contains("try --imap-tls starttls"), "{hint:?}");
     }
 }

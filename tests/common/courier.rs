@@ -13,8 +13,21 @@
 //!
 //! Accounts: the harness users, added on demand by [`Courier::account`] with the same
 //! password (SHA-512 crypt) and their own Maildir under `courier/home/`; seeding is by IMAP
-//! APPEND. TLS: implicit TLS through couriertls on a second port, as Debian's imapd-ssl;
-//! not STARTTLS (see [`NAMESPACE_SCRIPT`]).
+//! APPEND. TLS as Debian's imapd-ssl sets it up: implicit TLS through couriertls on a second
+//! port, and STARTTLS offered on the plain port (`IMAP_STARTTLS=YES`, from Debian's
+//! `IMAPDSTARTTLS=YES`; `IMAP_TLS_REQUIRED=0`, so LOGIN without TLS still works there).
+//!
+//! STARTTLS needs the user `courier`. imaplogin answers `OK Begin SSL/TLS negotiation now.`,
+//! then forks a child that drops to Courier's compiled-in mail user `courier` (created by
+//! Debian's packages, absent on this machine) before it runs couriertls. Without that user
+//! the child exits ("getpwnam: Success" in couriertcpd.log) and imaplogin writes
+//! `NO STARTTLS failed: 500 Error starting couriertls.` in plain text after its OK; every
+//! client (openssl s_client, Python's imaplib, our proxy) then fails its handshake with
+//! "wrong version number". So the namespace also binds copies of /etc/passwd and /etc/group
+//! that name `courier` (the harness mail user's uid and gid), and imapd.pem belongs to that
+//! user, because couriertls runs as it and reads the file (see [`courier_user_files`]). The
+//! host's own files are not changed. This was a harness gap, not a client bug: our STARTTLS
+//! reads the plain-text exchange byte by byte and stops at the tagged OK, as it must.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -115,6 +128,10 @@ dir=$1 root=$2 port=$3 tls_port=$4
 mount --bind "$dir/etc" /etc/courier
 mount --bind "$dir/run" /run/courier
 mount --bind "$root/usr/lib/courier-authlib" /usr/lib/courier-authlib
+# imaplogin drops to the user `courier` before it runs couriertls for STARTTLS: our copies
+# of passwd and group name it (see courier_user_files).
+mount --bind "$dir/users/passwd" /etc/passwd
+mount --bind "$dir/users/group" /etc/group
 mkdir -p /run/courier/authdaemon
 export LD_LIBRARY_PATH=$root/usr/lib:$root/usr/lib/courier-authlib
 "$root/usr/lib/courier/courier-authlib/authdaemond" >"$dir/authdaemond.log" 2>&1 &
@@ -128,11 +145,12 @@ export IMAP_CAPABILITY_ORIG="$IMAP_CAPABILITY" MAILDIRPATH=Maildir IMAP_MOVE_EXP
 export IMAP_MAXDAEMONS=200 MAXPERIP=1000
 # As Debian's /etc/courier/imapd: keywords allowed (PERMANENTFLAGS \*).
 export IMAP_KEYWORDS=1
-# Implicit TLS as Debian's imapd-ssl sets it up: couriertls (GnuTLS) with one PEM of
-# certificate and key, on its own port. (STARTTLS, IMAP_STARTTLS=YES on the plain port, was
-# tried: imapd answers OK to STARTTLS, but the handshake then fails with "wrong version
-# number"; not pursued yet.)
+# TLS as Debian's imapd-ssl sets it up: couriertls (GnuTLS) with one PEM of certificate and
+# key. Implicit TLS on its own port; STARTTLS offered on the plain port (Debian's
+# IMAPDSTARTTLS=YES becomes IMAP_STARTTLS for the plain imapd), LOGIN without TLS still
+# allowed (IMAP_TLS_REQUIRED=0) because the seeding logs in in plain text.
 export COURIERTLS="$root/usr/bin/couriertls" TLS_CERTFILE="$dir/imapd.pem" TLS_VERIFYPEER=NONE
+export IMAP_STARTTLS=YES IMAP_TLS_REQUIRED=0
 "$root/usr/sbin/couriertcpd" -address=127.0.0.1 -nodnslookup -noidentlookup \
   -maxprocs=200 -maxperip=1000 -stderr="$dir/couriertcpd-tls.log" "$tls_port" \
   "$COURIERTLS" -server -tcpd \
@@ -141,6 +159,37 @@ exec "$root/usr/sbin/couriertcpd" -address=127.0.0.1 -nodnslookup -noidentlookup
   -maxprocs=200 -maxperip=1000 -stderr="$dir/couriertcpd.log" "$port" \
   "$root/usr/lib/courier/courier/imaplogin" "$root/usr/bin/imapd" Maildir
 "#;
+
+/// Writes `users_dir/passwd` and `users_dir/group`: the host's, with a user and group
+/// `courier` (uid/gid of the harness mail user) in place of any the host has. They are bound
+/// over /etc/passwd and /etc/group inside Courier's namespace only: imaplogin's STARTTLS
+/// forks, drops to the compiled-in mail user `courier` (Debian's packages create it) and only
+/// then runs couriertls. Without that user the child dies ("getpwnam: Success" in
+/// couriertcpd.log) after imaplogin has already sent its tagged OK, and the plain-text
+/// `NO STARTTLS failed: 500 Error starting couriertls.` that follows reaches the client's
+/// TLS handshake ("wrong version number").
+fn courier_user_files(users_dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    fs::create_dir_all(users_dir).map_err(|e| format!("mkdir {}: {e}", users_dir.display()))?;
+    let entries = [
+        (
+            "passwd",
+            format!("courier:x:{uid}:{gid}:Courier mail server:/nonexistent:/usr/sbin/nologin\n"),
+        ),
+        ("group", format!("courier:x:{gid}:\n")),
+    ];
+    for (name, courier_line) in entries {
+        let host = fs::read_to_string(Path::new("/etc").join(name))
+            .map_err(|e| format!("read /etc/{name}: {e}"))?;
+        let mut text: String = host
+            .lines()
+            .filter(|l| !l.starts_with("courier:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(&courier_line);
+        fs::write(users_dir.join(name), text).map_err(|e| format!("write {name}: {e}"))?;
+    }
+    Ok(())
+}
 
 fn start(s: &Servers) -> Result<Courier, String> {
     let root = extracted_server_root("courier")?;
@@ -196,10 +245,15 @@ fn start(s: &Servers) -> Result<Courier, String> {
             String::from_utf8_lossy(&made.stderr)
         ));
     }
-    // couriertls reads certificate and key from one file.
+    // couriertls reads certificate and key from one file. For STARTTLS it runs as the user
+    // `courier`, so that user must be able to read it (Debian's mkimapdcert chowns it so).
     let mut pem = fs::read(&s.tls.server_cert).map_err(|e| format!("read certificate: {e}"))?;
     pem.extend(fs::read(&s.tls.server_key).map_err(|e| format!("read key: {e}"))?);
-    fs::write(dir.join("imapd.pem"), pem).map_err(|e| format!("write imapd.pem: {e}"))?;
+    let pem_path = dir.join("imapd.pem");
+    fs::write(&pem_path, pem).map_err(|e| format!("write imapd.pem: {e}"))?;
+    std::os::unix::fs::chown(&pem_path, Some(s.mail_uid), Some(s.mail_gid))
+        .map_err(|e| format!("chown imapd.pem: {e}"))?;
+    courier_user_files(&dir.join("users"), s.mail_uid, s.mail_gid)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
