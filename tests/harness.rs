@@ -4,14 +4,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    FaultProxy, courier, cyrus, dovecot_pop3_list, dovecot_pop3_uidl, exim, imap_fetch_all,
-    imap_fetch_all_at, imap_flags, imap_mailbox_list, postfix, python, python_ok, require_client,
-    servers, wait_for_messages,
+    FaultProxy, address_in_use, courier, cyrus, dovecot_pop3_list, dovecot_pop3_uidl, exim,
+    imap_fetch_all, imap_fetch_all_at, imap_flags, imap_mailbox_list, postfix, python, python_ok,
+    require_client, servers, start_on_free_ports, wait_for_messages,
 };
 
 /// Python: log in over implicit TLS, trusting only the CA file given in LMP_TEST_CA.
@@ -605,6 +605,52 @@ fn fault_proxy_cuts_after_the_given_number_of_server_bytes() {
     assert!(all.starts_with(b"* OK [CAPABILITY"), "{all:?}");
     assert!(all.ends_with(b"a OK Logout completed.\r\n"), "{all:?}");
     assert_eq!((cut.connections(), through.connections()), (1, 1));
+}
+
+/// Binds `port` as a server would, after "another process" (this test) took it first.
+fn bind_taken_port(port: u16) -> Result<TcpListener, String> {
+    let _thief = TcpListener::bind(("127.0.0.1", port)).map_err(|e| format!("thief: {e}"))?;
+    TcpListener::bind(("127.0.0.1", port)).map_err(|e| format!("bind 127.0.0.1:{port}: {e}"))
+}
+
+#[test]
+fn a_port_taken_before_the_server_binds_it_is_retried_with_new_ports() {
+    let mut tried = Vec::new();
+    let listeners = start_on_free_ports(2, address_in_use, |ports| {
+        tried.push(ports.to_vec());
+        if tried.len() == 1 {
+            bind_taken_port(ports[1])?;
+        }
+        ports
+            .iter()
+            .map(|&p| TcpListener::bind(("127.0.0.1", p)).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap();
+    assert_eq!(tried.len(), 2, "{tried:?}");
+    assert_eq!(tried[1].len(), 2);
+    assert_ne!(tried[0][1], tried[1][1], "the retry must pick new ports");
+    assert_eq!(listeners[1].local_addr().unwrap().port(), tried[1][1]);
+}
+
+#[test]
+fn port_clashes_are_tried_three_times_and_other_failures_once() {
+    let mut attempts = 0;
+    let err = start_on_free_ports(1, address_in_use, |ports| {
+        attempts += 1;
+        bind_taken_port(ports[0])
+    })
+    .unwrap_err();
+    assert_eq!(attempts, 3);
+    assert!(address_in_use(&err), "{err}");
+
+    attempts = 0;
+    let err = start_on_free_ports(1, address_in_use, |_| -> Result<(), String> {
+        attempts += 1;
+        Err("dovecot: not installed".to_string())
+    })
+    .unwrap_err();
+    assert_eq!((attempts, err.as_str()), (1, "dovecot: not installed"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::process::{ServerProcess, free_ports};
+use super::process::{ServerProcess, address_in_use, start_on_free_ports};
 use super::{Servers, extracted_server_root, getent_ids, owned_state_dir, servers};
 
 /// The running Exim. Ports are on 127.0.0.1; both use the harness CA's certificate.
@@ -154,13 +154,8 @@ fn start(s: &Servers) -> Result<Exim, String> {
         state.join("reject.log"),
         state.join("panic.log"),
     ];
-    // Free ports are picked, released and then bound by Exim: another process may take
-    // one in between, so a bind failure is retried with new ports.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let ports = free_ports("127.0.0.1", 2)?;
-        fs::write(&conf, config(s, &exim_bin, &state, &ports))
+    start_on_free_ports(2, address_in_use, |ports| {
+        fs::write(&conf, config(s, &exim_bin, &state, ports))
             .map_err(|e| format!("write {}: {e}", conf.display()))?;
         // -bdf: the daemon in the foreground (the wrapper owns it); -q30s retries
         // deferred deliveries (Dovecot busy) without waiting for the default hour.
@@ -172,22 +167,15 @@ fn start(s: &Servers) -> Result<Exim, String> {
         )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        let ready = daemon
-            .wait_for_port(addr(ports[1]), Some("220 "), deadline)
-            .and_then(|()| daemon.wait_for_port(addr(ports[0]), None, deadline));
-        match ready {
-            Ok(()) => {
-                return Ok(Exim {
-                    host: "127.0.0.1",
-                    submissions_port: ports[0],
-                    submission_port: ports[1],
-                    config: conf,
-                    main_log,
-                    daemon,
-                });
-            }
-            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
-            Err(e) => return Err(e),
-        }
-    }
+        daemon.wait_for_port(addr(ports[1]), Some("220 "), deadline)?;
+        daemon.wait_for_port(addr(ports[0]), None, deadline)?;
+        Ok(Exim {
+            host: "127.0.0.1",
+            submissions_port: ports[0],
+            submission_port: ports[1],
+            config: conf.clone(),
+            main_log: main_log.clone(),
+            daemon,
+        })
+    })
 }

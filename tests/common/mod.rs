@@ -89,7 +89,9 @@ pub use pop3_transcript::{corpus, message_to_cut, normalized, pop3_proxy_args, r
 #[allow(unused_imports)]
 pub use postfix::{Postfix, postfix, postfix_if_started};
 #[allow(unused_imports)]
-pub use process::{live_process_group_members, run_child_test};
+pub use process::{
+    address_in_use, live_process_group_members, run_child_test, start_on_free_ports,
+};
 #[allow(unused_imports)]
 pub use users::{User, lmtp_deliver};
 
@@ -477,12 +479,8 @@ fn start() -> Result<Servers, String> {
     let paths = dovecot::DovecotPaths::new(&dir);
     fs::write(dir.join("clients.py"), clients::CLIENTS_PY)
         .map_err(|e| format!("write clients.py: {e}"))?;
-    // Free ports are picked, released and then bound by Dovecot: another process may
-    // take one in between, so a bind failure is retried with new ports.
-    let mut attempt = 0;
-    let (ports, dovecot) = loop {
-        attempt += 1;
-        let p = process::free_ports("127.0.0.1", 4)?;
+    let (ports, dovecot) = process::start_on_free_ports(4, process::address_in_use, |p| {
+        // The untrusted listeners are on 127.0.0.2; picked afresh with every attempt too.
         let u = process::free_ports("127.0.0.2", 2)?;
         let ports = dovecot::DovecotPorts {
             imap: p[0],
@@ -497,12 +495,9 @@ fn start() -> Result<Servers, String> {
             dovecot::config(&dir, &paths, &ports, &tls, MAIL_USER),
         )
         .map_err(|e| format!("write dovecot.conf: {e}"))?;
-        match dovecot::start(&dir, &dovecot_bin, &paths, &ports) {
-            Ok(d) => break (ports, d),
-            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
-            Err(e) => return Err(e),
-        }
-    };
+        let dovecot = dovecot::start(&dir, &dovecot_bin, &paths, &ports)?;
+        Ok((ports, dovecot))
+    })?;
     Ok(Servers {
         host: "127.0.0.1",
         tls_host: "localhost",

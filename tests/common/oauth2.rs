@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::dovecot::{accounts, pop3_lmtp_auth_services};
 use super::postfix::{Postfix, start_instance};
-use super::process::{ServerProcess, free_ports};
+use super::process::{ServerProcess, address_in_use, start_on_free_ports};
 use super::{INSTALL_HINT, MAIL_USER, Servers, User, find_binary, servers};
 
 /// Access-token lifetime in the tests, in seconds: short, so that expiry and refresh happen
@@ -309,55 +309,55 @@ fn start_idp(
     let ttl = access_ttl();
     let grant_log_file = s.dir.join("log").join("idp-grants.log");
     fs::write(&grant_log_file, "").map_err(|e| format!("create grant log: {e}"))?;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let port = free_ports("127.0.0.1", 1)?[0];
-        let issuer = format!("https://127.0.0.1:{port}");
-        // No secret is on this command line: the secrets are files.
-        let argv: Vec<String> = [
-            "env".to_string(),
-            format!("LMP_IDP_MODULES={}", modules.display()),
-            format!("LMP_IDP_PORT={port}"),
-            format!("LMP_IDP_CERT={}", s.tls.server_cert.display()),
-            format!("LMP_IDP_KEY={}", s.tls.server_key.display()),
-            format!("LMP_IDP_STATE_DIR={}", dir.join("idp-state").display()),
-            format!("LMP_IDP_ACCOUNTS_DIR={}", s.passwd_dir.display()),
-            format!("LMP_IDP_GRANT_LOG={}", grant_log_file.display()),
-            format!("LMP_IDP_SECRETS_DIR={}", dir.join("secrets").display()),
-            format!("LMP_IDP_APP_MAILBOX={}", app_mailbox.name),
-            format!("LMP_IDP_ACCESS_TTL={ttl}"),
-            node.display().to_string(),
-            oauth2_source_dir().join("idp.mjs").display().to_string(),
-            // Unused by the script: puts the test directory into node's command line, which
-            // is how remove_stale_dirs() recognises a server left over from a killed run.
-            dir.display().to_string(),
-        ]
-        .into();
-        let idp = Idp {
-            authorization_endpoint: format!("{issuer}/auth"),
-            token_endpoint: format!("{issuer}/token"),
-            device_authorization_endpoint: format!("{issuer}/device/auth"),
-            device_verification_uri: format!("{issuer}/device"),
-            introspection_endpoint: format!("{issuer}/token/introspection"),
-            revocation_endpoint: format!("{issuer}/token/revocation"),
-            issuer,
-            port,
-            ca_file: s.ca_file.clone(),
-            client_secret_file: client_secret_file.to_path_buf(),
-            access_ttl: ttl,
-            grant_log_file: grant_log_file.clone(),
-            dir: s.dir.clone(),
-            argv,
-            runs: Mutex::new((0, None)),
-            availability: RwLock::new(()),
-        };
-        match idp.try_start() {
-            Ok(()) => return Ok(idp),
-            Err(e) if attempt < 3 && e.contains("EADDRINUSE") => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    // node reports a taken port as EADDRINUSE.
+    start_on_free_ports(
+        1,
+        |e| e.contains("EADDRINUSE"),
+        |ports| {
+            let port = ports[0];
+            let issuer = format!("https://127.0.0.1:{port}");
+            // No secret is on this command line: the secrets are files.
+            let argv: Vec<String> = [
+                "env".to_string(),
+                format!("LMP_IDP_MODULES={}", modules.display()),
+                format!("LMP_IDP_PORT={port}"),
+                format!("LMP_IDP_CERT={}", s.tls.server_cert.display()),
+                format!("LMP_IDP_KEY={}", s.tls.server_key.display()),
+                format!("LMP_IDP_STATE_DIR={}", dir.join("idp-state").display()),
+                format!("LMP_IDP_ACCOUNTS_DIR={}", s.passwd_dir.display()),
+                format!("LMP_IDP_GRANT_LOG={}", grant_log_file.display()),
+                format!("LMP_IDP_SECRETS_DIR={}", dir.join("secrets").display()),
+                format!("LMP_IDP_APP_MAILBOX={}", app_mailbox.name),
+                format!("LMP_IDP_ACCESS_TTL={ttl}"),
+                node.display().to_string(),
+                oauth2_source_dir().join("idp.mjs").display().to_string(),
+                // Unused by the script: puts the test directory into node's command line, which
+                // is how remove_stale_dirs() recognises a server left over from a killed run.
+                dir.display().to_string(),
+            ]
+            .into();
+            let idp = Idp {
+                authorization_endpoint: format!("{issuer}/auth"),
+                token_endpoint: format!("{issuer}/token"),
+                device_authorization_endpoint: format!("{issuer}/device/auth"),
+                device_verification_uri: format!("{issuer}/device"),
+                introspection_endpoint: format!("{issuer}/token/introspection"),
+                revocation_endpoint: format!("{issuer}/token/revocation"),
+                issuer,
+                port,
+                ca_file: s.ca_file.clone(),
+                client_secret_file: client_secret_file.to_path_buf(),
+                access_ttl: ttl,
+                grant_log_file: grant_log_file.clone(),
+                dir: s.dir.clone(),
+                argv,
+                runs: Mutex::new((0, None)),
+                availability: RwLock::new(()),
+            };
+            idp.try_start()?;
+            Ok(idp)
+        },
+    )
 }
 
 impl Idp {
@@ -898,32 +898,22 @@ fn start_dovecot(
     write_private(&ext, &dovecot_oauth2_ext(idp, introspection_secret))?;
     let conf = dir.join("dovecot.conf");
     let log = s.dir.join("log").join("dovecot-oauth2.log");
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let ports = free_ports("127.0.0.1", 3)?;
-        fs::write(&conf, dovecot_config(s, dir, &ports, &ext))
+    start_on_free_ports(3, address_in_use, |ports| {
+        fs::write(&conf, dovecot_config(s, dir, ports, &ext))
             .map_err(|e| format!("write {}: {e}", conf.display()))?;
-        let started = ServerProcess::spawn(
+        let server = ServerProcess::spawn(
             &s.dir,
             "dovecot-oauth2",
             &[&dovecot_bin, &"-F", &"-c", &conf],
             vec![log.clone()],
-        )
-        .and_then(|server| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-            server.wait_for_port(local(ports[0]), Some("* OK"), deadline)?;
-            server.wait_for_port(local(ports[2]), Some("+OK"), deadline)?;
-            server.wait_for_port(local(ports[1]), None, deadline)?;
-            server.wait_for_path(&dir.join("dovecot").join("lmtp"), deadline)?;
-            server.wait_for_path(&dir.join("dovecot").join("auth-postfix"), deadline)?;
-            Ok(server)
-        });
-        match started {
-            Ok(server) => return Ok((server, conf, ports)),
-            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
-            Err(e) => return Err(e),
-        }
-    }
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        server.wait_for_port(local(ports[0]), Some("* OK"), deadline)?;
+        server.wait_for_port(local(ports[2]), Some("+OK"), deadline)?;
+        server.wait_for_port(local(ports[1]), None, deadline)?;
+        server.wait_for_path(&dir.join("dovecot").join("lmtp"), deadline)?;
+        server.wait_for_path(&dir.join("dovecot").join("auth-postfix"), deadline)?;
+        Ok((server, conf.clone(), ports.to_vec()))
+    })
 }

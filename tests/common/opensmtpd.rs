@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::process::{ServerProcess, free_ports};
+use super::process::{ServerProcess, address_in_use, start_on_free_ports};
 use super::{Servers, find_binary, servers};
 
 /// The compiled-in paths (tests/setup.sh's configure line) bound over in the namespace.
@@ -169,13 +169,8 @@ fn start(s: &Servers) -> Result<OpenSmtpd, String> {
     .map_err(|e| format!("chmod spool: {e}"))?;
     write_tables(&dir, &BTreeMap::new(), s.mail_domain);
     let smtpd = root.join("sbin/smtpd");
-    // Free ports are picked, released and then bound by smtpd: another process may take
-    // one in between, so a bind failure is retried with new ports.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let ports = free_ports("127.0.0.1", 2)?;
-        fs::write(dir.join("smtpd.conf"), config(s, &dir, &ports))
+    start_on_free_ports(2, address_in_use, |ports| {
+        fs::write(dir.join("smtpd.conf"), config(s, &dir, ports))
             .map_err(|e| format!("write smtpd.conf: {e}"))?;
         let daemon = ServerProcess::spawn(
             &s.dir,
@@ -194,24 +189,17 @@ fn start(s: &Servers) -> Result<OpenSmtpd, String> {
         )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        let ready = daemon
-            .wait_for_port(addr(ports[1]), Some("220 "), deadline)
-            .and_then(|()| daemon.wait_for_port(addr(ports[0]), None, deadline));
-        match ready {
-            Ok(()) => {
-                return Ok(OpenSmtpd {
-                    submissions_port: ports[0],
-                    submission_port: ports[1],
-                    dir,
-                    smtpctl: root.join("sbin/smtpctl"),
-                    known: Mutex::new(BTreeMap::new()),
-                    daemon,
-                });
-            }
-            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
-            Err(e) => return Err(e),
-        }
-    }
+        daemon.wait_for_port(addr(ports[1]), Some("220 "), deadline)?;
+        daemon.wait_for_port(addr(ports[0]), None, deadline)?;
+        Ok(OpenSmtpd {
+            submissions_port: ports[0],
+            submission_port: ports[1],
+            dir: dir.clone(),
+            smtpctl: root.join("sbin/smtpctl"),
+            known: Mutex::new(BTreeMap::new()),
+            daemon,
+        })
+    })
 }
 
 /// Where tests/setup.sh built OpenSMTPD, or how to get it.

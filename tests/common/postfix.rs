@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::process::{ServerProcess, free_ports};
+use super::process::{ServerProcess, address_in_use, start_on_free_ports};
 use super::{MAIL_DOMAIN, Servers, find_binary, getent_ids, servers};
 
 /// The running Postfix. Ports are on 127.0.0.1.
@@ -186,22 +186,11 @@ smtpd_recipient_restrictions = permit_sasl_authenticated, reject
         t.untrusted_key.display(),
         t.untrusted_cert.display()
     );
-    // Free ports are picked, released and then bound by Postfix: another process may
-    // take one in between, so a bind failure is retried with new ports.
-    let mut attempt = 0;
-    let (ports, master) = loop {
-        attempt += 1;
-        let ports = free_ports("127.0.0.1", 5)?;
-        write(
-            &config_dir.join("master.cf"),
-            &master_cf(&ports, &untrusted),
-        )?;
-        match start_master(dir, name, &master_bin, &config_dir, &log_file, &ports) {
-            Ok(master) => break (ports, master),
-            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
-            Err(e) => return Err(e),
-        }
-    };
+    let (ports, master) = start_on_free_ports(5, address_in_use, |ports| {
+        write(&config_dir.join("master.cf"), &master_cf(ports, &untrusted))?;
+        let master = start_master(dir, name, &master_bin, &config_dir, &log_file, ports)?;
+        Ok((ports.to_vec(), master))
+    })?;
     Ok(Postfix {
         host: "127.0.0.1",
         submissions_port: ports[0],

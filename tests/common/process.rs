@@ -295,6 +295,41 @@ pub fn free_ports(ip: &str, n: usize) -> Result<Vec<u16>, String> {
         .collect()
 }
 
+/// How many times [`start_on_free_ports`] tries before it gives up.
+const PORT_ATTEMPTS: u32 = 3;
+
+/// Starts a server on `n` free ports of 127.0.0.1 (where every test server listens),
+/// retrying with new ports when the start failed because one of them was taken.
+///
+/// Why: [`free_ports`] must release its listeners before the server can bind the ports,
+/// and another process (a parallel test binary, another developer's run) may bind one of
+/// them in between. `try_start` writes the config for the ports it is given, starts the
+/// server and waits until it is ready; whatever it started must be dropped (so stopped) when
+/// it fails. `port_clash` says whether its error means a port was taken (e.g.
+/// [`address_in_use`]); only such errors are retried, at most [`PORT_ATTEMPTS`] times in all.
+pub fn start_on_free_ports<T>(
+    n: usize,
+    port_clash: impl Fn(&str) -> bool,
+    mut try_start: impl FnMut(&[u16]) -> Result<T, String>,
+) -> Result<T, String> {
+    let mut attempt = 1;
+    loop {
+        let ports = free_ports("127.0.0.1", n)?;
+        match try_start(&ports) {
+            Err(e) if attempt < PORT_ATTEMPTS && port_clash(&e) => {
+                eprintln!("start on ports {ports:?} failed (attempt {attempt}), new ports: {e}");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The bind error that C servers (Dovecot, Postfix, Exim, OpenSMTPD) log: strerror(EADDRINUSE).
+pub fn address_in_use(error: &str) -> bool {
+    error.contains("Address already in use")
+}
+
 /// Pids of processes in process group `pgid` that are still alive (not zombies).
 pub fn live_process_group_members(pgid: u32) -> Vec<u32> {
     let mut pids = Vec::new();
