@@ -36,7 +36,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::process::{ServerProcess, free_ports};
+use super::process::{ServerProcess, address_in_use, start_on_free_ports};
 use super::{Servers, User, extracted_server_root, find_binary, servers};
 
 /// The compiled-in paths that are bind-mounted in Courier's namespace (see the module
@@ -254,10 +254,7 @@ fn start(s: &Servers) -> Result<Courier, String> {
     std::os::unix::fs::chown(&pem_path, Some(s.mail_uid), Some(s.mail_gid))
         .map_err(|e| format!("chown imapd.pem: {e}"))?;
     courier_user_files(&dir.join("users"), s.mail_uid, s.mail_gid)?;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let ports = free_ports("127.0.0.1", 2)?;
+    start_on_free_ports(2, address_in_use, |ports| {
         let (port, tls_port) = (ports[0], ports[1]);
         let server = ServerProcess::spawn(
             &s.dir,
@@ -285,22 +282,16 @@ fn start(s: &Servers) -> Result<Courier, String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
-        let ready = server
+        server
             .wait_for_port(addr, Some("* OK"), deadline)
-            .and_then(|()| server.wait_for_port(tls_addr, None, deadline));
-        match ready {
-            Ok(()) => {
-                return Ok(Courier {
-                    host: "127.0.0.1",
-                    imap_port: port,
-                    imaps_port: tls_port,
-                    dir,
-                    accounts: Mutex::new(Vec::new()),
-                    server,
-                });
-            }
-            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
-            Err(e) => return Err(e),
-        }
-    }
+            .and_then(|()| server.wait_for_port(tls_addr, None, deadline))?;
+        Ok(Courier {
+            host: "127.0.0.1",
+            imap_port: port,
+            imaps_port: tls_port,
+            dir: dir.clone(),
+            accounts: Mutex::new(Vec::new()),
+            server,
+        })
+    })
 }
