@@ -53,6 +53,32 @@ pub struct Timeouts {
     pub io: Duration,
 }
 
+/// Asks the kernel to acknowledge what arrives next on `socket` at once instead of after
+/// the delayed-ACK timer (TCP_QUICKACK, Linux only; elsewhere nothing happens). The mode
+/// lapses by itself, so callers ask before every read whose reply a peer with Nagle's
+/// algorithm on may be holding back until its earlier data is acknowledged (Postfix's
+/// smtpd after an early flush of pipelined replies: up to 40 ms each time otherwise).
+pub fn ack_at_once(socket: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor and a c_int option of the right size. A
+        // failure (not TCP, an old kernel) only leaves the kernel's usual delayed ACKs.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                std::ptr::addr_of!(on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = socket;
+}
+
 /// Connects to the first address of `host` that answers within the connect timeout.
 pub fn connect_tcp(host: &str, port: u16, timeouts: Timeouts) -> io::Result<TcpStream> {
     let mut last_error = None;

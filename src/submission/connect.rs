@@ -39,21 +39,8 @@ impl Transport for Stream {
         tcp.set_nonblocking(false).is_ok() && quiet
     }
 
-    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn ack_at_once(&mut self) {
-        use std::os::fd::AsRawFd;
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket descriptor and a c_int option of the right size. A failure
-        // (not TCP, an old kernel) only leaves the normal delayed ACKs.
-        unsafe {
-            libc::setsockopt(
-                tcp_of(self).as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_QUICKACK,
-                std::ptr::addr_of!(on).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        crate::net::ack_at_once(tcp_of(self));
     }
 }
 

@@ -255,7 +255,8 @@ impl Connection {
     fn read_side(&self, mut from: TcpStream, direction: usize, queue: &SyncSender<Chunk>) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            ack_at_once(&from);
+            // Acknowledged at once, like a link that adds no delay of its own (header).
+            legacy_mail_proxy::net::ack_at_once(&from);
             let n = from.read(&mut buf).unwrap_or(0);
             let due = Instant::now() + self.one_way;
             if n > 0 {
@@ -320,25 +321,3 @@ fn sleep_until(when: Instant) {
         thread::sleep(when - now);
     }
 }
-
-/// TCP_QUICKACK: what arrives next is acknowledged at once (see the module header). The
-/// kernel drops back to delayed ACKs by itself, hence before every read.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn ack_at_once(socket: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and a c_int option of the right size; a failure only leaves
-    // the kernel's usual delayed ACKs.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            std::ptr::addr_of!(on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn ack_at_once(_: &TcpStream) {}
